@@ -1,0 +1,235 @@
+"""The ``skillhub`` command (also ``python -m skillhub``): a thin layer that parses, calls the library, and turns a
+:class:`~skillhub.errors.SkillhubError` into one line on stderr and a documented exit code.
+
+Exit codes: 0 success; 2 usage or configuration error; 1 any other failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from skillhub.errors import SkillhubError, UsageError
+
+
+def _parse_param(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise UsageError(f"--param {text!r} is not KEY=VALUE")
+    key, value = text.split("=", 1)
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value
+    return key.strip(), parsed
+
+
+def _params(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(_parse_param(p) for p in (getattr(args, "param", None) or []))
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from skillhub.config import load_config
+
+    return load_config(getattr(args, "config", None))
+
+
+def _plugins(cfg: Any) -> Any:
+    from skillhub.plugins import load_plugins
+
+    return load_plugins(cfg.plugins.dirs)
+
+
+def cmd_localize(args: argparse.Namespace) -> int:
+    from skillhub.checkpoint import open_checkpoint
+    from skillhub.localize import LocalizeContext
+    from skillhub.log import Progress
+    from skillhub.ops import localize_checkpoint
+
+    cfg = _config(args)
+    plugins = _plugins(cfg)
+    params = dict(cfg.localize.params) if args.strategy in (None, cfg.localize.strategy) else {}
+    params.update(_params(args))
+    if args.sparsity is not None:
+        params["sparsity"] = args.sparsity
+    strategy = args.strategy or cfg.localize.strategy
+    family = plugins.family(cfg.base.family)(cfg.base.include, cfg.base.exclude)
+    base, ft = open_checkpoint(args.base), open_checkpoint(args.finetuned)
+    bar = Progress(f"localize {Path(args.finetuned).name}")
+    result = localize_checkpoint(base, ft, family=family, localizer=strategy, params=params, plugins=plugins,
+                                 skill=args.skill or _stem(args.finetuned), ctx=LocalizeContext(progress=bar))
+    bar.close()
+    sha = result.delta.save(args.out)
+    d = result.delta
+    print(f"{args.out}: {d.nnz} of {d.numel} entries ({d.density:.3%}) with {strategy}, "
+          f"{Path(args.out).stat().st_size / 2**20:.2f} MiB = {Path(args.out).stat().st_size / ft.nbytes:.2%} of the "
+          f"checkpoint, {result.seconds:.2f} s, sha256 {sha[:16]}")
+    return 0
+
+
+def _stem(path: str) -> str:
+    name = Path(path).name
+    return name.removesuffix(".safetensors") if name.endswith(".safetensors") else Path(path).stem
+
+
+def cmd_stitch(args: argparse.Namespace) -> int:
+    from skillhub.log import Progress
+    from skillhub.ops import stitch_masks
+
+    cfg = _config(args)
+    plugins = _plugins(cfg)
+    policy_name = args.policy or cfg.stitch.policy
+    params = dict(cfg.stitch.params) if policy_name == cfg.stitch.policy else {}
+    params.update(_params(args))
+    policy = plugins.make_policy(policy_name, params)
+    bar = Progress("stitch")
+    manifest = stitch_masks(args.base, args.masks, args.out, policy=policy, device=args.device or cfg.device,
+                            check_base=not args.any_base, progress=bar)
+    bar.close()
+    print(f"{args.out}: {len(manifest['skills'])} skills stitched with {policy.name}")
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    plugins = _plugins(cfg)
+    for kind, table in (("localization strategy", plugins.localizers), ("stitch policy", plugins.policies),
+                        ("model family", plugins.families)):
+        for name, cls in sorted(table.items()):
+            params = ", ".join(f"{k}={v.default!r}" for k, v in cls.Params.model_fields.items()) \
+                if hasattr(cls, "Params") else ""
+            doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+            print(f"{kind:<22} {name:<12} from {plugins.origins[(kind, name)]}  [{params}]  {doc}")
+    return 0
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    from skillhub.plugins import check_config
+
+    cfg = _config(args)
+    check_config(cfg, _plugins(cfg))
+    print(cfg.dump(), end="")
+    print(f"# config OK ({cfg.source or 'defaults'})", file=sys.stderr)
+    return 0
+
+
+def cmd_skills(args: argparse.Namespace) -> int:
+    from skillhub.registry import Registry
+
+    cfg = _config(args)
+    state = Path(cfg.state.dir)
+    if not (state / "registry.sqlite3").exists():
+        print("no skills registered yet", file=sys.stderr)
+        return 0 if args.action == "list" else 1
+    with Registry(state, readonly=True) as reg:
+        if args.action == "list":
+            for s in reg.skills():
+                latest = s.latest_ready
+                flag = "enabled" if s.enabled and cfg.skills.is_enabled(s.name) else "disabled"
+                pin = f" pinned@{s.pinned}" if s.pinned else ""
+                ver = f"v{latest.version} nnz={latest.nnz}" if latest else "no READY version"
+                print(f"{_safe(s.name)}\t{ver}\t{flag}{pin}")
+            return 0
+        rows = reg.versions(args.name)
+        if not rows:
+            raise UsageError(f"unknown skill {args.name!r}", hint="`skillhub skills list` shows the skills")
+        for r in rows:
+            print(json.dumps({"skill": r.skill, "version": r.version, "status": r.status, "reason": r.reason,
+                              "strategy": r.strategy, "params": r.params, "mask_sha": r.mask_sha, "nnz": r.nnz,
+                              "source_sha": r.source_sha}, ensure_ascii=True))
+    return 0
+
+
+def _safe(name: str) -> str:
+    return name.encode("unicode_escape").decode("ascii")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from skillhub.demo import run_demo
+
+    run_demo(Path(args.dir))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="skillhub", description="Compose finetuned skills into one model "
+                                "(Localize-and-Stitch).")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help="config file (default: $SKILLHUB_CONFIG, else ./config.toml if present)")
+    sub = p.add_subparsers(dest="command", required=True)
+    _add = sub.add_parser
+
+    def add_parser(name: str, **kw: Any) -> argparse.ArgumentParser:
+        return _add(name, parents=[common], **kw)
+
+    sub.add_parser = add_parser  # type: ignore[method-assign]
+
+    q = sub.add_parser("localize", help="localize one finetuned checkpoint into a mask file")
+    q.add_argument("--base", required=True)
+    q.add_argument("--finetuned", required=True)
+    q.add_argument("--out", required=True)
+    q.add_argument("--strategy", default=None, help="default: [localize] strategy of the config")
+    q.add_argument("--sparsity", type=float, default=None)
+    q.add_argument("--skill", default=None, help="skill name (default: the file's stem)")
+    q.add_argument("--param", action="append", metavar="KEY=VALUE", help="strategy param (repeatable)")
+    q.set_defaults(func=cmd_localize)
+
+    q = sub.add_parser("stitch", help="merge mask files into the base, offline")
+    q.add_argument("--base", required=True)
+    q.add_argument("--out", required=True)
+    q.add_argument("--policy", default=None, help="default: [stitch] policy of the config")
+    q.add_argument("--param", action="append", metavar="KEY=VALUE", help="policy param, e.g. scale=0.3")
+    q.add_argument("--device", default=None)
+    q.add_argument("--any-base", action="store_true", help="skip the check that masks were made for this base")
+    q.add_argument("masks", nargs="+")
+    q.set_defaults(func=cmd_stitch)
+
+    q = sub.add_parser("skills", help="the registry's skills")
+    q.add_argument("action", choices=["list", "show"])
+    q.add_argument("name", nargs="?")
+    q.set_defaults(func=cmd_skills)
+
+    q = sub.add_parser("plugins", help="list strategies, stitch policies and families, with their plugins")
+    q.set_defaults(func=cmd_plugins)
+
+    q = sub.add_parser("config", help="configuration")
+    q.add_argument("action", choices=["check"])
+    q.set_defaults(func=cmd_config_check)
+
+    q = sub.add_parser("demo", help="create a small demo base model and skills, localize and stitch them")
+    q.add_argument("--dir", default="demo")
+    q.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "action", None) == "show" and not args.name:
+        parser.error("skills show needs a skill name")
+    from skillhub.log import configure_logging
+
+    configure_logging(os.environ.get("SKILLHUB_LOG_LEVEL", "info"))
+    try:
+        return int(args.func(args))
+    except SkillhubError as e:
+        print(f"skillhub: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("skillhub: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug: still one line, with the traceback only when asked for
+        if os.environ.get("SKILLHUB_DEBUG"):
+            raise
+        print(f"skillhub: internal error: {type(e).__name__}: {e} (set SKILLHUB_DEBUG=1 for a traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""The one exception hierarchy of skillhub.
+
+The library raises these; the CLI prints ``str(error)`` as one line and exits with ``error.exit_code``; the daemon
+logs them and carries on. Every error names the thing it is about (a path, a key, a field) and, where there is one,
+the fix (``hint``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class SkillhubError(Exception):
+    """Base of every error skillhub raises on purpose.
+
+    :param message: what went wrong, naming the offending thing.
+    :param path: the file or folder concerned, if any.
+    :param key: the tensor key, config field or skill name concerned, if any.
+    :param hint: what the user should do about it.
+    """
+
+    #: process exit code the CLI uses for this error (DESIGN §8: 2 = usage/config, 1 = anything else)
+    exit_code: int = 1
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | Path | None = None,
+        key: str | None = None,
+        hint: str | None = None,
+    ) -> None:
+        self.message = message
+        self.path = Path(path) if path is not None else None
+        self.key = key
+        self.hint = hint
+        super().__init__(self.__str__())
+
+    def __str__(self) -> str:
+        parts = []
+        if self.path is not None:
+            parts.append(f"{_printable(str(self.path))}: ")
+        parts.append(self.message)
+        if self.hint:
+            parts.append(f". Hint: {self.hint}")
+        return "".join(parts)
+
+
+def _printable(text: str) -> str:
+    """Escape control characters so a hostile file name cannot forge log lines (FAULTS A11)."""
+    return text.encode("unicode_escape", errors="backslashreplace").decode("ascii") if not text.isprintable() else text
+
+
+class ConfigError(SkillhubError):
+    """``config.toml``, an environment override or a CLI flag is invalid."""
+
+    exit_code = 2
+
+
+class UsageError(SkillhubError):
+    """A command was called wrongly (missing argument, conflicting flags)."""
+
+    exit_code = 2
+
+
+class PluginError(SkillhubError):
+    """A plugin failed to load, registered a duplicate name, or declared an unknown hook."""
+
+    exit_code = 2
+
+
+class CheckpointError(SkillhubError):
+    """A tensor file is unreadable, malformed, hostile, or does not match the base model."""
+
+
+class LocalizeError(SkillhubError):
+    """A localization strategy could not produce a mask (bad params, bad task data, non-finite result)."""
+
+
+class StitchError(SkillhubError):
+    """The stitcher was asked for something inconsistent (unknown task, a mask that does not fit the base)."""
+
+
+class RegistryError(SkillhubError):
+    """The state folder or its SQLite registry cannot be used as asked."""
+
+
+class StateLockedError(RegistryError):
+    """Another live process holds the state folder."""
+
+    def __init__(self, path: str | Path, pid: int | None) -> None:
+        who = f"pid {pid}" if pid else "another process"
+        super().__init__(
+            f"state folder already in use by {who}",
+            path=path,
+            hint="stop that process first, or point --state at another folder",
+        )
+        self.pid = pid

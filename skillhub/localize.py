@@ -1,0 +1,113 @@
+"""Localization: find the tiny region γₜ of a task vector that carries the skill (He et al., arXiv 2408.13656).
+
+A strategy is a small :class:`Localizer` subclass with a typed ``Params`` model and one pure method,
+``localize(task, params, ctx) -> SparseDelta``. Strategies do no I/O of their own, read no config and touch no
+registry: the core resolves their params (:func:`resolve_params`) and hands them a :class:`~skillhub.delta.TaskVector`
+that streams τ tensor by tensor from memory-mapped checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from skillhub.delta import Provenance, SparseDelta, TaskVector
+from skillhub.errors import LocalizeError, SkillhubError
+
+
+class NoParams(BaseModel):
+    """Params model for a strategy that takes none."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass
+class LocalizeContext:
+    """What a strategy may use besides the task vector.
+
+    :param device: where to run tensor work (the stitcher's device, usually).
+    :param seed: seed for anything random, so that a localization is reproducible.
+    :param examples: few-shot task data for data-driven strategies (family-specific object), else ``None``.
+    :param model: a callable building the family's model for data-driven strategies, else ``None``.
+    :param progress: called with (done, total) as work advances; the CLI draws a bar from it.
+    """
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    seed: int = 0
+    examples: Any = None
+    model: Any = None
+    progress: Callable[[int, int], None] | None = None
+
+    def report(self, done: int, total: int) -> None:
+        if self.progress is not None:
+            self.progress(done, total)
+
+
+class Localizer:
+    """Base class of localization strategies.
+
+    Subclasses set ``name`` (what config and the CLI call it), ``Params`` (a frozen pydantic model with
+    ``extra="forbid"``; defaults are the strategy's documented defaults), and implement :meth:`localize`.
+    """
+
+    name: ClassVar[str] = ""
+    Params: ClassVar[type[BaseModel]] = NoParams
+    #: True when the strategy needs ``ctx.examples`` (few-shot task data).
+    needs_examples: ClassVar[bool] = False
+
+    def localize(self, task: TaskVector, params: Any, ctx: LocalizeContext) -> SparseDelta:
+        """Return the sparse delta γ⊙τ. Must be deterministic for a given (task, params, ctx.seed)."""
+        raise NotImplementedError
+
+
+def resolve_params(localizer: type[Localizer] | Any, raw: Mapping[str, Any] | None) -> BaseModel:
+    """Validate raw params (from config or flags) with the strategy's own ``Params`` model."""
+    try:
+        return localizer.Params(**dict(raw or {}))
+    except ValidationError as e:
+        first = e.errors()[0]
+        field_name = ".".join(str(p) for p in first["loc"]) or "params"
+        raise LocalizeError(
+            f"invalid params for strategy {localizer.name!r}: {field_name}: {first['msg']}",
+            key=field_name,
+            hint=f"valid params: {', '.join(localizer.Params.model_fields) or 'none'}",
+        ) from None
+
+
+def run_localizer(localizer_cls: type[Localizer], task: TaskVector, raw_params: Mapping[str, Any] | None,
+                  ctx: LocalizeContext, provenance: Provenance) -> SparseDelta:
+    """Resolve params, run the strategy, check its output, and stamp the provenance on the result."""
+    params = resolve_params(localizer_cls, raw_params)
+    if localizer_cls.needs_examples and ctx.examples is None:
+        raise LocalizeError(f"strategy {localizer_cls.name!r} needs few-shot examples and none were given",
+                            hint="add examples to the skill's drop, or choose the dataless strategy")
+    try:
+        delta = localizer_cls().localize(task, params, ctx)
+    except SkillhubError:
+        raise
+    except Exception as e:  # a third-party strategy's bug is reported as a localization failure, not a crash
+        raise LocalizeError(f"strategy {localizer_cls.name!r} failed: {type(e).__name__}: {e}") from e
+    check_delta(delta, task, localizer_cls.name)
+    return SparseDelta(delta.indices, delta.values, delta.shapes, delta.dtypes, Provenance(
+        skill=provenance.skill, base=provenance.base, source=provenance.source, strategy=localizer_cls.name,
+        params=params.model_dump(mode="json")))
+
+
+def check_delta(delta: SparseDelta, task: TaskVector, strategy: str) -> None:
+    """A strategy's result must fit the task: known keys, sorted in-range indices, finite values (FAULTS B8)."""
+    for key, idx in delta.indices.items():
+        if key not in task.shapes:
+            raise LocalizeError(f"strategy {strategy!r} returned a mask for unknown tensor {key!r}", key=key)
+        n = idx.numel()
+        if n and (int(idx[0]) < 0 or int(idx[-1]) >= math.prod(task.shapes[key])):
+            raise LocalizeError(f"strategy {strategy!r} returned out-of-range indices for {key!r}", key=key)
+        if n > 1 and bool((idx[1:] <= idx[:-1]).any()):
+            raise LocalizeError(f"strategy {strategy!r} returned unsorted or repeated indices for {key!r}", key=key)
+        if not bool(torch.isfinite(delta.values[key]).all()):
+            raise LocalizeError(f"strategy {strategy!r} produced NaN or Inf values for {key!r}", key=key,
+                                hint="the mask is rejected; the served model is unchanged")

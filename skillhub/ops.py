@@ -1,0 +1,118 @@
+"""Whole operations on files, as the CLI and the service use them: localize one finetuned checkpoint against a
+base, and stitch mask files offline. The CLI is a thin layer over these."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from skillhub.checkpoint import Checkpoint, FingerprintCache, check_tensor_dtypes, open_checkpoint, validate_against, \
+    write_safetensors
+from skillhub.delta import Provenance, SparseDelta, TaskVector
+from skillhub.errors import CheckpointError, StitchError
+from skillhub.families import ModelFamily
+from skillhub.localize import LocalizeContext, run_localizer
+from skillhub.plugins import Plugins
+from skillhub.stitch import Stitcher, StitchPolicy
+
+FINGERPRINTS = FingerprintCache()
+
+
+@dataclass(frozen=True)
+class LocalizeResult:
+    delta: SparseDelta
+    seconds: float
+    checkpoint_bytes: int
+
+
+def localize_checkpoint(
+    base: Checkpoint,
+    finetuned: Checkpoint,
+    *,
+    family: ModelFamily,
+    localizer: str,
+    params: Mapping[str, Any] | None,
+    plugins: Plugins,
+    skill: str,
+    ctx: LocalizeContext | None = None,
+    base_sha: str | None = None,
+    source_sha: str | None = None,
+) -> LocalizeResult:
+    """Validate ``finetuned`` against ``base`` and localize it with the named strategy."""
+    t0 = time.perf_counter()
+    validate_against(base, finetuned)
+    keys = family.included_keys(base)
+    check_tensor_dtypes(finetuned, keys)
+    task = TaskVector(base, finetuned, keys)
+    prov = Provenance(skill=skill, base=base_sha or FINGERPRINTS.checkpoint(base),
+                      source=source_sha or FINGERPRINTS.checkpoint(finetuned))
+    delta = run_localizer(plugins.localizer(localizer), task, params, ctx or LocalizeContext(), prov)
+    if delta.nnz == 0:
+        raise CheckpointError("the task vector is zero: this checkpoint is the base model itself", path=finetuned.path,
+                              hint="drop a finetuned checkpoint, not the base")
+    return LocalizeResult(delta, time.perf_counter() - t0, finetuned.nbytes)
+
+
+def stitch_masks(
+    base_path: str | Path,
+    mask_paths: Sequence[str | Path],
+    out: str | Path,
+    *,
+    policy: StitchPolicy,
+    device: str = "auto",
+    check_base: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Offline merge: θ₀ (every tensor of the base) with the masks stitched in, written to ``out``.
+
+    Masks must be made for this base: their ``skillhub.base`` fingerprint is checked unless ``check_base`` is False.
+    Returns the manifest that is also written into the output's header metadata (``skillhub.manifest``).
+    """
+    base = open_checkpoint(base_path)
+    base_sha = FINGERPRINTS.checkpoint(base)
+    deltas: dict[str, SparseDelta] = {}
+    for i, p in enumerate(mask_paths):
+        d = SparseDelta.load(p)
+        if check_base and d.provenance.base and d.provenance.base != base_sha:
+            raise StitchError(f"mask was made for base {d.provenance.base[:12]}…, not this base ({base_sha[:12]}…)",
+                              key=str(p), hint="localize the skill against this base, or pass the right --base")
+        name = d.provenance.skill or Path(p).name
+        if name in deltas:
+            name = f"{name}#{i}"
+        deltas[name] = d
+    if not deltas:
+        raise StitchError("no mask files given", hint="pass one or more *.mask.safetensors files")
+    shapes = next(iter(deltas.values())).shapes
+    for name, d in deltas.items():
+        if d.shapes != shapes:
+            raise StitchError(f"mask {name!r} covers other tensors than the first mask", key=name,
+                              hint="all masks must come from the same base model and family")
+    missing = [k for k in shapes if k not in base]
+    if missing:
+        raise StitchError(f"masks cover tensors the base lacks: {missing[:5]}", key=missing[0])
+    stitcher = Stitcher({k: base.tensor(k) for k in shapes}, policy, device=device)
+    for i, (name, d) in enumerate(deltas.items()):
+        stitcher.add(name, d)
+        if progress is not None:
+            progress(i + 1, len(deltas))
+    merged = stitcher.snapshot()
+    for key, t in merged.items():
+        if not bool(torch.isfinite(t).all()):
+            raise StitchError(f"stitching produced NaN or Inf in {key!r}", key=key)
+    tensors = {k: merged[k] if k in merged else base.tensor(k) for k in base}
+    manifest = {
+        "base": base_sha,
+        "policy": policy.name,
+        "policy_params": policy.params.model_dump(mode="json"),
+        "skills": {n: {"source": d.provenance.source, "strategy": d.provenance.strategy, "nnz": d.nnz}
+                   for n, d in deltas.items()},
+        "created": time.time(),
+    }
+    write_safetensors(out, tensors, {"skillhub.manifest": json.dumps(manifest, sort_keys=True)})
+    return manifest

@@ -1,0 +1,1 @@
+"""Built-in stitch policies (default plugins): ``average`` (Localize-and-Stitch), ``sum`` and ``ties``."""

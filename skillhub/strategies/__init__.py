@@ -1,0 +1,1 @@
+"""Built-in localization strategies (default plugins)."""

@@ -1,0 +1,163 @@
+"""Dataless Localize-and-Stitch: γ = the k largest |τ| over all included tensors together.
+
+He et al. (arXiv 2408.13656, §3.1, "dataless") take one global threshold for the whole model, not one per tensor.
+
+**Exactly k.** k = ⌊sparsity × included parameters⌋. The reference code keeps entries strictly above the k-th
+value, which drops every tie and yields k − 1 (or far fewer with quantized weights). Here the mask has exactly k
+entries, chosen by this deterministic rule: larger |τ| first; among entries whose |τ| equals the k-th largest value,
+the earliest in *canonical order* win (included tensors in sorted key order, then flat row-major index). The only
+exception: entries with τ = 0 carry nothing and are never selected, so a task vector with fewer than k non-zeros
+gets all its non-zeros.
+
+**Streaming.** The model is never concatenated. A random sample of |τ| (about 2¹⁸ entries, drawn from every tensor
+in proportion to its size) gives a threshold t that, with a wide statistical margin, lies just below the k-th largest
+value. One pass over the tensors keeps the candidates |τ| ≥ t (about 1.05 k of them); an exact selection among
+the candidates finishes the job. If the sample was unlucky and fewer than k candidates pass, the threshold is
+lowered and the pass repeated, so the result is always exact; only the time depends on the sample.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from skillhub.delta import SparseDelta, TaskVector
+from skillhub.hookspecs import hookimpl
+from skillhub.localize import LocalizeContext, Localizer
+
+SAMPLE_SIZE = 1 << 18
+
+
+class Dataless(Localizer):
+    """The k largest |τ| over all included tensors (one global threshold), exactly k of them."""
+
+    name = "dataless"
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid", frozen=True)
+        sparsity: float = Field(0.01, gt=0, le=1, description="fraction of included parameters kept in the mask")
+
+    def localize(self, task: TaskVector, params: Params, ctx: LocalizeContext) -> SparseDelta:
+        k = math.floor(params.sparsity * task.numel)
+        return task.sparse(global_topk(task, k, seed=ctx.seed, progress=ctx.report))
+
+
+Entries = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+def global_topk(task: TaskVector, k: int, *, seed: int = 0,
+                progress: Callable[[int, int], None] | None = None) -> Entries:
+    """Per tensor, sorted flat indices and τ values of the k largest non-zero |τ| over the whole task vector."""
+    if k <= 0:
+        return {}
+    n = task.numel
+    gen = torch.Generator().manual_seed(seed)
+    margin = 1.0
+    while True:
+        threshold = _sample_threshold(task, k, n, gen, margin) if n > 4 * SAMPLE_SIZE else 0.0
+        cands = _candidates(task, threshold, progress)
+        total = sum(int(c[0].numel()) for c in cands.values())
+        if total >= k or threshold == 0.0:
+            break
+        margin *= 8  # unlucky sample: lower the threshold and pass again
+    return _select_exact(cands, k)
+
+
+def _sample_threshold(task: TaskVector, k: int, n: int, gen: torch.Generator, margin: float) -> float:
+    """A value of |τ| that at least k entries reach, with overwhelming probability: a low sample quantile."""
+    samples = []
+    for key in task.keys:
+        numel = math.prod(task.shapes[key])
+        m = max(1, round(SAMPLE_SIZE * numel / n))
+        pos = torch.randint(0, numel, (m,), generator=gen)
+        b = task.base.tensor(key).reshape(-1)[pos].to(task.dtype)
+        f = task.finetuned.tensor(key).reshape(-1)[pos].to(task.dtype)
+        samples.append((f - b).abs())
+    sample = torch.cat(samples)
+    s = sample.numel()
+    expected = k / n * s
+    # Binomial spread of the sample count above the true k-th value: sqrt(expected); 6 sigma and a floor.
+    rank = math.ceil(expected + margin * (6 * math.sqrt(expected) + 0.002 * expected + 32))
+    if rank >= s:
+        return 0.0
+    value = float(torch.topk(sample, rank, sorted=False).values.min())
+    return value if math.isfinite(value) else 0.0
+
+
+def _candidates(task: TaskVector, threshold: float,
+                progress: Callable[[int, int], None] | None) -> dict[str, tuple[torch.Tensor, ...]]:
+    """One streaming pass: per tensor, flat indices, τ and |τ| of the entries with |τ| ≥ threshold and τ ≠ 0.
+
+    Tensors are split over two worker threads (the work is memory-bound numpy/torch code that releases the GIL),
+    each with its own reused workspaces, so no full-size temporary is ever allocated per tensor.
+    """
+    # Largest first, dealt alternately: the two workers get about the same number of bytes.
+    order = sorted(task.keys, key=lambda k: -math.prod(task.shapes[k]))
+    workers = max(1, min(2, os.cpu_count() or 1, len(order)))
+    done = [0]
+    lock = threading.Lock()
+
+    def run(keys: list[str]) -> dict[str, tuple[torch.Tensor, ...]]:
+        biggest = max((math.prod(task.shapes[k]) for k in keys), default=0)
+        work = torch.empty(biggest, dtype=task.dtype)
+        np_dtype = work.numpy().dtype
+        abs_work = np.empty(biggest, dtype=np_dtype)
+        keep_work = np.empty(biggest, dtype=bool)
+        out: dict[str, tuple[torch.Tensor, ...]] = {}
+        for key in keys:
+            flat = task.tensor(key, out=work).reshape(-1)
+            m = flat.numel()
+            a = np.abs(flat.numpy(), out=abs_work[:m])
+            keep = np.greater_equal(a, threshold, out=keep_work[:m]) if threshold > 0 else \
+                np.greater(a, 0, out=keep_work[:m])
+            idx = torch.from_numpy(np.flatnonzero(keep))
+            out[key] = (idx, flat[idx], torch.from_numpy(a[idx.numpy()]))
+            if progress is not None:
+                with lock:
+                    done[0] += 1
+                    progress(done[0], len(order))
+        return out
+
+    if workers == 1:
+        found = run(order)
+    else:
+        found = {}
+        with ThreadPoolExecutor(workers) as pool:
+            for part in pool.map(run, [order[i::workers] for i in range(workers)]):
+                found.update(part)
+    return {k: found[k] for k in task.keys}  # back to canonical order
+
+
+def _select_exact(cands: dict[str, tuple[torch.Tensor, ...]], k: int) -> Entries:
+    keys = list(cands)  # canonical order: the task vector's sorted keys
+    sizes = [int(cands[key][0].numel()) for key in keys]
+    total = sum(sizes)
+    if total <= k:
+        return {key: (cands[key][0], cands[key][1]) for key in keys if cands[key][0].numel()}
+    values = np.concatenate([cands[key][2].numpy() for key in keys])
+    # The k-th largest value v (an O(n) selection): everything above v is in; ties at v go in canonical order.
+    v = np.partition(values, total - k)[total - k]
+    keep = values >= v
+    surplus = int(keep.sum()) - k
+    if surplus > 0:  # more ties at v than places left: drop the last ones in canonical order
+        tie_pos = np.flatnonzero(values == v)
+        keep[tie_pos[len(tie_pos) - surplus:]] = False
+    keep_t = torch.from_numpy(keep)
+    out: Entries = {}
+    for key, part in zip(keys, torch.split(keep_t, sizes)):
+        idx = cands[key][0][part]
+        if idx.numel():
+            out[key] = (idx, cands[key][1][part])
+    return out
+
+
+@hookimpl
+def register_localizers() -> list[type[Localizer]]:
+    return [Dataless]
