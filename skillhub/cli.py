@@ -118,10 +118,58 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from skillhub.daemon import Daemon
+
+    return Daemon(_config(args)).run()
+
+
+def _mutate_skill(cfg: Any, action: str, name: str, version: int | None) -> str:
+    """enable/disable/remove/pin: through the running service's API when it holds the state folder, else on the
+    registry directly."""
+    from skillhub.errors import StateLockedError
+    from skillhub.registry import Registry
+
+    try:
+        reg = Registry(Path(cfg.state.dir))
+    except StateLockedError:
+        from skillhub.client import Client
+
+        token = os.environ.get(cfg.serve.token_env) or _read_token(cfg)
+        with Client(f"http://{cfg.serve.host}:{cfg.serve.port}", token=token) as client:
+            if action == "pin":
+                client.pin(name, version)
+            else:
+                getattr(client, action)(name)
+        return "applied by the running service"
+    with reg:
+        reg.skill(name)  # raises for an unknown skill
+        if action in ("enable", "disable"):
+            reg.set_enabled(name, action == "enable")
+        elif action == "pin":
+            reg.set_pinned(name, version)
+        else:
+            reg.remove_skill(name)
+    return "recorded in the registry (applied when the service starts)"
+
+
+def _read_token(cfg: Any) -> str | None:
+    path = Path(cfg.state.dir) / "token"
+    return path.read_text().strip() if path.exists() else None
+
+
 def cmd_skills(args: argparse.Namespace) -> int:
     from skillhub.registry import Registry
 
     cfg = _config(args)
+    if args.action in ("enable", "disable", "remove", "pin"):
+        if not args.name:
+            raise UsageError(f"skills {args.action} needs a skill name")
+        version = None
+        if args.action == "pin" and args.version not in (None, "none"):
+            version = int(args.version)
+        print(f"{args.action} {_safe(args.name)}: {_mutate_skill(cfg, args.action, args.name, version)}")
+        return 0
     state = Path(cfg.state.dir)
     if not (state / "registry.sqlite3").exists():
         print("no skills registered yet", file=sys.stderr)
@@ -190,9 +238,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_stitch)
 
     q = sub.add_parser("skills", help="the registry's skills")
-    q.add_argument("action", choices=["list", "show"])
+    q.add_argument("action", choices=["list", "show", "enable", "disable", "remove", "pin"])
     q.add_argument("name", nargs="?")
+    q.add_argument("version", nargs="?", help="for pin: a version number, or 'none' to unpin")
     q.set_defaults(func=cmd_skills)
+
+    q = sub.add_parser("run", help="run the service (watch the inbox, stitch, serve) in the foreground")
+    q.set_defaults(func=cmd_run)
 
     q = sub.add_parser("plugins", help="list strategies, stitch policies and families, with their plugins")
     q.set_defaults(func=cmd_plugins)

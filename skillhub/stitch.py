@@ -80,6 +80,10 @@ class _TensorState:
         self.merged = self.base.clone()
         self.count = torch.zeros(self.base.numel(), dtype=COUNT_DTYPE, device=device)
         self.acc = policy.accumulators(self.base.numel(), device, dtype)
+        # Touch the fresh (lazily zero-mapped) memory now: start-up pays the page faults, not the first add.
+        self.count.zero_()
+        for t in self.acc.values():
+            t.zero_()
 
 
 class Stitcher:

@@ -1,0 +1,558 @@
+"""The registry: the only writer of the state folder, and the single source of truth on disk.
+
+Layout of ``state_dir``::
+
+    registry.sqlite3 (+ -wal, -shm)   SQLite, WAL, synchronous=FULL: skill versions and per-skill settings
+    lock                              flock'ed for the owner's whole life; holds the owner's pid
+    masks/<sha256>.mask.safetensors   content-addressed mask files (DESIGN §8)
+    staging/                          staged checkpoints (written by intake; the registry only cleans debris)
+    models/                           published versions (written by publish)
+
+A skill version moves PENDING → READY (its mask file exists, named by its sha256) or FAILED (with a reason). The
+ordering rule that makes crashes harmless (FAULTS C1, C2): the mask file is written (temp, fsync, rename, fsync dir)
+*before* the row says READY, so a READY row never exists without its file; a file without a row is an orphan that
+:meth:`Registry.gc` removes. New content for a known skill name becomes a new version; old versions stay for rollback.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import shutil
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import torch
+
+from skillhub.checkpoint import fsync_dir, sha256_file
+from skillhub.delta import SparseDelta
+from skillhub.errors import RegistryError, StateLockedError
+
+SCHEMA_VERSION = 1
+STATUSES = ("PENDING", "READY", "FAILED")
+DB_NAME = "registry.sqlite3"
+MASK_SUFFIX = ".mask.safetensors"
+MISSING_MASK_REASON = "mask file missing after a crash; drop the checkpoint again"
+BUSY_TIMEOUT_MS = 10_000
+_SHA_RE = re.compile(r"[0-9a-f]{64}")
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+_SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
+_CORRUPT_HINT = ("it was left untouched; run `skillhub doctor`, or restore registry.sqlite3 (with its -wal file) "
+                 "from a backup")
+
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS versions (id INTEGER PRIMARY KEY AUTOINCREMENT, skill TEXT NOT NULL, "
+    "version INTEGER NOT NULL, source_sha TEXT NOT NULL, strategy TEXT NOT NULL, params TEXT NOT NULL, "
+    "status TEXT NOT NULL CHECK (status IN ('PENDING', 'READY', 'FAILED')), reason TEXT, mask_sha TEXT, nnz INTEGER, "
+    "source_path TEXT, meta TEXT NOT NULL DEFAULT '{}', created REAL, updated REAL, "
+    "UNIQUE (skill, version), UNIQUE (source_sha, strategy, params))",
+    "CREATE TABLE IF NOT EXISTS settings (skill TEXT PRIMARY KEY, enabled INTEGER NOT NULL DEFAULT 1, pinned INTEGER)",
+    "CREATE INDEX IF NOT EXISTS versions_status ON versions (status)",
+)
+
+
+def canonical_json(obj: Mapping[str, Any]) -> str:
+    """The one JSON spelling of a params/meta dict, so equal params compare equal as text in SQL."""
+    try:
+        return json.dumps(dict(obj), sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise RegistryError(f"not JSON-serialisable: {e}", hint="params and meta must be plain JSON values") from None
+
+
+def _lenient(value: str) -> str:
+    """Informational text (paths, reasons): keep it, escaping what UTF-8 cannot hold, rather than fail."""
+    return value.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _skill_name(value: str) -> str:
+    # Names come from dropped file names (FAULTS A11): anything goes except what SQLite cannot store (lone
+    # surrogates from non-UTF-8 bytes); quotes, newlines and NULs are harmless because values are always bound.
+    if not isinstance(value, str) or not value or _lenient(value) != value:
+        raise RegistryError(f"skill name {ascii(value)} is empty or not valid UTF-8", key=ascii(value),
+                            hint="rename the file, or set the skill name in its sidecar")
+    return value
+
+
+@dataclass(frozen=True)
+class VersionRow:
+    """One skill version as stored: identified by (source_sha, strategy, params); numbered per skill."""
+
+    id: int
+    skill: str
+    version: int
+    source_sha: str
+    strategy: str
+    params: dict[str, Any]
+    status: str
+    reason: str | None
+    mask_sha: str | None
+    nnz: int | None
+    source_path: str | None
+    meta: dict[str, Any]
+    created: float | None
+    updated: float | None
+
+    def __hash__(self) -> int:
+        # The dict fields are not hashable; these fields change whenever the row does.
+        return hash((self.id, self.status, self.mask_sha, self.updated))
+
+    @property
+    def ref(self) -> str:
+        """``skill@version``, for logs and messages."""
+        return f"{self.skill}@{self.version}"
+
+    @classmethod
+    def from_sql(cls, r: sqlite3.Row) -> VersionRow:
+        """Build from a ``SELECT * FROM versions`` row (JSON columns decoded)."""
+        return cls(**{**dict(r), "params": json.loads(r["params"]), "meta": json.loads(r["meta"])})
+
+
+@dataclass(frozen=True)
+class SkillState:
+    """A skill name with its settings and every version of it, oldest first."""
+
+    name: str
+    enabled: bool
+    pinned: int | None
+    latest_ready: VersionRow | None
+    versions: list[VersionRow]
+
+    @property
+    def active(self) -> VersionRow | None:
+        """The pinned version if it is READY, else the highest READY version (enabled or not)."""
+        pinned = next((v for v in self.versions if v.version == self.pinned and v.status == "READY"), None)
+        return pinned or self.latest_ready
+
+
+@dataclass(frozen=True)
+class RecoveryReport:
+    """What :meth:`Registry.recover` found and did."""
+
+    removed_debris: list[Path]
+    failed: list[VersionRow]  # READY rows whose mask file had gone; now FAILED
+    pending: list[VersionRow]  # left for the caller to retry or fail
+    removed_orphans: list[Path]
+
+    @property
+    def clean(self) -> bool:
+        return not (self.removed_debris or self.failed or self.pending or self.removed_orphans)
+
+
+class Registry:
+    """The state folder and its SQLite registry. Thread-safe; one writing process per folder (``flock``).
+
+    :param state_dir: the state folder; created if missing (unless ``readonly``).
+    :param readonly: open the database read-only, without the lock, for inspection next to a running daemon.
+    :raises StateLockedError: another live process holds the folder.
+    :raises RegistryError: the folder is not writable, or the registry is missing (readonly) or corrupt.
+    """
+
+    def __init__(self, state_dir: str | Path, *, readonly: bool = False) -> None:
+        self.state_dir = Path(state_dir)
+        self.readonly = readonly
+        self.db_path = self.state_dir / DB_NAME
+        self.masks_dir = self.state_dir / "masks"
+        self.staging_dir = self.state_dir / "staging"
+        self.models_dir = self.state_dir / "models"
+        self._lock = threading.RLock()
+        self._lock_fd: int | None = None
+        self._conn: sqlite3.Connection | None = None
+        self._inflight: set[str] = set()  # temp names of mask writes under way, which recover() must spare
+        try:
+            if not readonly:
+                self._prepare_folder()
+                self._lock_fd = self._take_lock()
+            self._conn = self._connect()
+        except BaseException:
+            self.close()
+            raise
+
+    def _prepare_folder(self) -> None:
+        for d in (self.state_dir, self.masks_dir, self.staging_dir, self.models_dir):
+            try:
+                d.mkdir(parents=True, exist_ok=True)
+                # os.access() lies for root and on some mounts: the only honest test is to write.
+                (probe := d / f".write-probe-{os.getpid()}.tmp").write_bytes(b"")
+                probe.unlink()
+            except OSError as e:
+                raise RegistryError(f"state folder is not writable ({e.strerror or e})", path=d,
+                                    hint="fix its owner or permissions, or point --state at a writable folder") from None
+
+    def _take_lock(self) -> int:
+        # flock, not a pid file: the OS releases it when the owner dies, however it dies (FAULTS C6).
+        path, fd = self.state_dir / "lock", -1
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+                raise StateLockedError(self.state_dir, int(text) if text.isdigit() else None) from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            os.fsync(fd)
+            return fd
+        except BaseException as e:
+            if fd >= 0:
+                os.close(fd)
+            if isinstance(e, OSError):
+                raise RegistryError(f"cannot lock the state folder ({e.strerror or e})", path=path) from None
+            raise
+
+    def _connect(self) -> sqlite3.Connection:
+        if self.db_path.is_file() and self.db_path.stat().st_size > 0:
+            with open(self.db_path, "rb") as f:
+                if f.read(len(_SQLITE_MAGIC)) != _SQLITE_MAGIC:
+                    raise RegistryError("registry is corrupt (not an SQLite database)", path=self.db_path,
+                                        hint=_CORRUPT_HINT)
+        elif self.readonly:
+            raise RegistryError("no registry here", path=self.db_path,
+                                hint="start the daemon once to create it, or check --state")
+        elif masks := self._mask_files():
+            # A fresh registry here would make every mask an orphan that recover() deletes (FAULTS C5).
+            raise RegistryError(f"registry is missing but masks/ holds {len(masks)} mask files", path=self.db_path,
+                                hint="restore registry.sqlite3 from a backup, or move masks/ aside to start empty")
+        target = f"file:{quote(str(self.db_path.resolve()))}?mode=ro" if self.readonly else str(self.db_path)
+        # Autocommit mode: transactions are explicit (BEGIN IMMEDIATE) and span exactly one method.
+        conn = sqlite3.connect(target, uri=self.readonly, check_same_thread=False, isolation_level=None)
+        conn.row_factory = sqlite3.Row
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")  # a constant, not a value from outside
+            problems = [r[0] for r in conn.execute("PRAGMA quick_check")]
+            if problems != ["ok"]:
+                raise RegistryError(f"registry is corrupt ({'; '.join(problems[:3])})", path=self.db_path,
+                                    hint=_CORRUPT_HINT)
+            conn.execute("PRAGMA foreign_keys = ON")
+            if self.readonly:
+                conn.execute("PRAGMA query_only = ON")
+            else:
+                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                if str(mode).lower() != "wal":
+                    raise RegistryError(f"SQLite refused WAL mode (got {mode!r})", path=self.db_path,
+                                        hint="put the state folder on a local file system")
+                conn.execute("PRAGMA synchronous = FULL")
+                with _transaction(conn):
+                    for stmt in _SCHEMA:
+                        conn.execute(stmt)
+                    conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
+                                 (str(SCHEMA_VERSION),))
+            (found,) = conn.execute("SELECT max(value) FROM meta WHERE key = 'schema_version'").fetchone()
+            if found != str(SCHEMA_VERSION):
+                raise RegistryError(f"registry schema is version {found}, this skillhub reads {SCHEMA_VERSION}",
+                                    path=self.db_path, hint="use the skillhub version that created it")
+        except sqlite3.Error as e:
+            conn.close()
+            code = (getattr(e, "sqlite_errorcode", 0) or 0) & 0xFF
+            if code in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
+                raise RegistryError(f"registry is corrupt ({e})", path=self.db_path, hint=_CORRUPT_HINT) from None
+            raise RegistryError(f"cannot open the registry ({e})", path=self.db_path) from None
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def close(self) -> None:
+        """Close the database and release the lock. Idempotent."""
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)  # releases the flock
+                self._lock_fd = None
+
+    def __enter__(self) -> Registry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise RegistryError("registry is closed", path=self.db_path)
+        return self._conn
+
+    def _writable(self) -> None:
+        if self.readonly:
+            raise RegistryError("registry is open read-only", path=self.db_path,
+                                hint="stop the daemon, or ask it through the API")
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        self._writable()
+        try:
+            with _transaction(self._db()) as conn:
+                yield conn
+        except (sqlite3.Error, UnicodeEncodeError) as e:  # the latter: text with lone surrogates (non-UTF-8 names)
+            raise RegistryError(f"registry write failed ({e}); nothing was changed", path=self.db_path) from e
+
+    def begin_version(self, skill: str, source_sha: str, strategy: str, params: Mapping[str, Any], *,
+                      source_path: str | Path | None = None,
+                      meta: Mapping[str, Any] | None = None) -> tuple[VersionRow, bool]:
+        """``(row, created)``: the version with this (source_sha, strategy, params), whatever its skill name or status,
+        or else a new PENDING one numbered past the skill's highest. A FAILED row is returned as is: see :meth:`retry`.
+        """
+        skill, canon = _skill_name(skill), canonical_json(params)
+        with self._lock, self._tx() as db:
+            row = db.execute("SELECT * FROM versions WHERE source_sha = ? AND strategy = ? AND params = ?",
+                             (source_sha, strategy, canon)).fetchone()
+            if row is not None:
+                return VersionRow.from_sql(row), False
+            (n,) = db.execute("SELECT COALESCE(MAX(version), 0) + 1 FROM versions WHERE skill = ?", (skill,)).fetchone()
+            now = time.time()
+            cur = db.execute(
+                "INSERT INTO versions (skill, version, source_sha, strategy, params, status, source_path, meta, "
+                "created, updated) VALUES (?, ?, ?, ?, ?, 'PENDING', ?, ?, ?, ?)",
+                (skill, n, source_sha, strategy, canon, None if source_path is None else _lenient(str(source_path)),
+                 canonical_json(meta or {}), now, now))
+            return self._get(db, int(cur.lastrowid or 0)), True
+
+    def find_by_source(self, source_sha: str) -> list[VersionRow]:
+        """Every version made from the checkpoint with this sha256, oldest first."""
+        with self._lock:
+            rows = self._db().execute("SELECT * FROM versions WHERE source_sha = ? ORDER BY id", (source_sha,))
+            return [VersionRow.from_sql(r) for r in rows]
+
+    def store_mask(self, version_id: int, delta: SparseDelta) -> VersionRow:
+        """Write the version's mask file (content-addressed), then mark the row READY in one transaction."""
+        self.get(version_id)  # an unknown id fails before anything is written
+        self._writable()
+        tmp = self.masks_dir / f".incoming-{version_id}-{os.getpid()}-{os.urandom(4).hex()}.tmp"
+        with self._lock:
+            self._inflight.add(tmp.name)
+        try:
+            sha = delta.save(tmp)  # the slow part runs outside the lock; gc() ignores temp names
+            final = self.mask_path(sha)
+            with self._lock:
+                # Under the lock from here: gc() must never see the final file before the row references it.
+                if final.is_file() and sha256_file(final) == sha:
+                    tmp.unlink()
+                else:
+                    os.replace(tmp, final)
+                    fsync_dir(self.masks_dir)
+                with self._tx() as db:
+                    cur = db.execute("UPDATE versions SET status = 'READY', mask_sha = ?, nnz = ?, reason = NULL, "
+                                     "updated = ? WHERE id = ?", (sha, delta.nnz, time.time(), version_id))
+                    if cur.rowcount != 1:
+                        raise RegistryError(f"version id {version_id} was removed while its mask was written")
+                    return self._get(db, version_id)
+        except OSError as e:
+            raise RegistryError(f"cannot write the mask file ({e.strerror or e}); the registry is unchanged",
+                                path=tmp, hint="check free disk space and permissions, then drop it again") from e
+        finally:
+            tmp.unlink(missing_ok=True)
+            with self._lock:
+                self._inflight.discard(tmp.name)
+
+    def mark_failed(self, version_id: int, reason: str) -> VersionRow:
+        """Mark a version FAILED with a reason the user can act on."""
+        return self._update(version_id, "status = 'FAILED', reason = ?", _lenient(reason))
+
+    def retry(self, version_id: int) -> VersionRow:
+        """Move a FAILED version back to PENDING (same row and number), for an explicit re-drop or retry."""
+        if self.get(version_id).status == "READY":
+            raise RegistryError(f"version id {version_id} is READY; nothing to retry")
+        return self._update(version_id, "status = 'PENDING', reason = NULL")
+
+    def update_meta(self, version_id: int, meta: Mapping[str, Any]) -> VersionRow:
+        """Merge ``meta`` into the version's metadata (keys in ``meta`` win)."""
+        with self._lock:
+            return self._update(version_id, "meta = ?", canonical_json({**self.get(version_id).meta, **meta}))
+
+    def _update(self, version_id: int, assignments: str, *args: object) -> VersionRow:
+        # ``assignments`` is fixed text from this class; values are bound.
+        with self._lock, self._tx() as db:
+            cur = db.execute(f"UPDATE versions SET {assignments}, updated = ? WHERE id = ?",
+                             (*args, time.time(), version_id))
+            if cur.rowcount != 1:
+                raise RegistryError(f"no skill version with id {version_id}")
+            return self._get(db, version_id)
+
+    def get(self, version_id: int) -> VersionRow:
+        """The version with this id; :class:`RegistryError` if there is none."""
+        with self._lock:
+            return self._get(self._db(), version_id)
+
+    @staticmethod
+    def _get(db: sqlite3.Connection, version_id: int) -> VersionRow:
+        row = db.execute("SELECT * FROM versions WHERE id = ?", (version_id,)).fetchone()
+        if row is None:
+            raise RegistryError(f"no skill version with id {version_id}")
+        return VersionRow.from_sql(row)
+
+    def versions(self, skill: str | None = None, status: str | None = None) -> list[VersionRow]:
+        """Versions, optionally of one skill and/or in one status, ordered by skill then version."""
+        if status is not None and status not in STATUSES:
+            raise RegistryError(f"unknown status {status!r}; expected one of {', '.join(STATUSES)}")
+        skill = None if skill is None else _skill_name(skill)
+        # Only fixed clause text is joined here; every value goes in as a parameter.
+        where = [c for c, v in (("skill = ?", skill), ("status = ?", status)) if v is not None]
+        args = [v for v in (skill, status) if v is not None]
+        sql = "SELECT * FROM versions" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY skill, version"
+        with self._lock:
+            return [VersionRow.from_sql(r) for r in self._db().execute(sql, args)]
+
+    def skills(self) -> list[SkillState]:
+        """Every known skill, by name."""
+        with self._lock:
+            rows = self.versions()
+            settings = {r["skill"]: r for r in self._db().execute("SELECT * FROM settings")}
+        by_skill: dict[str, list[VersionRow]] = {}
+        for r in rows:
+            by_skill.setdefault(r.skill, []).append(r)
+        out = []
+        for name in sorted(by_skill.keys() | settings.keys()):
+            vs, s = by_skill.get(name, []), settings.get(name)
+            ready = [v for v in vs if v.status == "READY"]
+            out.append(SkillState(name, enabled=bool(s["enabled"]) if s else True, pinned=s["pinned"] if s else None,
+                                  latest_ready=ready[-1] if ready else None, versions=vs))
+        return out
+
+    def skill(self, name: str) -> SkillState:
+        """One skill's state; :class:`RegistryError` if the name is unknown."""
+        for s in self.skills():
+            if s.name == name:
+                return s
+        raise RegistryError(f"unknown skill {name!r}", key=name)
+
+    def active_version(self, skill: str) -> VersionRow | None:
+        """The version that should serve: the pinned one if READY, else the latest READY; ``None`` if none."""
+        try:
+            return self.skill(skill).active
+        except RegistryError:
+            return None
+
+    def set_enabled(self, skill: str, enabled: bool) -> None:
+        """Switch a known skill on or off (its versions are kept either way)."""
+        with self._lock:
+            self.skill(skill)
+            self._setting(skill, "enabled", int(enabled))
+
+    def set_pinned(self, skill: str, version: int | None) -> None:
+        """Pin a skill to one READY version (rollback), or unpin it with ``None``."""
+        with self._lock:
+            state = self.skill(skill)
+            if version is not None:
+                row = next((v for v in state.versions if v.version == version), None)
+                if row is None:
+                    raise RegistryError(f"skill {skill!r} has no version {version}", key=skill)
+                if row.status != "READY":
+                    raise RegistryError(f"{row.ref!r} is {row.status}; only READY versions can be pinned", key=skill)
+            self._setting(skill, "pinned", version)
+
+    def _setting(self, skill: str, column: str, value: int | None) -> None:
+        # ``column`` is fixed text from this class; values are bound.
+        with self._tx() as db:
+            db.execute(f"INSERT INTO settings (skill, {column}) VALUES (?, ?) "
+                       f"ON CONFLICT (skill) DO UPDATE SET {column} = excluded.{column}", (skill, value))
+
+    def remove_skill(self, skill: str) -> int:
+        """Forget a skill: delete its versions and settings, then its now unreferenced mask files."""
+        with self._lock:
+            with self._tx() as db:
+                n = db.execute("DELETE FROM versions WHERE skill = ?", (skill,)).rowcount
+                s = db.execute("DELETE FROM settings WHERE skill = ?", (skill,)).rowcount
+                if n == 0 and s == 0:
+                    raise RegistryError(f"unknown skill {skill!r}", key=skill)
+            self.gc()
+            return n
+
+    def mask_path(self, mask_sha: str) -> Path:
+        """Where the mask file with this sha256 lives (the hash is checked: it is never a path)."""
+        if not isinstance(mask_sha, str) or not _SHA_RE.fullmatch(mask_sha):
+            raise RegistryError(f"not a sha256 hex digest: {mask_sha!r}")
+        return self.masks_dir / f"{mask_sha}{MASK_SUFFIX}"
+
+    def load_mask(self, mask_sha: str, *, verify: bool = False,
+                  device: torch.device | str = "cpu") -> SparseDelta:
+        """Read a mask file; with ``verify``, first check that its bytes still hash to ``mask_sha``."""
+        path = self.mask_path(mask_sha)
+        if not path.is_file():
+            raise RegistryError("mask file is missing", path=path,
+                                hint="run recovery (restart the daemon) and drop the checkpoint again")
+        if verify and (actual := sha256_file(path)) != mask_sha:
+            raise RegistryError(f"mask file is damaged (sha256 {actual})", path=path,
+                                hint="drop the skill's checkpoint again to rebuild it")
+        return SparseDelta.load(path, device=device)
+
+    def _mask_files(self) -> dict[str, Path]:
+        if not self.masks_dir.is_dir():
+            return {}
+        return {p.name.removesuffix(MASK_SUFFIX): p for p in self.masks_dir.iterdir()
+                if p.name.endswith(MASK_SUFFIX) and _SHA_RE.fullmatch(p.name.removesuffix(MASK_SUFFIX))}
+
+    def gc(self) -> int:
+        """Remove mask files that no version references; return how many."""
+        with self._lock:
+            return len(self._gc())
+
+    def _gc(self) -> list[Path]:
+        self._writable()
+        referenced = {r[0] for r in self._db().execute("SELECT DISTINCT mask_sha FROM versions "
+                                                       "WHERE mask_sha IS NOT NULL")}
+        removed = []
+        for sha, path in self._mask_files().items():
+            if sha not in referenced:
+                path.unlink(missing_ok=True)
+                removed.append(path)
+        return removed
+
+    def recover(self) -> RecoveryReport:
+        """Make the folder consistent after a crash (the daemon runs this at start-up, before any other work).
+
+        Removes temp debris in ``masks/`` and ``staging/``; marks READY rows whose mask file is gone FAILED; removes
+        orphan mask files; reports PENDING rows, which the caller retries or fails.
+        """
+        with self._lock:
+            self._writable()
+            debris = []
+            for folder in (self.masks_dir, self.staging_dir):
+                for entry in sorted(folder.iterdir()):
+                    if entry.name.endswith(".tmp") and not any(n in entry.name for n in self._inflight):
+                        if entry.is_dir() and not entry.is_symlink():
+                            shutil.rmtree(entry, ignore_errors=True)
+                        else:
+                            entry.unlink(missing_ok=True)
+                        debris.append(entry)
+            failed = [self.mark_failed(r.id, MISSING_MASK_REASON) for r in self.versions(status="READY")
+                      if r.mask_sha is None or not self.mask_path(r.mask_sha).is_file()]
+            return RecoveryReport(removed_debris=debris, failed=failed, pending=self.versions(status="PENDING"),
+                                  removed_orphans=self._gc())
+
+    def integrity_check(self) -> list[str]:
+        """Problems found, as lines (empty = healthy): SQLite's integrity check, and every READY version's mask file
+        is present and still hashes to its name."""
+        with self._lock:
+            problems = [r[0] for r in self._db().execute("PRAGMA integrity_check") if r[0] != "ok"]
+            ready = self.versions(status="READY")
+        for row in ready:  # hashing runs outside the lock: mask files are immutable
+            path = self.mask_path(row.mask_sha) if row.mask_sha else None
+            if path is None or not path.is_file():
+                problems.append(f"{row.ref!r} (id {row.id}) is READY but its mask file {path} is missing")
+            elif sha256_file(path) != row.mask_sha:
+                problems.append(f"{row.ref!r} (id {row.id}): mask file {path} does not match its sha256")
+        return problems
+
+
+@contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    # IMMEDIATE takes the write lock up front, so read-then-write (next version number) cannot race.
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:  # a failed COMMIT (disk full) leaves the transaction open
+            conn.execute("ROLLBACK")
+        raise
+
