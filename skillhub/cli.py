@@ -47,7 +47,7 @@ def _plugins(cfg: Any) -> Any:
 
 def cmd_localize(args: argparse.Namespace) -> int:
     from skillhub.checkpoint import open_checkpoint
-    from skillhub.localize import LocalizeContext
+    from skillhub.localize import LocalizeContext, resolve_params
     from skillhub.log import Progress
     from skillhub.ops import localize_checkpoint
 
@@ -58,6 +58,10 @@ def cmd_localize(args: argparse.Namespace) -> int:
     if args.sparsity is not None:
         params["sparsity"] = args.sparsity
     strategy = args.strategy or cfg.localize.strategy
+    try:
+        resolve_params(plugins.localizer(strategy), params)
+    except SkillhubError as e:  # a bad flag or config value is a usage error (exit 2), not a failure
+        raise UsageError(e.message, key=e.key, hint=e.hint) from None
     family = plugins.family(cfg.base.family)(cfg.base.include, cfg.base.exclude)
     base, ft = open_checkpoint(args.base), open_checkpoint(args.finetuned)
     bar = Progress(f"localize {Path(args.finetuned).name}")

@@ -44,27 +44,41 @@ def get_plugin_manager(plugin_dirs: Iterable[str | Path] = (), *, entry_points: 
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
     for name in DEFAULT_PLUGINS:
-        pm.register(importlib.import_module(name), name=name)
+        _register(pm, importlib.import_module(name), name)
     if entry_points:
         try:
             pm.load_setuptools_entrypoints(hookspecs.PROJECT)
         except Exception as e:
             raise PluginError(f"an entry-point plugin of group 'skillhub' failed to load: {type(e).__name__}: {e}",
                               hint="uninstall or fix that package") from e
+    seen: set[Path] = set()
     for folder in plugin_dirs:
         folder = Path(folder)
+        if folder.resolve() in seen:  # the same folder listed twice loads once
+            continue
+        seen.add(folder.resolve())
         if not folder.is_dir():
             continue  # a configured folder that does not exist yet is not an error
         for path in sorted(folder.glob("*.py")):
             if path.name.startswith(("_", ".")):
                 continue
-            pm.register(_load_file(path), name=f"file:{path}")
+            _register(pm, _load_file(path), f"file:{path}")
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as e:
         raise PluginError(f"plugin {e.plugin!r} implements an unknown hook: {e}",
                           hint=f"known hooks: {', '.join(sorted(_hook_names()))}") from None
     return pm
+
+
+def _register(pm: pluggy.PluginManager, plugin: object, name: str) -> None:
+    try:
+        pm.register(plugin, name=name)
+    except pluggy.PluginValidationError as e:
+        raise PluginError(f"plugin {name!r} has an invalid hook implementation: {e}",
+                          hint="compare its signature with skillhub/hookspecs.py") from None
+    except ValueError as e:
+        raise PluginError(f"plugin {name!r} cannot be registered: {e}") from None
 
 
 def _hook_names() -> list[str]:
@@ -130,12 +144,15 @@ def load_plugins(plugin_dirs: Iterable[str | Path] = (), *, entry_points: bool =
     for hook_name, base_cls, kind in _KINDS:
         table: dict[str, Any] = {}
         hook = getattr(pm.hook, hook_name)
-        for impl in reversed(hook.get_hookimpls()):  # registration order
+        for impl in hook.get_hookimpls():  # registration order
             plugin_name = pm.get_name(impl.plugin) or repr(impl.plugin)
             try:
                 result = impl.function()
             except Exception as e:
                 raise PluginError(f"plugin {plugin_name!r} failed in {hook_name}: {type(e).__name__}: {e}") from e
+            if result is not None and not isinstance(result, (list, tuple)):
+                raise PluginError(f"plugin {plugin_name!r}: {hook_name} returned {result!r}, not a list",
+                                  hint=f"return [{getattr(result, '__name__', 'YourClass')}]")
             for cls in result or []:
                 if not (isinstance(cls, type) and issubclass(cls, base_cls)) or not getattr(cls, "name", ""):
                     raise PluginError(f"plugin {plugin_name!r} registered {cls!r}, not a named {base_cls.__name__} "
