@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -26,14 +26,35 @@ class NoParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class TaskObjective(Protocol):
+    """Few-shot task data for data-driven strategies, as the model family prepares it.
+
+    The strategy never sees images or labels: it asks for the task loss of the model whose *included* tensors are
+    replaced by ``params`` (everything else stays θ₀). The family builds this from the examples that came with the
+    drop (at most 64 per class, 1024 in all, by default) and the skill's head.
+    """
+
+    #: number of examples
+    size: int
+
+    def loss(self, params: Mapping[str, torch.Tensor], step: int) -> torch.Tensor:
+        """Differentiable mean task loss (e.g. cross-entropy) over a batch; ``step`` picks the batch (full batch
+        when the set is small)."""
+        ...
+
+    def accuracy(self, params: Mapping[str, torch.Tensor]) -> float:
+        """Accuracy over all examples, without gradients (for the log line and tests)."""
+        ...
+
+
 @dataclass
 class LocalizeContext:
     """What a strategy may use besides the task vector.
 
     :param device: where to run tensor work (the stitcher's device, usually).
     :param seed: seed for anything random, so that a localization is reproducible.
-    :param examples: few-shot task data for data-driven strategies (family-specific object), else ``None``.
-    :param model: a callable building the family's model for data-driven strategies, else ``None``.
+    :param examples: a :class:`TaskObjective` for data-driven strategies, else ``None``.
+    :param model: reserved for families that hand strategies a runnable model.
     :param progress: called with (done, total) as work advances; the CLI draws a bar from it.
     """
 

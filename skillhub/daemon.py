@@ -1,0 +1,199 @@
+"""``skillhub run``: the long-running service, shaped like uvicorn's server: start-up, a main loop, shutdown.
+
+Start-up: load and check the config, take the state-folder lock, recover from a crash, replay the registry into the
+stitcher (serving the same version as before a restart), start the HTTP server, start watching the inbox (with a
+full rescan). Main loop: coalesce change notifications (a burst of drops becomes one or a few versions), reconcile
+and publish, poll ``config.toml`` for edits. Shutdown on SIGTERM/SIGINT: stop taking new work, let the step in
+flight finish, stop the server, release the lock. Exit codes: 0 clean shutdown, 1 failure, 2 config error.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from skillhub.config import Config, load_config
+from skillhub.errors import ConfigError, SkillhubError
+from skillhub.hub import Hub
+from skillhub.log import get_logger
+
+log = get_logger("skillhub.daemon")
+HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def resolve_token(cfg: Config) -> str:
+    """The bearer token: from the environment variable ``[serve] token_env`` names; else, on a loopback bind, a
+    random one kept in ``state/token`` (mode 0600, reused across restarts) so that local tools can read it."""
+    token = os.environ.get(cfg.serve.token_env, "").strip()
+    if token:
+        return token
+    if cfg.serve.host not in LOOPBACK:
+        raise ConfigError(f"serving on {cfg.serve.host} needs a token in ${cfg.serve.token_env}", key="serve.token_env",
+                          hint=f"export {cfg.serve.token_env}=<a long random string>")
+    path = Path(cfg.state.dir) / "token"
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    token = secrets.token_urlsafe(32)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return token
+
+
+class Daemon:
+    """The service process: a :class:`~skillhub.hub.Hub`, its inbox intake and its HTTP server."""
+
+    def __init__(self, config: Config, *, config_path: Path | None = None) -> None:
+        self.config = config
+        self.config_path = config_path or config.source
+        self.should_exit = threading.Event()
+        self._changed = threading.Event()
+        self._config_stamp = self._stamp()
+        self.hub: Hub | None = None
+        self.intake: Any = None
+        self.server: Any = None
+
+    # --- life ---------------------------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        self._install_signal_handlers()
+        try:
+            self.startup()
+            self.main_loop()
+        except SkillhubError as e:
+            log.error("daemon_failed", error=str(e))
+            raise
+        finally:
+            self.shutdown()
+            self._restore_signal_handlers()
+        return 0
+
+    def startup(self) -> None:
+        from skillhub.intake import Intake
+        from skillhub.server import Server, create_app
+
+        cfg = self.config
+        token = resolve_token(cfg)  # before the hub, so a bad serve config fails before any state is touched
+        self.hub = hub = Hub(cfg)
+        hub.on_change = self._changed.set
+        hub.start()
+        if cfg.serve.enabled:
+            app = create_app(hub, token=token, health=self.health)
+            self.server = Server(app, cfg.serve.host, cfg.serve.port)
+            self.server.start()
+            log.info("serving", url=f"http://{cfg.serve.host}:{self.server.port}", token_env=cfg.serve.token_env,
+                     token_file=str(Path(cfg.state.dir) / "token") if not os.environ.get(cfg.serve.token_env) else None)
+        inbox = Path(cfg.watch.dir)
+        inbox.mkdir(parents=True, exist_ok=True)
+        self.intake = Intake(inbox, Path(cfg.state.dir) / "staging", self._on_arrival,
+                             stable_seconds=cfg.watch.stable_seconds, rescan_seconds=cfg.watch.rescan_seconds,
+                             poll=cfg.watch.poll, shard_timeout_seconds=cfg.watch.shard_timeout_seconds,
+                             max_bytes=max(4 * hub.base.nbytes, 1 << 20))
+        self.intake.start()
+        log.info("daemon_ready", inbox=str(inbox), version=hub.current.number if hub.current else None, pid=os.getpid())
+
+    def main_loop(self) -> None:
+        assert self.hub is not None
+        next_config_check = 0.0
+        while not self.should_exit.is_set():
+            if self._changed.wait(0.25):
+                # Coalesce a burst (ten files dropped at once) into one reconcile.
+                time.sleep(0.15)
+                self._changed.clear()
+                self._reconcile()
+            now = time.monotonic()
+            if now >= next_config_check:
+                next_config_check = now + 1.0
+                self._check_config()
+
+    def _reconcile(self) -> None:
+        assert self.hub is not None
+        try:
+            self.hub.reconcile()
+        except SkillhubError as e:
+            log.error("reconcile_failed", error=str(e))
+        except Exception as e:  # keep serving the old version whatever happens (C8)
+            log.exception("reconcile_crashed", error=f"{type(e).__name__}: {e}")
+
+    def shutdown(self) -> None:
+        log.info("shutting_down")
+        if self.intake is not None:
+            self.intake.stop()
+        if self.server is not None:
+            self.server.stop()
+        if self.hub is not None:
+            self.hub.close()
+        log.info("stopped")
+
+    # --- work ---------------------------------------------------------------------------------------------------
+
+    def _on_arrival(self, arrival: Any) -> None:
+        """Intake callback (intake's worker thread): name the skill, localize and register it."""
+        assert self.hub is not None
+        t0 = time.perf_counter()
+        side = arrival.sidecar or {}
+        from skillhub.checkpoint import open_checkpoint
+
+        meta_name = open_checkpoint(arrival.staged).metadata.get("skillhub.skill")
+        skill = str(side.get("skill") or meta_name or arrival.stem)
+        self.hub.ingest(arrival.staged, skill=skill, sha256=arrival.sha256, sidecar=side,
+                        keep=self.config.state.keep_staged)
+        self.hub.metrics.ingest_seconds.observe(time.perf_counter() - t0)
+
+    def health(self) -> dict[str, Any]:
+        ok, detail = self.intake.health if self.intake is not None else (False, "not started")
+        return {"inbox": {"ok": ok, "detail": detail}}
+
+    # --- config reload ------------------------------------------------------------------------------------------
+
+    def _stamp(self) -> tuple[int, int] | None:
+        try:
+            st = Path(self.config_path).stat() if self.config_path else None
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size) if st else None
+
+    def _check_config(self) -> None:
+        stamp = self._stamp()
+        if stamp == self._config_stamp or self.config_path is None:
+            return
+        self._config_stamp = stamp
+        try:
+            new = load_config(self.config_path)
+            assert self.hub is not None
+            self.hub.apply_config(new)
+        except SkillhubError as e:  # B11: an invalid edit is logged; the running config stays in force
+            log.error("config_rejected", path=str(self.config_path), error=str(e))
+            return
+        self.config = new
+        log.info("config_applied", path=str(self.config_path))
+
+    # --- signals ------------------------------------------------------------------------------------------------
+
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            self._old_handlers: dict[int, Any] = {}
+            return
+        self._old_handlers = {sig: signal.signal(sig, self._handle_exit) for sig in HANDLED_SIGNALS}
+
+    def _restore_signal_handlers(self) -> None:
+        for sig, handler in self._old_handlers.items():
+            signal.signal(sig, handler)
+
+    def _handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        log.info("signal_received", signal=signal.Signals(sig).name)
+        self.should_exit.set()
+
+
+def run(config_path: str | None = None) -> int:
+    """Entry point of ``skillhub run``."""
+    cfg = load_config(config_path)
+    return Daemon(cfg).run()

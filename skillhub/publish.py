@@ -1,0 +1,184 @@
+"""Published model versions: immutable snapshots, served from memory at once, written to disk in the background.
+
+Layout: ``state/models/<n>/manifest.json`` (skills with versions and mask hashes, base fingerprint, stitch policy,
+creation time) and ``state/models/<n>/model.safetensors``; ``state/models/current`` holds the number of the version
+being served. A version directory appears by an atomic rename of a complete temp directory holding its manifest;
+``current`` moves after that. The weights file follows from a background thread (temp + fsync + rename), because
+the manifest alone determines the weights (the registry can always rebuild them) and the drop-to-served path must
+not pay O(model) disk writes that the O(mask) stitch avoided (DESIGN §3, publish).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from skillhub.checkpoint import fsync_dir, write_safetensors
+from skillhub.log import get_logger
+
+log = get_logger("skillhub.publish")
+IDENTITY_KEYS = ("base", "family", "policy", "policy_params", "skills")
+
+
+def identity(manifest: Mapping[str, Any]) -> str:
+    """What determines a version's weights: the manifest less its number and time."""
+    return json.dumps({k: manifest.get(k) for k in IDENTITY_KEYS}, sort_keys=True)
+
+
+@dataclass(frozen=True, eq=False)
+class ModelVersion:
+    """One merged model, immutable: a request that took it keeps using it while newer versions are published."""
+
+    number: int
+    tensors: Mapping[str, torch.Tensor]
+    manifest: dict[str, Any]
+    created: float = field(default_factory=time.time)
+
+    @property
+    def identity(self) -> str:
+        return identity(self.manifest)
+
+
+def finite(tensors: Mapping[str, torch.Tensor]) -> str | None:
+    """The smoke check's weight part: the first key holding NaN/Inf, else ``None``. Uses a min/max reduction, which
+    propagates NaN, instead of ``isfinite().all()`` (no full-size boolean temporary)."""
+    for key, t in tensors.items():
+        if t.is_floating_point() and t.numel():
+            lo, hi = torch.aminmax(t.reshape(-1))
+            if not (torch.isfinite(lo) and torch.isfinite(hi)):
+                return key
+    return None
+
+
+class Publisher:
+    """Owns ``state/models/``: version numbers, manifests, the ``current`` pointer, background weight files."""
+
+    def __init__(self, models_dir: Path, *, keep: int = 5, write_weights: bool = True) -> None:
+        self.dir = models_dir
+        self.keep = keep
+        self.write_weights = write_weights
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._queue: queue.Queue[ModelVersion | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._writer, name="skillhub-weights-writer", daemon=True)
+        self._thread.start()
+        self._latest_queued = 0
+        self.written: set[int] = set()
+
+    # --- start-up -----------------------------------------------------------------------------------------------
+
+    def recover(self) -> dict[str, Any] | None:
+        """Remove half-written version directories and weight temp files; return the current manifest, if any."""
+        for p in self.dir.iterdir():
+            if p.name.startswith(".") and (p.name.endswith(".tmp") or ".tmp" in p.name):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            elif p.is_dir():
+                for t in p.glob(".*.tmp"):
+                    t.unlink(missing_ok=True)
+        n = self.current_number()
+        if n is None:
+            return None
+        try:
+            return json.loads((self.dir / str(n) / "manifest.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def current_number(self) -> int | None:
+        try:
+            return int((self.dir / "current").read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def numbers(self) -> list[int]:
+        return sorted(int(p.name) for p in self.dir.iterdir() if p.is_dir() and p.name.isdigit())
+
+    def next_number(self) -> int:
+        return max(self.numbers(), default=0) + 1
+
+    def has_weights(self, number: int) -> bool:
+        return (self.dir / str(number) / "model.safetensors").is_file()
+
+    # --- publishing ---------------------------------------------------------------------------------------------
+
+    def publish(self, version: ModelVersion) -> None:
+        """Make ``version`` durable as the current one: its manifest dir (atomic), then ``current``; weights later."""
+        final = self.dir / str(version.number)
+        if not final.exists():
+            tmp = self.dir / f".{version.number}.{os.getpid()}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            manifest = dict(version.manifest, version=version.number, created=version.created)
+            _write_text(tmp / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
+            os.replace(tmp, final)
+            fsync_dir(self.dir)
+        _write_text(self.dir / "current", f"{version.number}\n", replace_in=self.dir)
+        self.queue_weights(version)
+        self.prune()
+
+    def queue_weights(self, version: ModelVersion) -> None:
+        if self.write_weights and not self.has_weights(version.number):
+            self._latest_queued = version.number
+            self._queue.put(version)
+
+    def _writer(self) -> None:
+        while True:
+            version = self._queue.get()
+            if version is None:
+                return
+            # During a burst only the newest version's weights are worth writing; older ones are rebuildable.
+            if version.number < self._latest_queued or not (self.dir / str(version.number)).is_dir():
+                continue
+            path = self.dir / str(version.number) / "model.safetensors"
+            try:
+                t0 = time.perf_counter()
+                meta = {"skillhub.manifest": json.dumps(version.manifest, sort_keys=True)}
+                write_safetensors(path, version.tensors, meta)
+                self.written.add(version.number)
+                log.info("weights_written", version=version.number, seconds=round(time.perf_counter() - t0, 3))
+            except OSError as e:  # disk full etc.: the version still serves from memory; retried on next publish
+                log.error("weights_write_failed", version=version.number, error=str(e))
+
+    def flush(self, timeout: float = 60.0) -> bool:
+        """Wait until queued weight files are written (tests, shutdown)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._queue.empty() and self._idle():
+                return True
+            time.sleep(0.05)
+        return False
+
+    def _idle(self) -> bool:
+        n = self._latest_queued
+        return n == 0 or self.has_weights(n) or not (self.dir / str(n)).is_dir()
+
+    def prune(self) -> None:
+        """Keep the newest ``keep`` versions; never the current one."""
+        current = self.current_number()
+        for n in self.numbers()[: -self.keep]:
+            if n != current:
+                shutil.rmtree(self.dir / str(n), ignore_errors=True)
+
+    def close(self, timeout: float = 30.0) -> None:
+        self.flush(timeout)
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+
+def _write_text(path: Path, text: str, *, replace_in: Path | None = None) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    if replace_in is not None:
+        fsync_dir(replace_in)
