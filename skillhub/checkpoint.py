@@ -118,8 +118,10 @@ def read_header(
             (n,) = struct.unpack("<Q", head[:8])
             if n > max_header_bytes or 8 + n > st.st_size:
                 # Every common impostor (pickle, zip, git-lfs pointer, HTML, JSON) reads as an absurd header size.
+                # A real safetensors header starts with '{' right after the size: then it is ours, just broken.
+                looks_ours = head[8:9] == b"{"
                 raise CheckpointError(
-                    sniff_not_safetensors(head)
+                    (None if looks_ours else sniff_not_safetensors(head))
                     or (f"header claims {n} bytes, over the {max_header_bytes}-byte cap (not safetensors, or a header bomb)"
                         if n > max_header_bytes else
                         f"header claims {n} bytes but the file has only {st.st_size}: truncated or not safetensors"),

@@ -231,9 +231,19 @@ class SparseDelta:
         if meta.get("skillhub.format") != FORMAT:
             raise CheckpointError(f"not a skillhub mask file (format {meta.get('skillhub.format')!r})", path=path)
         try:
-            shapes = {k: tuple(v) for k, v in json.loads(meta["skillhub.shapes"]).items()}
+            raw_shapes = json.loads(meta["skillhub.shapes"])
             params = json.loads(meta.get("skillhub.params", "{}"))
             dtype_names = json.loads(meta.get("skillhub.dtypes", "{}"))
+            if not (isinstance(raw_shapes, dict) and isinstance(params, dict) and isinstance(dtype_names, dict)):
+                raise TypeError("skillhub.shapes, .params and .dtypes must be JSON objects")
+            if not all(isinstance(v, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                  for d in v) for v in raw_shapes.values()):
+                raise TypeError("every shape in skillhub.shapes must be a list of non-negative integers")
+            shapes = {k: tuple(v) for k, v in raw_shapes.items()}
+            dtypes_known = {str(d).removeprefix("torch."): d for d in DTYPES.values()}
+            bad = [n for n in dtype_names.values() if n not in dtypes_known]
+            if bad:
+                raise TypeError(f"unknown dtype names {bad[:3]}")
         except (KeyError, ValueError, TypeError) as e:
             raise CheckpointError(f"mask file metadata is malformed ({e})", path=path) from None
         indices: dict[str, torch.Tensor] = {}
@@ -245,8 +255,12 @@ class SparseDelta:
                 raise CheckpointError(f"unexpected tensor {name!r} in mask file", path=path, key=name)
         for key, shape in shapes.items():
             numel = math.prod(shape)
-            dtypes[key] = getattr(torch, dtype_names[key]) if key in dtype_names else torch.float32
-            if f"{key}::indices" not in tf.header.tensors:
+            dtypes[key] = dtypes_known[dtype_names[key]] if key in dtype_names else torch.float32
+            has_idx, has_val = f"{key}::indices" in tf.header.tensors, f"{key}::values" in tf.header.tensors
+            if has_idx != has_val:
+                raise CheckpointError(f"mask file has {'indices' if has_idx else 'values'} for {key!r} but not "
+                                      f"{'values' if has_idx else 'indices'}", path=path, key=key)
+            if not has_idx:
                 continue
             idx = tf.tensor(f"{key}::indices").to(device, copy=True)
             val = tf.tensor(f"{key}::values").to(device, copy=True)

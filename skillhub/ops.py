@@ -81,7 +81,7 @@ def stitch_masks(
         d = SparseDelta.load(p)
         if check_base and d.provenance.base and d.provenance.base != base_sha:
             raise StitchError(f"mask was made for base {d.provenance.base[:12]}…, not this base ({base_sha[:12]}…)",
-                              key=str(p), hint="localize the skill against this base, or pass the right --base")
+                              path=p, hint="localize the skill against this base, or pass the right --base")
         name = d.provenance.skill or Path(p).name
         if name in deltas:
             name = f"{name}#{i}"
