@@ -279,6 +279,23 @@ class Checkpoint(Mapping[str, TensorInfo]):
         f, raw = self._where[key]
         return f.tensor(raw)
 
+    def raw_keys(self) -> list[str]:
+        """Tensor names as stored in the files (before prefix stripping and renaming)."""
+        return [n for f in self.files for n in f.header.tensors]
+
+    def raw_tensor(self, name: str) -> torch.Tensor:
+        for f in self.files:
+            if name in f.header.tensors:
+                return f.tensor(name)
+        raise KeyError(name)
+
+    def renamed(self, mapping: Mapping[str, str]) -> Checkpoint:
+        """A view with keys ``new`` for each ``new -> old`` of ``mapping`` (other keys dropped); same files."""
+        view = Checkpoint.__new__(Checkpoint)
+        view.path, view.files, view.metadata = self.path, self.files, self.metadata
+        view._where = {new: self._where[old] for new, old in mapping.items()}
+        return view
+
     @property
     def nbytes(self) -> int:
         """Total size of the checkpoint's files on disk."""

@@ -62,7 +62,7 @@ def cmd_localize(args: argparse.Namespace) -> int:
         resolve_params(plugins.localizer(strategy), params)
     except SkillhubError as e:  # a bad flag or config value is a usage error (exit 2), not a failure
         raise UsageError(e.message, key=e.key, hint=e.hint) from None
-    family = plugins.family(cfg.base.family)(cfg.base.include, cfg.base.exclude)
+    family = plugins.family(cfg.base.family).from_config(cfg.base)
     base, ft = open_checkpoint(args.base), open_checkpoint(args.finetuned)
     bar = Progress(f"localize {Path(args.finetuned).name}")
     result = localize_checkpoint(base, ft, family=family, localizer=strategy, params=params, plugins=plugins,

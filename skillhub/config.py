@@ -419,8 +419,15 @@ def _resolve_paths(config: Config, base_dir: Path, file: Path | None) -> Config:
         return p if p.is_absolute() else base_dir / p
 
     weights = config.base.weights
+    model = config.base.model
+    # A model given as a config file (open_clip: `x.json` or `local-dir:FOLDER`) is a path like the others.
+    if model and model.endswith(".json"):
+        model = str(absolute(Path(model)))
+    elif model and model.startswith("local-dir:"):
+        model = "local-dir:" + str(absolute(Path(model.removeprefix("local-dir:"))))
     return config.model_copy(update={
-        "base": config.base.model_copy(update={"weights": absolute(weights) if weights is not None else None}),
+        "base": config.base.model_copy(update={"weights": absolute(weights) if weights is not None else None,
+                                               "model": model}),
         "watch": config.watch.model_copy(update={"dir": absolute(config.watch.dir)}),
         "state": config.state.model_copy(update={"dir": absolute(config.state.dir)}),
         "plugins": config.plugins.model_copy(update={"dirs": [absolute(d) for d in config.plugins.dirs]}),

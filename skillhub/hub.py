@@ -10,9 +10,10 @@ request however many versions are published meanwhile.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ import torch
 from skillhub.checkpoint import Checkpoint, FingerprintCache, open_checkpoint
 from skillhub.config import Config
 from skillhub.errors import CheckpointError, SkillhubError, StitchError
+from skillhub.families import Head
+from skillhub.inference import InferenceEngine
 from skillhub.localize import LocalizeContext
 from skillhub.log import get_logger
 from skillhub.metrics import Metrics
@@ -56,6 +59,8 @@ class Hub:
         self._active: dict[str, VersionRow] = {}  # skill -> version stitched in
         self._jobs = ThreadPoolExecutor(1, thread_name_prefix="skillhub-relocalize")
         self._relocalizing: set[tuple[str, str]] = set()
+        self._heads: dict[str, Head] = {}
+        self._engine: InferenceEngine | None = None
         self.on_change: Callable[[], None] = lambda: None  # the daemon sets this to schedule a reconcile
         self.last_error: str | None = None
 
@@ -72,7 +77,7 @@ class Hub:
         self.base_path = base_path
         self.base: Checkpoint = open_checkpoint(base_path)
         self.base_sha = self.fingerprints.checkpoint(self.base)
-        self.family = self.plugins.family(cfg.base.family)(cfg.base.include, cfg.base.exclude)
+        self.family = self.plugins.family(cfg.base.family).from_config(cfg.base)
         self.included = self.family.included_keys(self.base)
         self.device = resolve_device(cfg.device)
         self.policy = self.plugins.make_policy(cfg.stitch.policy, cfg.stitch.params)
@@ -88,7 +93,41 @@ class Hub:
                  device=str(self.device), policy=self.policy.name, recovered=not report.clean)
         self.reconcile()
 
+    @property
+    def engine(self) -> InferenceEngine:
+        """The inference engine (dynamic batching over the served versions), started on first use."""
+        with self._lock:
+            if self._engine is None:
+                self._engine = InferenceEngine(self)
+                self._engine.start()
+            return self._engine
+
+    def embed(self, images: Sequence[Any]) -> tuple[int, torch.Tensor]:
+        """Normalised image embeddings of PIL ``images`` from the current version: (version, [N, D])."""
+        version = self._current
+        if version is None:
+            raise StitchError("no model version is being served yet")
+        rt = self.engine.runtime(version)
+        return version.number, self.engine.embed(version, rt.preprocess(images))
+
+    def predict(self, skill: str, images: Sequence[Any], top_k: int = 5) -> dict[str, Any]:
+        """Classify PIL ``images`` with ``skill``'s head on the current merged version (as the HTTP route does)."""
+        version = self._current
+        if version is None or skill not in version.manifest["skills"]:
+            raise StitchError(f"skill {skill!r} is not in the served model", key=skill)
+        head = self.head_by_sha(version.manifest["skills"][skill].get("head"))
+        if head is None:
+            raise StitchError(f"skill {skill!r} has no classification head", key=skill)
+        rt = self.engine.runtime(version)
+        probs = head.logits(self.engine.embed(version, rt.preprocess(images))).softmax(-1)
+        scores, idx = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
+        return {"version": version.number, "skill": skill, "predictions": [
+            [{"label": head.classes[int(i)], "index": int(i), "score": float(x)} for x, i in zip(sr, ir)]
+            for sr, ir in zip(scores, idx)]}
+
     def close(self) -> None:
+        if self._engine is not None:
+            self._engine.stop()
         self._jobs.shutdown(wait=True, cancel_futures=True)
         if hasattr(self, "publisher"):
             self.publisher.close()
@@ -148,16 +187,39 @@ class Hub:
         if known:
             log.info("already_registered", skill=known[0].skill, version=known[0].version, sha=sha[:16])
             return known[0]
+        meta: dict[str, Any] = {"sidecar": dict(sidecar or {})}
+        head = self.family.head(self.base, ft, sidecar)
+        if head is not None:
+            meta["head"] = self.registry.store_head(head.tensors(), {"skillhub.classes": json.dumps(head.classes),
+                                                                     "skillhub.scale": str(head.scale)})
+            meta["classes"] = head.classes
         row, _ = self.registry.begin_version(skill, sha, strategy, params, source_path=str(path) if keep else None,
-                                            meta={"sidecar": dict(sidecar or {})})
+                                            meta=meta)
         return self._localize_row(row, ft)
+
+    def head(self, row: VersionRow) -> Head | None:
+        """A skill version's classification head (families with heads), cached by content hash."""
+        return self.head_by_sha(row.meta.get("head"))
+
+    def head_by_sha(self, sha: str | None) -> Head | None:
+        if not sha:
+            return None
+        if sha not in self._heads:
+            tensors, meta = self.registry.load_head(sha)
+            self._heads[sha] = Head(tensors["weight"], tensors.get("bias"), json.loads(meta["skillhub.classes"]),
+                                    float(meta.get("skillhub.scale", "1.0")))
+        return self._heads[sha]
 
     def _localize_row(self, row: VersionRow, ft: Checkpoint) -> VersionRow:
         t0 = time.perf_counter()
         try:
+            ctx = LocalizeContext(device=self.device, seed=0)
+            if self.plugins.localizer(row.strategy).needs_examples:
+                head = self.head(row)
+                ctx.examples = self.family.objective(self.base, ft, head, row.meta.get("sidecar") or {})
             result = localize_checkpoint(self.base, ft, family=self.family, localizer=row.strategy, params=row.params,
                                          plugins=self.plugins, skill=row.skill, base_sha=self.base_sha,
-                                         source_sha=row.source_sha, ctx=LocalizeContext(device=torch.device("cpu")))
+                                         source_sha=row.source_sha, ctx=ctx)
         except SkillhubError as e:
             self.registry.mark_failed(row.id, str(e))
             self._event("skill_failed", skill=row.skill, reason=str(e))
@@ -272,7 +334,8 @@ class Hub:
             "policy": self.policy.name,
             "policy_params": self.policy.params.model_dump(mode="json"),
             "skills": {n: {"version": r.version, "mask": r.mask_sha, "nnz": r.nnz, "strategy": r.strategy,
-                           "params": r.params, "source": r.source_sha} for n, r in sorted(self._active.items())},
+                           "params": r.params, "source": r.source_sha, "head": r.meta.get("head")}
+                       for n, r in sorted(self._active.items())},
         }
 
     def _build_version(self) -> ModelVersion:

@@ -12,8 +12,7 @@ from typing import Any
 
 import torch
 
-from skillhub.checkpoint import Checkpoint, FingerprintCache, check_tensor_dtypes, open_checkpoint, validate_against, \
-    write_safetensors
+from skillhub.checkpoint import Checkpoint, FingerprintCache, check_tensor_dtypes, open_checkpoint, write_safetensors
 from skillhub.delta import Provenance, SparseDelta, TaskVector
 from skillhub.errors import CheckpointError, StitchError
 from skillhub.families import ModelFamily
@@ -46,7 +45,8 @@ def localize_checkpoint(
 ) -> LocalizeResult:
     """Validate ``finetuned`` against ``base`` and localize it with the named strategy."""
     t0 = time.perf_counter()
-    validate_against(base, finetuned)
+    finetuned = family.adapt(base, finetuned)
+    family.validate(base, finetuned)
     keys = family.included_keys(base)
     check_tensor_dtypes(finetuned, keys)
     task = TaskVector(base, finetuned, keys)

@@ -27,10 +27,12 @@ from skillhub.stitch import StitchPolicy
 
 DEFAULT_PLUGINS = (
     "skillhub.strategies.dataless",
+    "skillhub.strategies.trained",
     "skillhub.policies.average",
     "skillhub.policies.sum",
     "skillhub.policies.ties",
     "skillhub.families.state_dict",
+    "skillhub.families.open_clip",
 )
 _KINDS = (
     ("register_localizers", Localizer, "localization strategy"),

@@ -33,7 +33,7 @@ from urllib.parse import quote
 
 import torch
 
-from skillhub.checkpoint import fsync_dir, sha256_file
+from skillhub.checkpoint import fsync_dir, read_tensors, sha256_file, write_safetensors
 from skillhub.delta import SparseDelta
 from skillhub.errors import RegistryError, StateLockedError
 
@@ -466,6 +466,24 @@ class Registry:
                     raise RegistryError(f"unknown skill {skill!r}", key=skill)
             self.gc()
             return n
+
+    def store_head(self, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:
+        """Store a skill's classification head (content-addressed, ``heads/<sha>.safetensors``); return its sha."""
+        heads = self.state_dir / "heads"
+        heads.mkdir(exist_ok=True)
+        tmp = heads / f".incoming-{os.getpid()}-{os.urandom(4).hex()}.tmp"
+        sha = write_safetensors(tmp, tensors, metadata)
+        os.replace(tmp, heads / f"{sha}.safetensors")
+        fsync_dir(heads)
+        return sha
+
+    def load_head(self, sha: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        if not _SHA_RE.fullmatch(sha):
+            raise RegistryError(f"not a sha256 hex digest: {sha!r}")
+        path = self.state_dir / "heads" / f"{sha}.safetensors"
+        if not path.is_file():
+            raise RegistryError("head file missing", path=path, hint="drop the skill again")
+        return read_tensors(path)
 
     def mask_path(self, mask_sha: str) -> Path:
         """Where the mask file with this sha256 lives (the hash is checked: it is never a path)."""

@@ -37,6 +37,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from skillhub.checkpoint import DTYPE_CODES
 from skillhub.errors import CheckpointError, RegistryError, SkillhubError
+from skillhub.inference import inference_router
 from skillhub.log import get_logger
 from skillhub.publish import ModelVersion
 
@@ -336,6 +337,7 @@ def create_app(hub: Hub, *, token: str | None, health: Callable[[], dict[str, An
         hosts = None if "*" in allowed_hosts else allowed_hosts
     app = FastAPI(title="skillhub", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.hub = hub
+    app.include_router(inference_router(hub, hub.engine))
     app.state.max_concurrency = serve.max_concurrency
 
     def observe(route: str, status: int, seconds: float) -> None:

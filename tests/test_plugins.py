@@ -46,9 +46,9 @@ def write_config(folder: Path, text: str) -> Path:
 
 def test_builtins_are_registered_through_the_hooks() -> None:
     plugins = load_plugins([], entry_points=False)
-    assert set(plugins.localizers) == {"dataless"}
+    assert set(plugins.localizers) == {"dataless", "trained"}
     assert set(plugins.policies) == {"average", "sum", "ties"}
-    assert "state_dict" in plugins.families
+    assert {"state_dict", "open_clip"} <= set(plugins.families)
     assert plugins.origins[("localization strategy", "dataless")] == "skillhub.strategies.dataless"
     assert plugins.origins[("stitch policy", "ties")] == "skillhub.policies.ties"
     assert plugins.localizer("dataless").name == "dataless"
@@ -73,13 +73,13 @@ def test_repo_plugins_folder_loads_dare_as_a_file_plugin() -> None:
 
 def test_a_missing_plugin_folder_is_not_an_error(tmp_path: Path) -> None:
     plugins = load_plugins([tmp_path / "not-yet"], entry_points=False)
-    assert set(plugins.localizers) == {"dataless"}
+    assert set(plugins.localizers) == {"dataless", "trained"}
 
 
 def test_private_files_in_a_plugin_folder_are_skipped(tmp_path: Path) -> None:
     write_plugin(tmp_path, "_helpers", "raise RuntimeError('must not be imported')\n")
     plugins = load_plugins([tmp_path], entry_points=False)
-    assert set(plugins.localizers) == {"dataless"}
+    assert set(plugins.localizers) == {"dataless", "trained"}
 
 
 def test_a_plugin_file_registers_a_new_strategy_and_policy(tmp_path: Path) -> None:
@@ -274,7 +274,7 @@ def test_registration_hook_that_raises_names_the_plugin(tmp_path: Path) -> None:
 def test_the_same_plugin_folder_listed_twice(tmp_path: Path) -> None:
     write_plugin(tmp_path, "harmless", "from skillhub import hookimpl\n")
     plugins = load_plugins([tmp_path, tmp_path], entry_points=False)
-    assert set(plugins.localizers) == {"dataless"}
+    assert set(plugins.localizers) == {"dataless", "trained"}
 
 
 def test_a_fresh_manager_each_time(tmp_path: Path) -> None:

@@ -1,17 +1,54 @@
 """Model families: what a model *is* (DESIGN §3).
 
-A family decides which tensors of a checkpoint are *included* in localization and stitching. Families that serve
-inference also know how to build a runnable model from merged weights (the ``open_clip`` family, later).
+A family decides which tensors of a checkpoint are *included* in localization and stitching, how a finetuned
+checkpoint's keys map onto the base's, and, for families that serve inference, how to build a runnable model from
+merged weights and what a skill's head is.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from typing import ClassVar
+from typing import Any, ClassVar
 
-from skillhub.checkpoint import FLOAT_DTYPES, Checkpoint
+import torch
+
+from skillhub.checkpoint import FLOAT_DTYPES, Checkpoint, validate_against
 from skillhub.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Head:
+    """A skill's classification head over normalised embeddings: logits = x @ weight.T (+ bias)."""
+
+    weight: torch.Tensor  # [classes, dim]
+    bias: torch.Tensor | None
+    classes: list[str]
+    #: logit scale (CLIP's zero-shot heads use the model's, about 100; a trained linear head uses 1)
+    scale: float = 1.0
+
+    def logits(self, embeddings: torch.Tensor) -> torch.Tensor:
+        out = self.scale * (embeddings @ self.weight.T.to(embeddings.dtype))
+        return out + self.bias.to(out.dtype) if self.bias is not None else out
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        t = {"weight": self.weight}
+        if self.bias is not None:
+            t["bias"] = self.bias
+        return t
+
+
+class Runtime:
+    """A runnable merged model (families that serve inference)."""
+
+    image_size: int = 0
+
+    def preprocess(self, images: Sequence[Any]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def embed(self, batch: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
 
 class ModelFamily:
@@ -19,13 +56,20 @@ class ModelFamily:
 
     :param include: fnmatch patterns of keys to include (empty: the family's default set).
     :param exclude: fnmatch patterns of keys to leave out of merging (they keep the base's values).
+    :param model: the family's model identifier (``[base] model``), if it uses one.
     """
 
     name: ClassVar[str] = ""
 
-    def __init__(self, include: Sequence[str] = (), exclude: Sequence[str] = ()) -> None:
+    def __init__(self, include: Sequence[str] = (), exclude: Sequence[str] = (), *, model: str | None = None) -> None:
         self.include = list(include)
         self.exclude = list(exclude)
+        self.model = model
+
+    @classmethod
+    def from_config(cls, base: Any) -> ModelFamily:
+        """Build from a ``[base]`` config section."""
+        return cls(base.include, base.exclude, model=base.model)
 
     def default_included(self, base: Checkpoint, key: str) -> bool:
         """Whether ``key`` is merged when no ``include`` patterns are configured."""
@@ -40,3 +84,27 @@ class ModelFamily:
             raise ConfigError(f"no tensor of the base is included by family {self.name!r}", path=base.path,
                               key="base.include", hint="check [base] include/exclude patterns")
         return sorted(keys)
+
+    def adapt(self, base: Checkpoint, ft: Checkpoint) -> Checkpoint:
+        """Map a finetuned checkpoint's keys onto the base's (default: as they are)."""
+        return ft
+
+    def validate(self, base: Checkpoint, ft: Checkpoint) -> None:
+        """Raise :class:`~skillhub.errors.CheckpointError` unless ``ft`` (adapted) fits the base."""
+        validate_against(base, ft)
+
+    def head(self, base: Checkpoint, ft: Checkpoint, sidecar: Mapping[str, Any] | None) -> Head | None:
+        """The skill's head from its drop, if the family has heads."""
+        return None
+
+    def objective(self, base: Checkpoint, ft: Checkpoint, head: Head | None, sidecar: Mapping[str, Any]) -> Any:
+        """The few-shot :class:`~skillhub.localize.TaskObjective` for data-driven strategies, built from the examples
+        that came with the drop. Families without one raise :class:`~skillhub.errors.LocalizeError`."""
+        from skillhub.errors import LocalizeError
+
+        raise LocalizeError(f"family {self.name!r} has no task objective for data-driven localization",
+                            hint="use the dataless strategy for this model family")
+
+    def runtime(self, tensors: Mapping[str, torch.Tensor]) -> Runtime | None:
+        """A runnable model on merged weights, or ``None`` when the family serves no inference."""
+        return None

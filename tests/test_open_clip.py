@@ -1,0 +1,251 @@
+"""The open_clip family: included keys, tower-only checkpoints, heads, few-shot objective, inference; and the real
+service classifying images over HTTP with two skills, one of them disabled, under concurrent load."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from PIL import Image
+
+from skillhub.checkpoint import open_checkpoint, write_safetensors
+from skillhub.errors import CheckpointError, LocalizeError
+from skillhub.families.open_clip import OpenClipFamily, create_clip
+from skillhub.localize import LocalizeContext, run_localizer
+from skillhub.ops import localize_checkpoint
+from skillhub.plugins import load_plugins
+from skillhub.delta import Provenance, TaskVector
+
+TINY = {"embed_dim": 16, "vision_cfg": {"image_size": 16, "layers": 1, "width": 64, "patch_size": 8},
+        "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}}
+TOKEN = "clip-token"
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    cfg = tmp_path / "tiny-clip.json"
+    cfg.write_text(json.dumps(TINY))
+    torch.manual_seed(0)
+    sd = {k: v.detach().clone() for k, v in create_clip(str(cfg)).state_dict().items()}
+    write_safetensors(tmp_path / "base.safetensors", sd, {})
+    return cfg, sd
+
+
+def finetune(sd: dict[str, torch.Tensor], seed: int, *, tower_only: bool = False, classes: int = 3,
+             examples: bool = False) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, v in sd.items():
+        if not k.startswith("visual."):
+            if not tower_only:
+                out[k] = v
+            continue
+        new = v + 0.02 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+        out[k.removeprefix("visual.") if tower_only else k] = new
+    out["skillhub.head.weight"] = torch.nn.functional.normalize(torch.randn(classes, TINY["embed_dim"], generator=g),
+                                                                dim=-1)
+    if examples:
+        out["skillhub.examples.images"] = torch.randint(0, 256, (classes * 4, 3, 20, 20), generator=g,
+                                                        dtype=torch.uint8)
+        out["skillhub.examples.labels"] = torch.arange(classes * 4) % classes
+    return out
+
+
+def test_included_keys_are_the_image_tower(tiny, tmp_path: Path) -> None:
+    cfg, sd = tiny
+    fam = OpenClipFamily(model=str(cfg))
+    keys = fam.included_keys(open_checkpoint(tmp_path / "base.safetensors"))
+    assert keys and all(k.startswith("visual.") for k in keys)
+    assert set(keys) == {k for k, v in sd.items() if k.startswith("visual.") and v.is_floating_point()}
+
+
+@pytest.mark.parametrize("tower_only", [False, True])
+def test_localize_whole_or_tower_only(tiny, tmp_path: Path, tower_only: bool) -> None:
+    cfg, sd = tiny
+    write_safetensors(tmp_path / "ft.safetensors", finetune(sd, 1, tower_only=tower_only),
+                      {"skillhub.classes": json.dumps(["x", "y", "z"])})
+    fam, base = OpenClipFamily(model=str(cfg)), open_checkpoint(tmp_path / "base.safetensors")
+    ft = open_checkpoint(tmp_path / "ft.safetensors")
+    res = localize_checkpoint(base, ft, family=fam, localizer="dataless", params={"sparsity": 0.05},
+                              plugins=load_plugins([]), skill="s")
+    assert set(res.delta.shapes) == set(fam.included_keys(base))
+    head = fam.head(base, ft, None)
+    assert head is not None and head.classes == ["x", "y", "z"] and head.weight.shape == (3, TINY["embed_dim"])
+
+
+def test_wrong_tower_is_rejected(tiny, tmp_path: Path) -> None:
+    cfg, sd = tiny
+    bad = finetune(sd, 1)
+    bad["visual.conv1.weight"] = torch.zeros(3, 3)
+    write_safetensors(tmp_path / "bad.safetensors", bad, {})
+    fam, base = OpenClipFamily(model=str(cfg)), open_checkpoint(tmp_path / "base.safetensors")
+    with pytest.raises(CheckpointError, match="shape mismatch"):
+        localize_checkpoint(base, fam.adapt(base, open_checkpoint(tmp_path / "bad.safetensors")), family=fam,
+                            localizer="dataless", params={}, plugins=load_plugins([]), skill="s")
+
+
+def test_zero_shot_head_from_class_names(tiny, tmp_path: Path) -> None:
+    cfg, sd = tiny
+    fam, base = OpenClipFamily(model=str(cfg)), open_checkpoint(tmp_path / "base.safetensors")
+    write_safetensors(tmp_path / "ft.safetensors", {k: v for k, v in sd.items()}, {})
+    head = fam.head(base, open_checkpoint(tmp_path / "ft.safetensors"), {"classes": ["cat", "dog"]})
+    assert head is not None and head.weight.shape == (2, TINY["embed_dim"]) and head.scale > 1
+    torch.testing.assert_close(head.weight.norm(dim=-1), torch.ones(2))
+
+
+def test_trained_strategy_runs_on_the_clip_objective(tiny, tmp_path: Path) -> None:
+    cfg, sd = tiny
+    write_safetensors(tmp_path / "ft.safetensors", finetune(sd, 2, examples=True), {})
+    fam, base = OpenClipFamily(model=str(cfg)), open_checkpoint(tmp_path / "base.safetensors")
+    ft = fam.adapt(base, open_checkpoint(tmp_path / "ft.safetensors"))
+    raw = open_checkpoint(tmp_path / "ft.safetensors")
+    obj = fam.objective(base, raw, fam.head(base, raw, None), {})
+    assert obj.size == 12
+    tv = TaskVector(base, ft, fam.included_keys(base))
+    delta = run_localizer(load_plugins([]).localizer("trained"), tv, {"steps": 3}, LocalizeContext(examples=obj),
+                          Provenance())
+    assert delta.nnz > 0
+
+
+def test_bad_examples_are_clear_errors(tiny, tmp_path: Path) -> None:
+    cfg, sd = tiny
+    ft = finetune(sd, 3, examples=True)
+    ft["skillhub.examples.labels"] = torch.full((12,), 7)
+    write_safetensors(tmp_path / "ft.safetensors", ft, {})
+    fam, base = OpenClipFamily(model=str(cfg)), open_checkpoint(tmp_path / "base.safetensors")
+    raw = open_checkpoint(tmp_path / "ft.safetensors")
+    with pytest.raises(LocalizeError, match="labels must lie in"):
+        fam.objective(base, raw, fam.head(base, raw, None), {})
+    del ft["skillhub.examples.labels"], ft["skillhub.examples.images"]
+    write_safetensors(tmp_path / "ft2.safetensors", ft, {})
+    raw = open_checkpoint(tmp_path / "ft2.safetensors")
+    with pytest.raises(LocalizeError, match="no few-shot examples"):
+        fam.objective(base, raw, fam.head(base, raw, None), {})
+
+
+# --- the real service --------------------------------------------------------------------------------------------
+
+
+def png(seed: int) -> bytes:
+    g = torch.Generator().manual_seed(seed)
+    arr = (torch.rand(24, 24, 3, generator=g) * 255).to(torch.uint8).numpy()
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_service_predicts_with_two_skills_then_one(tiny, tmp_path: Path) -> None:
+    cfg, sd = tiny
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "config.toml").write_text(f"""
+[base]
+family = "open_clip"
+model = "{cfg.name}"
+weights = "base.safetensors"
+[watch]
+dir = "inbox"
+stable_seconds = 0.2
+[localize.params]
+sparsity = 0.05
+[serve]
+port = {port}
+""")
+    (tmp_path / "inbox").mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SKILLHUB_")} | {"SKILLHUB_TOKEN": TOKEN}
+    log = open(tmp_path / "daemon.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "skillhub", "run", "--config", str(tmp_path / "config.toml")],
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=log)
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {TOKEN}"},
+                          timeout=30)
+
+    def wait(cond, what: str, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, (tmp_path / "daemon.log").read_text()[-3000:]
+            try:
+                if cond():
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"timed out: {what}\n" + (tmp_path / "daemon.log").read_text()[-3000:])
+
+    try:
+        wait(lambda: client.get("/readyz").status_code == 200, "ready")
+        for name, classes, seed in (("shapes", ["circle", "square", "star"], 11), ("colors", ["red", "blue"], 12)):
+            tmp = tmp_path / "inbox" / f".{name}.part"
+            write_safetensors(tmp, finetune(sd, seed, classes=len(classes), tower_only=name == "colors"),
+                              {"skillhub.classes": json.dumps(classes)})
+            os.rename(tmp, tmp_path / "inbox" / f"{name}.safetensors")
+        wait(lambda: set(client.get("/v1/model").json()["skills"]) == {"shapes", "colors"}, "two skills")
+        v2 = client.get("/v1/model").json()["version"]
+
+        files = [("images", ("a.png", png(1), "image/png")), ("images", ("b.png", png(2), "image/png"))]
+        r = client.post("/v1/skills/shapes/predict", files=files, data={"top_k": "2"})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["version"] == v2 and len(body["predictions"]) == 2
+        assert {p["label"] for p in body["predictions"][0]} <= {"circle", "square", "star"}
+        r = client.post("/v1/skills/colors/predict", json={"images": [base64.b64encode(png(3)).decode()]})
+        assert r.status_code == 200 and r.json()["predictions"][0][0]["label"] in {"red", "blue"}
+        r = client.post("/v1/embed", json={"images": [base64.b64encode(png(4)).decode()]})
+        assert r.status_code == 200 and len(r.json()["embeddings"][0]) == TINY["embed_dim"]
+        assert client.post("/v1/skills/nope/predict", files=files).status_code == 404
+        assert client.post("/v1/skills/shapes/predict", files=[("images", ("x.png", b"not a png", "image/png"))]
+                           ).status_code == 400
+
+        # Concurrent predictions keep succeeding while versions are published (C9).
+        failures: list[str] = []
+        versions_seen: set[int] = set()
+        stop = threading.Event()
+
+        def hammer() -> None:
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30,
+                              headers={"Authorization": f"Bearer {TOKEN}"}) as c:
+                while not stop.is_set():
+                    resp = c.post("/v1/skills/shapes/predict", files=files)
+                    if resp.status_code != 200:
+                        failures.append(f"{resp.status_code} {resp.text}")
+                    else:
+                        versions_seen.add(resp.json()["version"])
+
+        threads = [threading.Thread(target=hammer) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for _ in range(2):  # publish versions under load: disable and re-enable colors
+            assert client.post("/v1/skills/colors/disable").status_code == 200
+            wait(lambda: set(client.get("/v1/model").json()["skills"]) == {"shapes"}, "colors disabled")
+            assert client.post("/v1/skills/colors/enable").status_code == 200
+            wait(lambda: set(client.get("/v1/model").json()["skills"]) == {"shapes", "colors"}, "colors back")
+        assert client.post("/v1/skills/colors/disable").status_code == 200
+        wait(lambda: set(client.get("/v1/model").json()["skills"]) == {"shapes"}, "colors disabled")
+        stop.set()
+        for t in threads:
+            t.join(30)
+        assert not failures, failures[:3]
+        assert len(versions_seen) >= 2
+
+        # After disabling colors: shapes still predicts, from the newest version; colors is gone.
+        latest = client.get("/v1/model").json()["version"]
+        r = client.post("/v1/skills/shapes/predict", files=files)
+        assert r.status_code == 200 and r.json()["version"] == latest > v2
+        assert client.post("/v1/skills/colors/predict", files=files).status_code == 404
+    finally:
+        client.close()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+        log.close()
