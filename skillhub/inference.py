@@ -192,7 +192,8 @@ def _int(value: Any) -> int:
         raise HTTPException(400, "top_k must be an integer") from None
 
 
-def inference_router(hub: Hub, engine: InferenceEngine) -> APIRouter:
+def inference_router(hub: Hub) -> APIRouter:
+    """The ``predict`` and ``embed`` routes (the engine is started on the first request)."""
     router = APIRouter()
 
     async def embeddings(request: Request) -> tuple[ModelVersion, torch.Tensor, int]:
@@ -200,6 +201,7 @@ def inference_router(hub: Hub, engine: InferenceEngine) -> APIRouter:
         if version is None:
             raise HTTPException(503, "no model version is being served yet")
         raw, top_k = await read_images(request)
+        engine = hub.engine
         images = await run_in_threadpool(decode_images, raw)
         rt = await run_in_threadpool(engine.runtime, version)
         batch = await run_in_threadpool(rt.preprocess, images)

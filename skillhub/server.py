@@ -337,7 +337,7 @@ def create_app(hub: Hub, *, token: str | None, health: Callable[[], dict[str, An
         hosts = None if "*" in allowed_hosts else allowed_hosts
     app = FastAPI(title="skillhub", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.hub = hub
-    app.include_router(inference_router(hub, hub.engine))
+    app.include_router(inference_router(hub))
     app.state.max_concurrency = serve.max_concurrency
 
     def observe(route: str, status: int, seconds: float) -> None:
