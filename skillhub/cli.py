@@ -157,6 +157,25 @@ def _mutate_skill(cfg: Any, action: str, name: str, version: int | None) -> str:
     return "recorded in the registry (applied when the service starts)"
 
 
+def _service_running(state: Path) -> bool:
+    """Whether a live process holds the state folder's lock (probe without taking it for long)."""
+    import fcntl
+
+    try:
+        fd = os.open(state / "lock", os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
 def _read_token(cfg: Any) -> str | None:
     path = Path(cfg.state.dir) / "token"
     return path.read_text().strip() if path.exists() else None
@@ -175,6 +194,23 @@ def cmd_skills(args: argparse.Namespace) -> int:
         print(f"{args.action} {_safe(args.name)}: {_mutate_skill(cfg, args.action, args.name, version)}")
         return 0
     state = Path(cfg.state.dir)
+    if _service_running(state):
+        from skillhub.client import Client
+
+        token = os.environ.get(cfg.serve.token_env) or _read_token(cfg)
+        with Client(f"http://{cfg.serve.host}:{cfg.serve.port}", token=token) as client:
+            views = client.skills()
+        if args.action == "list":
+            for v in views:
+                ver = f"v{v['active_version']}" if v["active_version"] else "not served"
+                pin = f" pinned@{v['pinned']}" if v["pinned"] else ""
+                print(f"{_safe(v['name'])}\t{ver}\t{'enabled' if v['enabled'] else 'disabled'}{pin}")
+            return 0
+        match = [v for v in views if v["name"] == args.name]
+        if not match:
+            raise UsageError(f"unknown skill {args.name!r}", hint="`skillhub skills list` shows the skills")
+        print(json.dumps(match[0], ensure_ascii=True, indent=2))
+        return 0
     if not (state / "registry.sqlite3").exists():
         print("no skills registered yet", file=sys.stderr)
         return 0 if args.action == "list" else 1

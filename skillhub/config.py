@@ -180,6 +180,10 @@ class ServeSection(_Section):
     """Name of the environment variable holding the bearer token (the token itself never sits in the file)."""
     max_body_bytes: int = Field(32 * 1024 * 1024, gt=0)
     max_concurrency: int = Field(64, gt=0)
+    max_batch: int = Field(32, gt=0)
+    """Inference: most images embedded together (dynamic batching); 1 disables batching."""
+    batch_wait_ms: float = Field(5.0, ge=0)
+    """Inference: how long the batcher waits for more images once it has one."""
 
 
 class PluginsSection(_Section):

@@ -26,6 +26,7 @@ from skillhub.log import get_logger
 log = get_logger("skillhub.daemon")
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+COALESCE_SECONDS = 3.0
 
 
 def resolve_token(cfg: Config) -> str:
@@ -105,14 +106,22 @@ class Daemon:
         next_config_check = 0.0
         while not self.should_exit.is_set():
             if self._changed.wait(0.25):
-                # Coalesce a burst (ten files dropped at once) into one reconcile.
-                time.sleep(0.15)
+                self._coalesce()
                 self._changed.clear()
                 self._reconcile()
             now = time.monotonic()
             if now >= next_config_check:
                 next_config_check = now + 1.0
                 self._check_config()
+
+    def _coalesce(self) -> None:
+        """Let a burst (ten files dropped at once) finish arriving so that it becomes one or a few versions, not
+        ten: wait while the intake still has drops queued or in progress, at most ``COALESCE_SECONDS``."""
+        deadline = time.monotonic() + COALESCE_SECONDS
+        time.sleep(0.05)
+        while self.intake is not None and not self.intake.wait_idle(0) and time.monotonic() < deadline \
+                and not self.should_exit.is_set():
+            time.sleep(0.05)
 
     def _reconcile(self) -> None:
         assert self.hub is not None

@@ -98,7 +98,8 @@ class Hub:
         """The inference engine (dynamic batching over the served versions), started on first use."""
         with self._lock:
             if self._engine is None:
-                self._engine = InferenceEngine(self)
+                serve = self.config.serve
+                self._engine = InferenceEngine(self, max_batch=serve.max_batch, max_wait_ms=serve.batch_wait_ms)
                 self._engine.start()
             return self._engine
 

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
 from skillhub.delta import SparseDelta
 from skillhub.errors import StitchError
@@ -39,6 +39,13 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
         raise StitchError(f"device {spec!r} requested but CUDA is not available", key="device",
                           hint='use device = "auto" or "cpu"')
     return dev
+
+
+class ScaleParams(BaseModel):
+    """Params of policies with a scaling factor λ (``sum``, ``ties``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    scale: float = Field(1.0, description="λ, the scaling factor applied to the merged task vector")
 
 
 class StitchPolicy:

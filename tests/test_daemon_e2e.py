@@ -226,3 +226,42 @@ def test_second_daemon_refused(world) -> None:
     assert f"already in use by pid {svc.proc.pid}" in r.stderr
     assert svc.get("/readyz").status_code == 200
     assert svc.stop() == 0
+
+
+def test_new_version_rollback_and_burst(world) -> None:
+    root, base, fts, svc = world
+    svc.start()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SKILLHUB_")} | {"SKILLHUB_TOKEN": TOKEN}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "skillhub", *args, "--config", str(root / "config.toml")],
+                              cwd=root, env=env, capture_output=True, text=True, timeout=120)
+
+    # A5: the same skill name with new content becomes version 2; version 1 is kept and can be pinned back.
+    assert drop(root, "a", "rename").wait(30) == 0
+    svc.wait(lambda: svc.model().get("skills", {}).get("a", {}).get("version") == 1, "a@1 served")
+    (root / "a.src").write_bytes(save_safetensors(fts["b"]))  # new content under the name "a"
+    assert drop(root, "a", "rename").wait(30) == 0
+    svc.wait(lambda: svc.model().get("skills", {}).get("a", {}).get("version") == 2, "a@2 served")
+    _, w2 = svc.weights()
+    assert_weights_equal(w2, reference(base, [fts["b"]]))
+    listed = cli("skills", "list")
+    assert listed.returncode == 0 and listed.stdout.startswith("a\tv2"), listed
+    pinned = cli("skills", "pin", "a", "1")
+    assert pinned.returncode == 0 and "running service" in pinned.stdout, pinned
+    svc.wait(lambda: svc.model()["skills"]["a"]["version"] == 1, "rollback to a@1")
+    _, w1 = svc.weights()
+    assert_weights_equal(w1, reference(base, [fts["a"]]))
+    assert cli("skills", "pin", "a", "none").returncode == 0
+    svc.wait(lambda: svc.model()["skills"]["a"]["version"] == 2, "unpinned: a@2 again")
+
+    # A burst of ten drops becomes one or a few versions, not ten.
+    before = svc.model()["version"]
+    for i in range(10):
+        (root / f"burst{i}.src").write_bytes(save_safetensors(model(50 + i, base)))
+    writers = [drop(root, f"burst{i}", "rename") for i in range(10)]
+    for w in writers:
+        assert w.wait(30) == 0
+    svc.wait(lambda: sum(n.startswith("burst") for n in svc.model().get("skills", {})) == 10, "burst served")
+    assert svc.model()["version"] - before <= 3
+    assert svc.stop() == 0

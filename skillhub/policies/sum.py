@@ -7,22 +7,15 @@ With a dense mask (sparsity 1) this is exactly task arithmetic; with sparse mask
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
-
 from skillhub.hookspecs import hookimpl
-from skillhub.stitch import StitchPolicy
-
-
-class SumParams(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    scale: float = Field(1.0, description="λ, the scaling factor applied to the sum of task vectors")
+from skillhub.stitch import ScaleParams, StitchPolicy
 
 
 class Sum(StitchPolicy):
     """λ times the sum of the masked task-vector values."""
 
     name = "sum"
-    Params = SumParams
+    Params = ScaleParams
 
     def accumulators(self, numel: int, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         return {"sum": torch.zeros(numel, dtype=dtype, device=device)}

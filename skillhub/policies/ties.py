@@ -12,22 +12,15 @@ its own indices. Zero values count for neither sign (as in the reference impleme
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
-
 from skillhub.hookspecs import hookimpl
-from skillhub.stitch import StitchPolicy
-
-
-class TiesParams(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    scale: float = Field(1.0, description="λ, applied to the disjoint mean")
+from skillhub.stitch import ScaleParams, StitchPolicy
 
 
 class Ties(StitchPolicy):
     """Sign election and disjoint mean (TIES-merging), λ-scaled."""
 
     name = "ties"
-    Params = TiesParams
+    Params = ScaleParams
 
     def accumulators(self, numel: int, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         return {
