@@ -37,12 +37,13 @@ from skillhub.stitch import Stitcher, resolve_device
 log = get_logger("skillhub.hub")
 
 
-def demo_base(cfg: Config) -> Path:
-    """The built-in demo base used when no ``[base] weights`` is configured (made on first use)."""
+def demo_base(cfg: Config) -> tuple[Path, str]:
+    """The built-in demo base used when no ``[base] weights`` is configured (made on first use, next to the state
+    folder): its weights file and its open_clip model config."""
     from skillhub.demo import make_demo
 
-    base, _ = make_demo(Path(cfg.state.dir).parent / "demo")
-    return base
+    base, model_cfg, _ = make_demo(Path(cfg.state.dir).parent / "demo")
+    return base, str(model_cfg)
 
 
 class Hub:
@@ -73,11 +74,15 @@ class Hub:
         report = self.registry.recover()
         for row in report.pending:  # interrupted localizations: the drop is still in the inbox or staging
             self.registry.mark_failed(row.id, "interrupted by a restart; it is retried when the file is seen again")
-        base_path = Path(cfg.base.weights) if cfg.base.weights else demo_base(cfg)
+        if cfg.base.weights:
+            base_path = Path(cfg.base.weights)
+            self.family = self.plugins.family(cfg.base.family).from_config(cfg.base)
+        else:  # no base configured: the built-in demo (an open_clip model with a real pretrained image tower)
+            base_path, model_cfg = demo_base(cfg)
+            self.family = self.plugins.family("open_clip")(cfg.base.include, cfg.base.exclude, model=model_cfg)
         self.base_path = base_path
         self.base: Checkpoint = open_checkpoint(base_path)
         self.base_sha = self.fingerprints.checkpoint(self.base)
-        self.family = self.plugins.family(cfg.base.family).from_config(cfg.base)
         self.included = self.family.included_keys(self.base)
         self.device = resolve_device(cfg.device)
         self.policy = self.plugins.make_policy(cfg.stitch.policy, cfg.stitch.params)

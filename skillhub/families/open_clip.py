@@ -9,7 +9,8 @@
   ``visual.`` prefix (``module.``/``model.`` wrappers are stripped by the checkpoint reader).
 - **Heads**: per skill, a classification head over the normalised image embedding: a tensor shipped in the drop
   (``skillhub.head.weight`` [C, D], optional ``skillhub.head.bias`` [C]; class names in the header metadata
-  ``skillhub.classes`` or the sidecar's ``classes``), or built from class names and prompt templates with the base's
+  ``skillhub.classes`` or the sidecar's ``classes``; logit scale in ``skillhub.head_scale`` or the sidecar's
+  ``head_scale``, default 1), or built from class names and prompt templates with the base's
   text tower (``open_clip.build_zero_shot_classifier``).
 """
 
@@ -35,33 +36,40 @@ DEFAULT_TEMPLATES = ("a photo of a {}.", "an image of a {}.")
 _REGISTER_LOCK = threading.Lock()
 
 
-def resolve_model_name(model: str | None) -> str:
-    """Register a local config when ``model`` names one, and return the open_clip model name to create."""
+def resolve_model(model: str | None) -> tuple[str, dict[str, Any]]:
+    """Register a local config when ``model`` names one; return (open_clip model name, preprocess overrides).
+
+    A local config is a model config JSON, optionally with a top-level ``preprocess_cfg`` (mean, std, ...), or
+    open_clip's hub layout ``{"model_cfg": ..., "preprocess_cfg": ...}``. It is registered directly in open_clip's
+    table of model configs, because ``open_clip.add_model_config`` would pass ``preprocess_cfg`` on to the model.
+    """
     import open_clip
 
     if not model:
         raise ConfigError("the open_clip family needs [base] model", key="base.model",
                           hint="an open_clip model name, a config .json path, or local-dir:FOLDER")
-    with _REGISTER_LOCK:
+    if model.startswith("local-dir:") or model.endswith(".json"):
+        path = Path(model.removeprefix("local-dir:"))
         if model.startswith("local-dir:"):
-            folder = Path(model.removeprefix("local-dir:"))
-            cfg = folder / "open_clip_config.json"
-            if not cfg.is_file():
-                raise ConfigError(f"no open_clip_config.json in {folder}", key="base.model")
-            data = json.loads(cfg.read_text())
-            name = f"local-{folder.resolve().name}"
-            open_clip.factory._MODEL_CONFIGS[name] = data.get("model_cfg", data)
-            return name
-        if model.endswith(".json"):
-            path = Path(model)
-            if not path.is_file():
-                raise ConfigError(f"model config {path} not found", key="base.model")
-            open_clip.add_model_config(path)
-            return path.stem
+            path = path / "open_clip_config.json"
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot read model config {path} ({type(e).__name__})", key="base.model") from None
+        cfg = dict(data.get("model_cfg", data))
+        inline = cfg.pop("preprocess_cfg", None)
+        preprocess = dict(data.get("preprocess_cfg") or inline or {})
+        if not all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):
+            raise ConfigError(f"{path} is not an open_clip model config (needs embed_dim, vision_cfg, text_cfg)",
+                              key="base.model")
+        name = f"skillhub-local-{path.resolve().parent.name}-{path.stem}"
+        with _REGISTER_LOCK:
+            open_clip.factory._MODEL_CONFIGS[name] = cfg
+        return name, preprocess
     if model not in open_clip.list_models():
         raise ConfigError(f"unknown open_clip model {model!r}", key="base.model",
                           hint="a name from open_clip.list_models(), a config .json path, or local-dir:FOLDER")
-    return model
+    return model, {}
 
 
 def create_clip(model: str | None) -> torch.nn.Module:
@@ -70,11 +78,11 @@ def create_clip(model: str | None) -> torch.nn.Module:
 
     import open_clip
 
-    name = resolve_model_name(model)
+    name, preprocess = resolve_model(model)
     # open_clip logs a warning when it loads no pretrained weights: that is exactly what we want here.
     logging.getLogger().disabled, was = True, logging.getLogger().disabled
     try:
-        return open_clip.create_model(name, pretrained=None)
+        return open_clip.create_model(name, pretrained=None, force_preprocess_cfg=preprocess or None)
     finally:
         logging.getLogger().disabled = was
 
@@ -121,7 +129,11 @@ class OpenClipFamily(ModelFamily):
             if len(classes) != weight.shape[0]:
                 raise CheckpointError(f"{len(classes)} class names for a head of {weight.shape[0]} rows",
                                       path=ft.path, key="classes")
-            return Head(weight, bias, list(classes))
+            try:
+                scale = float(side.get("head_scale", ft.metadata.get("skillhub.head_scale", "1.0")))
+            except ValueError:
+                raise CheckpointError("head_scale must be a number", path=ft.path, key="head_scale") from None
+            return Head(weight, bias, list(classes), scale)
         if classes:
             templates = side.get("templates") or list(DEFAULT_TEMPLATES)
             return self.zero_shot_head(base, classes, templates)
@@ -131,7 +143,7 @@ class OpenClipFamily(ModelFamily):
         import open_clip
 
         model = self.build({k: base.tensor(k) for k in base})
-        name = resolve_model_name(self.model)
+        name, _ = resolve_model(self.model)
         with torch.no_grad():
             w = open_clip.build_zero_shot_classifier(model, open_clip.get_tokenizer(name), classes, templates)
         return Head(w.T.contiguous().float(), None, list(classes), float(model.logit_scale.detach().exp()))
