@@ -237,6 +237,14 @@ def _safe(name: str) -> str:
     return name.encode("unicode_escape").decode("ascii")
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from skillhub.convert import convert
+
+    n = convert(args.input, args.out)
+    print(f"{args.out}: {n} tensors written (read with torch.load(weights_only=True) in a separate process)")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from skillhub.demo import run_demo
 
@@ -292,6 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("config", help="configuration")
     q.add_argument("action", choices=["check"])
     q.set_defaults(func=cmd_config_check)
+
+    q = sub.add_parser("convert", help="convert a PyTorch pickle (.pt/.bin) to safetensors, safely")
+    q.add_argument("input")
+    q.add_argument("--out", required=True)
+    q.set_defaults(func=cmd_convert)
 
     q = sub.add_parser("demo", help="create a small demo base model and skills, localize and stitch them")
     q.add_argument("--dir", default="demo")

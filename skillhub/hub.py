@@ -415,6 +415,8 @@ class Hub:
         if cur is None:
             return {"version": None}
         numel = sum(self.base[k].numel for k in self.included)
+        with self._lock:  # the stitcher changes under reconcile; overlap describes the served version
+            overlap = self.stitcher.overlap()
         return {"version": cur.number, "base": self.base_sha, "policy": self.policy.name,
                 "skills": cur.manifest["skills"], "included_parameters": numel,
-                "overlap": self.stitcher.overlap(), "created": cur.created}
+                "overlap": overlap, "created": cur.created}
