@@ -12,11 +12,13 @@ A skill version moves PENDING → READY (its mask file exists, named by its sha2
 ordering rule that makes crashes harmless (FAULTS C1, C2): the mask file is written (temp, fsync, rename, fsync dir)
 *before* the row says READY, so a READY row never exists without its file; a file without a row is an orphan that
 :meth:`Registry.gc` removes. New content for a known skill name becomes a new version; old versions stay for rollback.
+
+This module owns those versions, the per-skill settings, and the mask and head files; :mod:`skillhub.statedir` opens
+the folder (folders, lock, database) and :mod:`skillhub.records` holds the values the registry returns.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
@@ -26,39 +28,25 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import torch
 
 from skillhub.checkpoint import fsync_dir, read_tensors, sha256_file, write_safetensors
 from skillhub.delta import SparseDelta
-from skillhub.errors import RegistryError, StateLockedError
+from skillhub.errors import RegistryError
+from skillhub.records import RecoveryReport, SkillState, VersionRow
+from skillhub.statedir import open_database, prepare_folders, take_lock, transaction
 
-SCHEMA_VERSION = 1
+__all__ = ["DB_NAME", "MASK_SUFFIX", "MISSING_MASK_REASON", "STATUSES", "RecoveryReport", "Registry", "SkillState",
+           "VersionRow", "canonical_json"]
+
 STATUSES = ("PENDING", "READY", "FAILED")
 DB_NAME = "registry.sqlite3"
 MASK_SUFFIX = ".mask.safetensors"
 MISSING_MASK_REASON = "mask file missing after a crash; drop the checkpoint again"
-BUSY_TIMEOUT_MS = 10_000
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
-_SQLITE_MAGIC = b"SQLite format 3\x00"
-_SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
-_CORRUPT_HINT = ("it was left untouched; run `skillhub doctor`, or restore registry.sqlite3 (with its -wal file) "
-                 "from a backup")
-
-_SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-    "CREATE TABLE IF NOT EXISTS versions (id INTEGER PRIMARY KEY AUTOINCREMENT, skill TEXT NOT NULL, "
-    "version INTEGER NOT NULL, source_sha TEXT NOT NULL, strategy TEXT NOT NULL, params TEXT NOT NULL, "
-    "status TEXT NOT NULL CHECK (status IN ('PENDING', 'READY', 'FAILED')), reason TEXT, mask_sha TEXT, nnz INTEGER, "
-    "source_path TEXT, meta TEXT NOT NULL DEFAULT '{}', created REAL, updated REAL, "
-    "UNIQUE (skill, version), UNIQUE (source_sha, strategy, params))",
-    "CREATE TABLE IF NOT EXISTS settings (skill TEXT PRIMARY KEY, enabled INTEGER NOT NULL DEFAULT 1, pinned INTEGER)",
-    "CREATE INDEX IF NOT EXISTS versions_status ON versions (status)",
-)
 
 
 def canonical_json(obj: Mapping[str, Any]) -> str:
@@ -83,71 +71,6 @@ def _skill_name(value: str) -> str:
     return value
 
 
-@dataclass(frozen=True)
-class VersionRow:
-    """One skill version as stored: identified by (source_sha, strategy, params); numbered per skill."""
-
-    id: int
-    skill: str
-    version: int
-    source_sha: str
-    strategy: str
-    params: dict[str, Any]
-    status: str
-    reason: str | None
-    mask_sha: str | None
-    nnz: int | None
-    source_path: str | None
-    meta: dict[str, Any]
-    created: float | None
-    updated: float | None
-
-    def __hash__(self) -> int:
-        # The dict fields are not hashable; these fields change whenever the row does.
-        return hash((self.id, self.status, self.mask_sha, self.updated))
-
-    @property
-    def ref(self) -> str:
-        """``skill@version``, for logs and messages."""
-        return f"{self.skill}@{self.version}"
-
-    @classmethod
-    def from_sql(cls, r: sqlite3.Row) -> VersionRow:
-        """Build from a ``SELECT * FROM versions`` row (JSON columns decoded)."""
-        return cls(**{**dict(r), "params": json.loads(r["params"]), "meta": json.loads(r["meta"])})
-
-
-@dataclass(frozen=True)
-class SkillState:
-    """A skill name with its settings and every version of it, oldest first."""
-
-    name: str
-    enabled: bool
-    pinned: int | None
-    latest_ready: VersionRow | None
-    versions: list[VersionRow]
-
-    @property
-    def active(self) -> VersionRow | None:
-        """The pinned version if it is READY, else the highest READY version (enabled or not)."""
-        pinned = next((v for v in self.versions if v.version == self.pinned and v.status == "READY"), None)
-        return pinned or self.latest_ready
-
-
-@dataclass(frozen=True)
-class RecoveryReport:
-    """What :meth:`Registry.recover` found and did."""
-
-    removed_debris: list[Path]
-    failed: list[VersionRow]  # READY rows whose mask file had gone; now FAILED
-    pending: list[VersionRow]  # left for the caller to retry or fail
-    removed_orphans: list[Path]
-
-    @property
-    def clean(self) -> bool:
-        return not (self.removed_debris or self.failed or self.pending or self.removed_orphans)
-
-
 class Registry:
     """The state folder and its SQLite registry. Thread-safe; one writing process per folder (``flock``).
 
@@ -170,96 +93,12 @@ class Registry:
         self._inflight: set[str] = set()  # temp names of mask writes under way, which recover() must spare
         try:
             if not readonly:
-                self._prepare_folder()
-                self._lock_fd = self._take_lock()
-            self._conn = self._connect()
+                prepare_folders((self.state_dir, self.masks_dir, self.staging_dir, self.models_dir))
+                self._lock_fd = take_lock(self.state_dir)
+            self._conn = open_database(self.db_path, readonly=readonly, count_masks=lambda: len(self._mask_files()))
         except BaseException:
             self.close()
             raise
-
-    def _prepare_folder(self) -> None:
-        for d in (self.state_dir, self.masks_dir, self.staging_dir, self.models_dir):
-            try:
-                d.mkdir(parents=True, exist_ok=True)
-                # os.access() lies for root and on some mounts: the only honest test is to write.
-                (probe := d / f".write-probe-{os.getpid()}.tmp").write_bytes(b"")
-                probe.unlink()
-            except OSError as e:
-                raise RegistryError(f"state folder is not writable ({e.strerror or e})", path=d,
-                                    hint="fix its owner or permissions, or point --state at a writable folder") from None
-
-    def _take_lock(self) -> int:
-        # flock, not a pid file: the OS releases it when the owner dies, however it dies (FAULTS C6).
-        path, fd = self.state_dir / "lock", -1
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-                raise StateLockedError(self.state_dir, int(text) if text.isdigit() else None) from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-            os.fsync(fd)
-            return fd
-        except BaseException as e:
-            if fd >= 0:
-                os.close(fd)
-            if isinstance(e, OSError):
-                raise RegistryError(f"cannot lock the state folder ({e.strerror or e})", path=path) from None
-            raise
-
-    def _connect(self) -> sqlite3.Connection:
-        if self.db_path.is_file() and self.db_path.stat().st_size > 0:
-            with open(self.db_path, "rb") as f:
-                if f.read(len(_SQLITE_MAGIC)) != _SQLITE_MAGIC:
-                    raise RegistryError("registry is corrupt (not an SQLite database)", path=self.db_path,
-                                        hint=_CORRUPT_HINT)
-        elif self.readonly:
-            raise RegistryError("no registry here", path=self.db_path,
-                                hint="start the daemon once to create it, or check --state")
-        elif masks := self._mask_files():
-            # A fresh registry here would make every mask an orphan that recover() deletes (FAULTS C5).
-            raise RegistryError(f"registry is missing but masks/ holds {len(masks)} mask files", path=self.db_path,
-                                hint="restore registry.sqlite3 from a backup, or move masks/ aside to start empty")
-        target = f"file:{quote(str(self.db_path.resolve()))}?mode=ro" if self.readonly else str(self.db_path)
-        # Autocommit mode: transactions are explicit (BEGIN IMMEDIATE) and span exactly one method.
-        conn = sqlite3.connect(target, uri=self.readonly, check_same_thread=False, isolation_level=None)
-        conn.row_factory = sqlite3.Row
-        try:
-            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")  # a constant, not a value from outside
-            problems = [r[0] for r in conn.execute("PRAGMA quick_check")]
-            if problems != ["ok"]:
-                raise RegistryError(f"registry is corrupt ({'; '.join(problems[:3])})", path=self.db_path,
-                                    hint=_CORRUPT_HINT)
-            conn.execute("PRAGMA foreign_keys = ON")
-            if self.readonly:
-                conn.execute("PRAGMA query_only = ON")
-            else:
-                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-                if str(mode).lower() != "wal":
-                    raise RegistryError(f"SQLite refused WAL mode (got {mode!r})", path=self.db_path,
-                                        hint="put the state folder on a local file system")
-                conn.execute("PRAGMA synchronous = FULL")
-                with _transaction(conn):
-                    for stmt in _SCHEMA:
-                        conn.execute(stmt)
-                    conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
-                                 (str(SCHEMA_VERSION),))
-            (found,) = conn.execute("SELECT max(value) FROM meta WHERE key = 'schema_version'").fetchone()
-            if found != str(SCHEMA_VERSION):
-                raise RegistryError(f"registry schema is version {found}, this skillhub reads {SCHEMA_VERSION}",
-                                    path=self.db_path, hint="use the skillhub version that created it")
-        except sqlite3.Error as e:
-            conn.close()
-            code = (getattr(e, "sqlite_errorcode", 0) or 0) & 0xFF
-            if code in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
-                raise RegistryError(f"registry is corrupt ({e})", path=self.db_path, hint=_CORRUPT_HINT) from None
-            raise RegistryError(f"cannot open the registry ({e})", path=self.db_path) from None
-        except BaseException:
-            conn.close()
-            raise
-        return conn
 
     def close(self) -> None:
         """Close the database and release the lock. Idempotent."""
@@ -291,7 +130,7 @@ class Registry:
     def _tx(self) -> Iterator[sqlite3.Connection]:
         self._writable()
         try:
-            with _transaction(self._db()) as conn:
+            with transaction(self._db()) as conn:
                 yield conn
         except (sqlite3.Error, UnicodeEncodeError) as e:  # the latter: text with lone surrogates (non-UTF-8 names)
             raise RegistryError(f"registry write failed ({e}); nothing was changed", path=self.db_path) from e
@@ -560,17 +399,4 @@ class Registry:
             elif sha256_file(path) != row.mask_sha:
                 problems.append(f"{row.ref!r} (id {row.id}): mask file {path} does not match its sha256")
         return problems
-
-
-@contextmanager
-def _transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    # IMMEDIATE takes the write lock up front, so read-then-write (next version number) cannot race.
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield conn
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:  # a failed COMMIT (disk full) leaves the transaction open
-            conn.execute("ROLLBACK")
-        raise
 

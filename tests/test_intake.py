@@ -19,7 +19,8 @@ from typing import Any
 
 import pytest
 
-import skillhub.intake as intake_mod
+import skillhub.staging as staging_mod
+import skillhub.watcher as watcher_mod
 from skillhub.errors import CheckpointError
 from skillhub.intake import Arrival, Intake, RetryLater
 
@@ -289,7 +290,7 @@ def test_a4_duplicate_events_and_rescans_process_once(env: Env) -> None:
 
 def test_a6_rewritten_during_copy(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     first, second = st_bytes(13), st_bytes(14)
-    real = intake_mod._copy_stream
+    real = staging_mod._copy_stream
     calls: list[int] = []
 
     def racing(src: int, out: Any, digest: Any, stop: threading.Event) -> int:
@@ -299,7 +300,7 @@ def test_a6_rewritten_during_copy(env: Env, monkeypatch: pytest.MonkeyPatch) -> 
         calls.append(n)
         return n
 
-    monkeypatch.setattr(intake_mod, "_copy_stream", racing)
+    monkeypatch.setattr(staging_mod, "_copy_stream", racing)
     it = env.start()
     env.drop("race.safetensors", first)
     wait_for(lambda: env.rec.arrivals)
@@ -309,14 +310,14 @@ def test_a6_rewritten_during_copy(env: Env, monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def test_a7_deleted_between_event_and_open(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = intake_mod._open_source
+    real = staging_mod._open_source
 
     def vanish_first(path: Path) -> int:
         if path.name == "gone.safetensors":
             path.unlink(missing_ok=True)
         return real(path)
 
-    monkeypatch.setattr(intake_mod, "_open_source", vanish_first)
+    monkeypatch.setattr(staging_mod, "_open_source", vanish_first)
     it = env.start()
     for i in range(5):
         p = env.inbox / f"flash{i}.safetensors"
@@ -338,7 +339,7 @@ def test_a8_files_present_before_start(env: Env) -> None:
 
 
 def test_a8_rescan_finds_what_a_blind_observer_missed(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(intake_mod._Handler, "dispatch", lambda self, event: None)
+    monkeypatch.setattr(watcher_mod._Handler, "dispatch", lambda self, event: None)
     it = env.start(rescan_seconds=3600)
     assert it.wait_idle(5)
     env.drop("missed.safetensors", st_bytes(18))
@@ -416,7 +417,7 @@ def test_a11_hostile_names_rejected_with_reason(env: Env) -> None:
 
 
 def test_a12_permission_denied_retried_others_go_on(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = intake_mod._open_source
+    real = staging_mod._open_source
     denied = threading.Event()
     denied.set()
     attempts: list[str] = []
@@ -427,7 +428,7 @@ def test_a12_permission_denied_retried_others_go_on(env: Env, monkeypatch: pytes
             raise PermissionError(13, "Permission denied", str(path))
         return real(path)
 
-    monkeypatch.setattr(intake_mod, "_open_source", guarded)
+    monkeypatch.setattr(staging_mod, "_open_source", guarded)
     it = env.start()
     env.drop("locked.safetensors", st_bytes(50))
     env.drop("open.safetensors", st_bytes(51))
@@ -442,13 +443,13 @@ def test_a12_permission_denied_retried_others_go_on(env: Env, monkeypatch: pytes
 
 def test_b2_pickle_rejected_at_once_never_opened(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     opened: list[str] = []
-    real = intake_mod._open_source
+    real = staging_mod._open_source
 
     def spy(p: Path) -> int:
         opened.append(p.name)
         return real(p)
 
-    monkeypatch.setattr(intake_mod, "_open_source", spy)
+    monkeypatch.setattr(staging_mod, "_open_source", spy)
     it = env.start()
     for name in ("evil.pt", "evil.bin", "evil.pkl"):
         (env.inbox / name).write_bytes(b"\x80\x04cos\nsystem\n(S'touch pwned'\ntR.")
@@ -546,7 +547,7 @@ def test_disk_full_keeps_pending_until_space_returns(env: Env, monkeypatch: pyte
         u = real(path)
         return u._replace(free=10) if full.is_set() else u
 
-    monkeypatch.setattr(intake_mod.shutil, "disk_usage", usage)
+    monkeypatch.setattr(staging_mod.shutil, "disk_usage", usage)
     it = env.start()
     env.drop("wait.safetensors", st_bytes(65))
     time.sleep(4 * STABLE)
@@ -588,7 +589,7 @@ def test_truncated_file_rejected_only_after_staying_truncated(env: Env) -> None:
 
 
 def test_stop_during_copy_leaves_no_temp(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = intake_mod._copy_stream
+    real = staging_mod._copy_stream
     copying = threading.Event()
 
     def slow(src: int, out: Any, digest: Any, stop: threading.Event) -> int:
@@ -596,7 +597,7 @@ def test_stop_during_copy_leaves_no_temp(env: Env, monkeypatch: pytest.MonkeyPat
         stop.wait(10)
         return real(src, out, digest, stop)
 
-    monkeypatch.setattr(intake_mod, "_copy_stream", slow)
+    monkeypatch.setattr(staging_mod, "_copy_stream", slow)
     it = env.start()
     env.drop("big.safetensors", st_bytes(69))
     assert copying.wait(10)
@@ -645,7 +646,7 @@ def test_inotify_failure_falls_back_to_polling(env: Env, monkeypatch: pytest.Mon
     def no_inotify() -> Any:
         raise OSError(24, "inotify instance limit reached")
 
-    monkeypatch.setattr(intake_mod, "Observer", no_inotify)
+    monkeypatch.setattr(watcher_mod, "Observer", no_inotify)
     log = ListLogger()
     it = env.start(logger=log)
     assert it.health[0] and log.events("inotify_unavailable")

@@ -16,7 +16,7 @@ import httpx
 import pytest
 import torch
 
-import skillhub.server as server_mod
+import skillhub.wire as wire_mod
 from skillhub.checkpoint import write_safetensors
 from skillhub.client import ApiError, Client
 from skillhub.config import Config, load_config
@@ -111,7 +111,7 @@ class Gate:
         self.reached = threading.Event()
         self.release = threading.Event()
         calls = 0
-        original = server_mod._tensor_chunks
+        original = wire_mod._tensor_chunks
 
         def gated(t: torch.Tensor, n: int) -> Iterator[bytes]:
             nonlocal calls
@@ -121,7 +121,7 @@ class Gate:
                 assert self.release.wait(10), "test never released the download"
             yield from original(t, n)
 
-        monkeypatch.setattr(server_mod, "_tensor_chunks", gated)
+        monkeypatch.setattr(wire_mod, "_tensor_chunks", gated)
 
 
 class Background:
@@ -261,7 +261,7 @@ def test_weights_equal_the_current_version_exactly(served: Served, http: httpx.C
 
 def test_weights_stream_every_dtype_in_small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Odd chunk sizes, half precision, integers, bools, scalars, empty and non-contiguous tensors round-trip."""
-    monkeypatch.setattr(server_mod, "CHUNK_BYTES", 5)
+    monkeypatch.setattr(wire_mod, "CHUNK_BYTES", 5)
     g = torch.Generator().manual_seed(1)
     tensors = {
         "h": torch.randn(3, 5, generator=g).half(), "bf": torch.randn(7, generator=g).bfloat16(),

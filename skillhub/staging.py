@@ -1,0 +1,334 @@
+"""Staging: reading a drop out of the inbox into a private, checked copy (DESIGN §4; FAULTS A1, A3, A4, A6, A7, B10).
+
+Owns every read of a drop's files: its signature (what the arrival rule in :mod:`skillhub.intake` watches), which
+files a folder drop is made of, its TOML sidecar, and the copy to the staging folder made by :class:`Stager` while
+hashing. The safetensors headers are checked on the copy, never on the source; a copy whose header promises more
+bytes than it has raises :class:`Truncated` (the writer may not be done). :class:`Stager` also counts who holds each
+copy it made until the copy is handed over to the caller or released.
+
+Nothing in the inbox is memory-mapped (a truncation would be SIGBUS), followed through a symlink, or opened in a way
+that can block (a FIFO). Drop names may hold anything (FAULTS A11): :func:`show_name` makes them safe to log.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import stat
+import struct
+import threading
+import tomllib
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from skillhub.checkpoint import MAX_HEADER_BYTES, fsync_dir, read_header
+from skillhub.errors import CheckpointError, SkillhubError
+
+MAX_SIDECAR_BYTES = 1 << 20
+MAX_INDEX_BYTES = 64 << 20
+GIB = 1 << 30
+
+
+class Transient(Exception):
+    """Keep the drop pending and log why (once); retry later."""
+
+
+class Changed(Exception):
+    """The drop changed while it was being read (FAULTS A6): wait for it to be stable again."""
+
+
+class Truncated(Exception):
+    """The staged copy's header describes more data than there is: the writer may not be done (FAULTS A1)."""
+
+
+def show_name(text: str) -> str:
+    """A name safe to log: control characters, escapes and undecodable bytes escaped (FAULTS A11)."""
+    return text if text.isprintable() else text.encode("unicode_escape", "backslashreplace").decode("ascii")
+
+
+def _sig(st: os.stat_result) -> tuple[int, ...]:
+    return (st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+
+
+def _open_source(path: Path) -> int:
+    """Open a file in the inbox for reading: never follows a final symlink, never blocks on a FIFO."""
+    return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+
+
+def _copy_stream(src: int, out: Any, digest: Any, stop: threading.Event) -> int:
+    """Copy the open file ``src`` into ``out`` while hashing it; abandon on ``stop``. Returns the bytes copied."""
+    total = 0
+    while block := os.read(src, 1 << 22):
+        if stop.is_set():
+            raise Transient("stopping")
+        digest.update(block)
+        out.write(block)
+        total += len(block)
+    return total
+
+
+def _read_small(path: Path, limit: int) -> bytes:
+    fd = _open_source(path)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise Changed()
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return f.read(limit + 1)
+    finally:
+        os.close(fd)
+
+
+def _walk(root: Path) -> dict[str, os.stat_result]:
+    """Everything under ``root`` by relative POSIX name, without following symlinks."""
+    out: dict[str, os.stat_result] = {}
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        with os.scandir(root / rel if rel else root) as it:
+            for de in it:
+                r = f"{rel}/{de.name}" if rel else de.name
+                out[r] = de.stat(follow_symlinks=False)
+                if stat.S_ISDIR(out[r].st_mode):
+                    stack.append(r)
+    return out
+
+
+def drop_signature(inbox: Path, path: Path, st: os.stat_result,
+                   kind: str) -> tuple[object, dict[str, os.stat_result]]:
+    """``(signature, tree)`` of the drop at ``path`` (``st`` is its lstat, ``kind`` is "dir" or "file").
+
+    The signature covers mode, size, mtime, ctime and inode of every file under a folder, or of a file and its
+    sidecar ``NAME.toml`` in ``inbox``; ``tree`` holds the lstat of everything under a folder by relative name
+    (``{"": st}`` for a file).
+    """
+    if kind == "dir":
+        tree = _walk(path)
+        return (_sig(st), tuple(sorted((r, _sig(s)) for r, s in tree.items()))), tree
+    side = inbox / (path.name[:-12] + ".toml") if path.name.lower().endswith(".safetensors") else None
+    try:
+        sst = os.lstat(side) if side else None
+    except FileNotFoundError:
+        sst = None
+    return (_sig(st), _sig(sst) if sst else None), {"": st}
+
+
+def special_file(st: os.stat_result) -> str | None:
+    """Why ``st`` is neither a regular file nor a folder (a symlink, FIFO, device or socket), else ``None``."""
+    mode = st.st_mode
+    if stat.S_ISLNK(mode):
+        return "is a symbolic link: only regular files and folders inside the inbox are read"
+    for test, what in ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return f"is {what}, not a regular file"
+    return None
+
+
+def remove_path(path: Path) -> None:
+    """Delete a file, a symlink or a whole folder; whatever is already gone is no error."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _truncation(path: Path) -> str | None:
+    """Why the staged safetensors file looks cut short, or ``None`` if it does not (it may still be malformed)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"only {size} bytes"
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER_BYTES:
+            return None
+        if 8 + n > size:
+            return f"the header needs {8 + n} bytes but the file has {size}"
+        try:
+            obj = json.loads(f.read(n))
+        except (ValueError, RecursionError):
+            return None
+    ends = [e["data_offsets"][1] for e in obj.values() if isinstance(e, dict) and isinstance(e.get("data_offsets"), list)
+            and len(e["data_offsets"]) == 2 and isinstance(e["data_offsets"][1], int)] if isinstance(obj, dict) else []
+    need = 8 + n + max(ends, default=0)
+    return f"the header describes {need} bytes but the file has {size}" if need > size else None
+
+
+def folder_plan(folder: Path, name: str, tree: dict[str, os.stat_result]) -> tuple[list[str], str | None]:
+    """``(files, waiting)`` for the folder drop ``name`` at ``folder``: its checkpoint files (index first), and
+    what it still lacks (missing shards, no checkpoint file yet), or ``None`` when it is complete (FAULTS A3).
+
+    :raises CheckpointError: the folder can never make a checkpoint (links, several indexes, a bad index).
+    """
+    top = [r for r in tree if "/" not in r and stat.S_ISREG(tree[r].st_mode)]
+    indexes = sorted(r for r in top if r.endswith(".index.json"))
+    waiting = None
+    links = sorted(r for r in tree if "/" not in r and not stat.S_ISREG(tree[r].st_mode) and
+                   (r.endswith((".safetensors", ".index.json")) or r == "skill.toml"))
+    if links:
+        raise CheckpointError(f"{links[0]} is not a regular file (a symlink?)", path=name,
+                              hint="copy the real files into the folder (cp -L), not links to them")
+    if len(indexes) > 1:
+        raise CheckpointError(f"several shard indexes: {', '.join(indexes)}", path=name, hint="keep one")
+    if indexes:
+        try:
+            raw = _read_small(folder / indexes[0], MAX_INDEX_BYTES)
+            shards = set(json.loads(raw)["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+            raise CheckpointError(f"unreadable shard index {indexes[0]}", path=name) from None
+        for s in shards:
+            if not isinstance(s, str) or not s or s.startswith("/") or ".." in PurePosixPath(s).parts:
+                raise CheckpointError(f"shard path {s!r} in {indexes[0]} leaves the folder", path=name,
+                                      hint="shards must be plain file names inside the checkpoint folder")
+        files = sorted({PurePosixPath(s).as_posix() for s in shards})
+        bad = [s for s in files if s in tree and not stat.S_ISREG(tree[s].st_mode)]
+        if bad:
+            raise CheckpointError(f"shard {bad[0]!r} is not a regular file (a symlink?)", path=name)
+        missing = [s for s in files if s not in tree]
+        waiting = f"missing shards: {', '.join(missing)}" if missing else None
+        files = [indexes[0], *files]
+    elif "model.safetensors" in top or len(singles := [r for r in top if r.endswith(".safetensors")]) == 1:
+        files = ["model.safetensors"] if "model.safetensors" in top else singles
+    else:
+        files, waiting = [], ("no model.safetensors or *.index.json in the folder" if not singles else
+                              "several .safetensors files but no *.index.json naming them")
+    return files, waiting
+
+
+def read_sidecar(side: Path, name: str, kind: str) -> dict[str, Any] | None:
+    """The parsed TOML sidecar ``side`` of the drop ``name`` (``kind`` "dir" or "file"); ``None`` if it is absent."""
+    label = side.name if kind == "file" else f"{name}/{side.name}"
+    try:
+        st = os.lstat(side)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_SIDECAR_BYTES:
+        raise CheckpointError(f"sidecar {show_name(label)} is not a regular file under 1 MiB", path=name)
+    try:
+        return tomllib.loads(_read_small(side, MAX_SIDECAR_BYTES).decode("utf-8"))
+    except UnicodeDecodeError:
+        raise CheckpointError(f"sidecar {show_name(label)} is not UTF-8 text", path=name) from None
+    except tomllib.TOMLDecodeError as x:
+        raise CheckpointError(f"sidecar {show_name(label)} is not valid TOML: {x}", path=name,
+                              hint="fix the TOML at that line and drop the sidecar again") from None
+
+
+class Stager:
+    """Copies drops from ``inbox`` into the private ``staging`` folder, and keeps count of the copies it made.
+
+    A copy is named by its content: ``staging/<sha256>.safetensors``, or a folder ``staging/<sha256>/`` with the
+    drop's layout. Only the intake's worker thread calls this; ``stop`` abandons a copy in flight.
+    """
+
+    def __init__(self, inbox: Path, staging: Path, stop: threading.Event) -> None:
+        self.inbox, self.staging, self._stop = inbox, staging, stop
+        self._owned: dict[Path, int] = {}  # staged copies we made and have not handed over, with holders
+
+    def check_writable(self) -> None:
+        """Create the staging folder and prove it writable by writing to it.
+
+        :raises SkillhubError: it is not.
+        """
+        try:
+            self.staging.mkdir(parents=True, exist_ok=True)
+            probe = self.staging / f".probe-{secrets.token_hex(4)}.tmp"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise SkillhubError(f"staging folder is not writable ({e.strerror or e})", path=self.staging,
+                                hint="fix its permissions or free space, or point the state folder elsewhere") from e
+
+    def stage(self, name: str, kind: str, path: Path, st: os.stat_result, tree: dict[str, os.stat_result],
+              files: list[str], size: int, sig: object) -> tuple[Path, str]:
+        """Copy the drop ``name`` (at ``path``, with signature ``sig``) to staging while hashing it, then check the
+        copy; return ``(staged, sha256)``. ``files`` are its checkpoint files (``[""]`` for a file drop), ``size`` their
+        bytes. The sha256 of a folder is over sorted "relative name\\0file sha256\\n" lines.
+
+        :raises Transient: not enough free space, the copy failed, or stopping.
+        :raises Changed: the drop changed while it was read (FAULTS A6).
+        :raises Truncated: a copied file's header describes more data than it has (FAULTS A1).
+        :raises CheckpointError: a copied file is not a valid safetensors file (FAULTS B10).
+        """
+        self.staging.mkdir(parents=True, exist_ok=True)
+        usage = shutil.disk_usage(self.staging)
+        margin = min(GIB, usage.total // 10)
+        if usage.free < size + margin:
+            raise Transient(f"not enough free space in {show_name(str(self.staging))}: need {size} bytes plus a "
+                            f"{margin}-byte margin")  # no free count: the message must not change, to log once
+        tmp = self.staging / f".incoming-{secrets.token_hex(8)}.tmp"
+        try:
+            if kind == "dir":
+                tmp.mkdir()
+                lines = []
+                for r in files:
+                    (tmp / r).parent.mkdir(parents=True, exist_ok=True)
+                    lines.append(f"{r}\0{self._copy_one(path / r, tree[r], tmp / r)}\n")
+                sha = hashlib.sha256("".join(sorted(lines)).encode("utf-8", "surrogateescape")).hexdigest()
+                for d in {(tmp / r).parent for r in files}:
+                    fsync_dir(d)
+            else:
+                sha = self._copy_one(path, st, tmp)
+            if drop_signature(self.inbox, path, os.lstat(path), kind)[0] != sig:
+                raise Changed()  # FAULTS A6: rewritten while we copied
+            for r in files:
+                if r.endswith(".index.json"):
+                    continue
+                staged = tmp / r if r else tmp
+                try:
+                    read_header(staged)
+                except CheckpointError as x:
+                    if (why := _truncation(staged)) is not None:
+                        raise Truncated(f"{r}: {why}" if r else why) from None
+                    raise CheckpointError(x.message, path=f"{name}/{r}" if r else name, hint=x.hint) from None
+            final = self.staging / (sha if kind == "dir" else f"{sha}.safetensors")
+            if os.path.lexists(final):
+                remove_path(tmp)  # same content already staged (FAULTS A4); never ours to delete unless we made it
+                if final in self._owned:
+                    self._owned[final] += 1
+            else:
+                os.rename(tmp, final)
+                fsync_dir(self.staging)
+                self._owned[final] = 1
+        except BaseException:
+            remove_path(tmp)
+            raise
+        return final, sha
+
+    def _copy_one(self, src: Path, expect: os.stat_result, dst: Path) -> str:
+        try:
+            fd = _open_source(src)
+        except OSError as x:
+            if x.errno in (errno.ELOOP, errno.ENXIO):
+                raise Changed() from None  # it became a symlink or a FIFO since we looked
+            raise
+        try:
+            got = os.fstat(fd)
+            if not stat.S_ISREG(got.st_mode) or (got.st_ino, got.st_dev) != (expect.st_ino, expect.st_dev):
+                raise Changed()
+            digest = hashlib.sha256()
+            try:
+                with open(dst, "xb") as out:
+                    _copy_stream(fd, out, digest, self._stop)
+                    out.flush()
+                    os.fsync(out.fileno())
+            except OSError as x:
+                raise Transient(f"copy to staging failed: {x.strerror or x}") from x
+        finally:
+            os.close(fd)
+        return digest.hexdigest()
+
+    def hand_over(self, staged: Path) -> None:
+        """The caller owns the staged copy now: never delete it."""
+        self._owned.pop(staged, None)
+
+    def release(self, staged: Path) -> None:
+        """Drop one hold on a copy we made and did not hand over; delete it when nobody else holds it."""
+        if staged in self._owned:
+            self._owned[staged] -= 1
+            if self._owned[staged] <= 0:
+                del self._owned[staged]
+                remove_path(staged)
