@@ -39,16 +39,17 @@ class SkillhubError(Exception):
     def __str__(self) -> str:
         parts = []
         if self.path is not None:
-            parts.append(f"{_printable(str(self.path))}: ")
+            parts.append(f"{printable(str(self.path))}: ")
         parts.append(self.message)
         if self.hint:
             parts.append(f". Hint: {self.hint}")
         return "".join(parts)
 
 
-def _printable(text: str) -> str:
-    """Escape control characters so a hostile file name cannot forge log lines (FAULTS A11)."""
-    return text.encode("unicode_escape", errors="backslashreplace").decode("ascii") if not text.isprintable() else text
+def printable(text: str) -> str:
+    """``text`` safe to log or print: control characters, escapes and undecodable bytes escaped, so a hostile file
+    name cannot forge log lines (FAULTS A11)."""
+    return text if text.isprintable() else text.encode("unicode_escape", "backslashreplace").decode("ascii")
 
 
 class ConfigError(SkillhubError):

@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from skillhub.errors import printable
 from skillhub.log import get_logger
 
 log = get_logger("skillhub.server")  # the guard's events are the HTTP server's
@@ -210,6 +211,3 @@ async def _send_json(send: Callable[[Message], Awaitable[None]], status: int, er
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-def printable(text: str) -> str:
-    """``text`` safe to log: control characters, escapes and undecodable bytes escaped (a path can hold anything)."""
-    return text if text.isprintable() else text.encode("unicode_escape", errors="backslashreplace").decode("ascii")

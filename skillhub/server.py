@@ -27,8 +27,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.types import ASGIApp
 
-from skillhub.errors import RegistryError, SkillhubError
-from skillhub.guard import WILDCARD_HOSTS, Guard, default_allowed_hosts, printable
+from skillhub.errors import RegistryError, SkillhubError, printable
+from skillhub.guard import WILDCARD_HOSTS, Guard, default_allowed_hosts
 from skillhub.inference import inference_router
 from skillhub.log import get_logger
 from skillhub.publish import ModelVersion

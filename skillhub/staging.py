@@ -26,7 +26,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from skillhub.checkpoint import MAX_HEADER_BYTES, fsync_dir, read_header
-from skillhub.errors import CheckpointError, SkillhubError
+from skillhub.errors import CheckpointError, SkillhubError, printable
 
 MAX_SIDECAR_BYTES = 1 << 20
 MAX_INDEX_BYTES = 64 << 20
@@ -45,9 +45,7 @@ class Truncated(Exception):
     """The staged copy's header describes more data than there is: the writer may not be done (FAULTS A1)."""
 
 
-def show_name(text: str) -> str:
-    """A name safe to log: control characters, escapes and undecodable bytes escaped (FAULTS A11)."""
-    return text if text.isprintable() else text.encode("unicode_escape", "backslashreplace").decode("ascii")
+show_name = printable  # the intake's name for it
 
 
 def _sig(st: os.stat_result) -> tuple[int, ...]:
