@@ -75,11 +75,13 @@ def main() -> None:
             _until(lambda: _ok(client, "/readyz"), proc, 300)
             t_ready = time.perf_counter() - t_start
             (root / "inbox").mkdir(exist_ok=True)
-            latencies = []
+            latencies: list[float] = []
+            renamed_at: list[float] = []
             for i, p in enumerate(srcs):
                 tmp_name = root / "inbox" / f".skill{i}.safetensors.part"
                 shutil.copyfile(p, tmp_name)
                 t0 = time.perf_counter()
+                renamed_at.append(time.time())
                 os.rename(tmp_name, root / "inbox" / f"skill{i}.safetensors")
                 _until(lambda i=i: f"skill{i}" in (client.get("/v1/model").json().get("skills") or {}), proc, 300,
                        every=0.005)
@@ -89,6 +91,7 @@ def main() -> None:
             proc.wait(60)
             client.close()
             log.close()
+            phases = _phases(root / "daemon.log", renamed_at)
         best = min(latencies)
         print(f"model {sum(1 for _ in [0])and ''}{len(srcs)} drops of {srcs[0].stat().st_size / 2**20:.0f} MiB; "
               f"stable_seconds = {args.stable_seconds} (a rename into place skips it)")
@@ -96,6 +99,29 @@ def main() -> None:
         print(f"localize alone (best of {len(times)}):          {t_localize:.3f} s")
         print(f"drop to served, each drop:                 {', '.join(f'{t:.3f}' for t in latencies)} s")
         print(f"drop to served / localize alone (best):    {best / t_localize:.1f}x")
+        print("where the time goes, per drop (from the daemon's log):")
+        print(f"{'drop':>6}{'watch+settle+stage':>20}{'validate+localize+register':>28}{'stitch+publish':>16}")
+        for i, (a, b, c) in enumerate(phases):
+            print(f"{i:>6}{a:>20.3f}{b:>28.3f}{c:>16.3f}")
+        print("stage = copy the drop out of the inbox while hashing it (sha256) and fsync (FAULTS A6)")
+
+
+def _phases(log_path: Path, renamed_at: list[float]) -> list[tuple[float, float, float]]:
+    """(rename → staged, staged → registered, registered → published) per drop, from the JSON log lines."""
+    import json
+    from datetime import datetime
+
+    events: dict[str, list[float]] = {"drop_staged": [], "skill_registered": [], "version_published": []}
+    for line in log_path.read_text(errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if rec.get("event") in events:
+            events[rec["event"]].append(datetime.fromisoformat(rec["timestamp"].replace("Z", "+00:00")).timestamp())
+    published = events["version_published"][1:]  # the first one is the empty base at start-up
+    return [(s - r, g - s, p - g) for r, s, g, p in zip(renamed_at, events["drop_staged"],
+                                                       events["skill_registered"], published)]
 
 
 def _ok(client: httpx.Client, route: str) -> bool:

@@ -5,7 +5,8 @@ creation time) and ``state/models/<n>/model.safetensors``; ``state/models/curren
 being served. A version directory appears by an atomic rename of a complete temp directory holding its manifest;
 ``current`` moves after that. The weights file follows from a background thread (temp + fsync + rename), because
 the manifest alone determines the weights (the registry can always rebuild them) and the drop-to-served path must
-not pay O(model) disk writes that the O(mask) stitch avoided (DESIGN §3, publish).
+not pay O(model) disk writes that the O(mask) stitch avoided (DESIGN §3, publish): the writer waits for
+``quiet_seconds`` without a new publication, and during a burst writes only the newest version.
 """
 
 from __future__ import annotations
@@ -63,8 +64,12 @@ def finite(tensors: Mapping[str, torch.Tensor]) -> str | None:
 class Publisher:
     """Owns ``state/models/``: version numbers, manifests, the ``current`` pointer, background weight files."""
 
-    def __init__(self, models_dir: Path, *, keep: int = 5, write_weights: bool = True) -> None:
+    def __init__(self, models_dir: Path, *, keep: int = 5, write_weights: bool = True,
+                 quiet_seconds: float = 2.0) -> None:
         self.dir = models_dir
+        self.quiet_seconds = quiet_seconds
+        self._last_publish = 0.0
+        self._hurry = threading.Event()
         self.keep = keep
         self.write_weights = write_weights
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -121,6 +126,7 @@ class Publisher:
             os.replace(tmp, final)
             fsync_dir(self.dir)
         _write_text(self.dir / "current", f"{version.number}\n", replace_in=self.dir)
+        self._last_publish = time.monotonic()
         self.queue_weights(version)
         self.prune()
 
@@ -134,6 +140,10 @@ class Publisher:
             version = self._queue.get()
             if version is None:
                 return
+            # Wait for a quiet moment: writing O(model) bytes competes with the next drop's staging and
+            # localization, and the drop-to-served path must not pay for it.
+            while not self._hurry.is_set() and time.monotonic() - self._last_publish < self.quiet_seconds:
+                self._hurry.wait(0.05)
             # During a burst only the newest version's weights are worth writing; older ones are rebuildable.
             if version.number < self._latest_queued or not (self.dir / str(version.number)).is_dir():
                 continue
@@ -148,13 +158,17 @@ class Publisher:
                 log.error("weights_write_failed", version=version.number, error=str(e))
 
     def flush(self, timeout: float = 60.0) -> bool:
-        """Wait until queued weight files are written (tests, shutdown)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._queue.empty() and self._idle():
-                return True
-            time.sleep(0.05)
-        return False
+        """Write queued weight files now, without waiting for a quiet moment (tests, shutdown)."""
+        self._hurry.set()
+        try:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if self._queue.empty() and self._idle():
+                    return True
+                time.sleep(0.05)
+            return False
+        finally:
+            self._hurry.clear()
 
     def _idle(self) -> bool:
         n = self._latest_queued

@@ -109,6 +109,8 @@ class Stitcher:
         self.accumulate = accumulate
         self._state = {k: _TensorState(t, policy, self.device, accumulate) for k, t in base.items()}
         self._tasks: dict[str, SparseDelta] = {}
+        self._covered = 0
+        self._overlapping = 0
 
     @property
     def keys(self) -> list[str]:
@@ -155,9 +157,13 @@ class Stitcher:
                 continue
             st = self._state[key]
             idx = idx.long()
+            before = st.count[idx]
             st.count.index_add_(0, idx, torch.full_like(idx, sign, dtype=COUNT_DTYPE))
             self.policy.update(st.acc, idx, delta.values[key].to(self.accumulate), sign)
             count = st.count[idx]
+            # Coverage statistics kept incrementally, so reading them is O(1), not a pass over the model.
+            self._covered += int((count > 0).sum()) - int((before > 0).sum())
+            self._overlapping += int((count > 1).sum()) - int((before > 1).sum())
             idle = idx[count == 0]
             if idle.numel():
                 self.policy.reset(st.acc, idle)
@@ -181,10 +187,8 @@ class Stitcher:
         return st.count.reshape(st.shape).clone()
 
     def overlap(self) -> dict[str, int]:
-        """Entries covered by at least one mask and by two or more, over all tensors."""
-        covered = sum(int((st.count > 0).sum()) for st in self._state.values())
-        shared = sum(int((st.count > 1).sum()) for st in self._state.values())
-        return {"covered": covered, "overlapping": shared}
+        """Entries covered by at least one mask and by two or more, over all tensors (kept incrementally)."""
+        return {"covered": self._covered, "overlapping": self._overlapping}
 
 
 def stitch(base: Mapping[str, torch.Tensor], deltas: Mapping[str, SparseDelta], policy: StitchPolicy,

@@ -165,3 +165,19 @@ def test_device_resolution() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(StitchError, match="CUDA"):
             resolve_device("cuda")
+
+
+@settings(max_examples=25, deadline=None)
+@given(ops=st.lists(st.tuples(st.booleans(), st.integers(0, 5)), min_size=1, max_size=30))
+def test_overlap_counters_match_a_recount(ops: list[tuple[bool, int]]) -> None:
+    base = base_model()
+    pool = {i: random_delta(200 + i, density=0.6) for i in range(6)}
+    s = Stitcher(base, PLUGINS.make_policy("average"), device="cpu")
+    for add, i in ops:
+        if add and str(i) not in s.active:
+            s.add(str(i), pool[i])
+        elif not add and str(i) in s.active:
+            s.remove(str(i))
+    counts = [s.count(k) for k in base]
+    assert s.overlap() == {"covered": sum(int((c > 0).sum()) for c in counts),
+                           "overlapping": sum(int((c > 1).sum()) for c in counts)}
