@@ -6,6 +6,8 @@ whose message carries the server's ``error`` text and the HTTP status.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -103,6 +105,22 @@ class Client:
         """Pin ``name`` to ``version`` (rollback), or unpin it with ``None``."""
         return dict(self._json("POST", f"/v1/skills/{_segment(name)}/pin", json={"version": version}))
 
+    def predict(self, skill: str, images: Sequence[bytes | str | Path], top_k: int = 5) -> dict[str, Any]:
+        """Classify images (encoded bytes, or paths of image files) with ``skill`` on the served merged model.
+
+        Mirrors ``POST /v1/skills/{skill}/predict`` and :meth:`skillhub.hub.Hub.predict`: the answer names the
+        version that produced it and, per image, the top-k ``{"label", "index", "score"}``.
+        """
+        files = [("images", (f"image{i}", _image_bytes(img), "application/octet-stream")) for i, img in enumerate(images)]
+        return dict(self._json("POST", f"/v1/skills/{_segment(skill)}/predict", files=files,
+                               data={"top_k": str(top_k)}))
+
+    def embed(self, images: Sequence[bytes | str | Path]) -> tuple[int, torch.Tensor]:
+        """Normalised image embeddings from the served merged image tower: (version, [N, D])."""
+        files = [("images", (f"image{i}", _image_bytes(img), "application/octet-stream")) for i, img in enumerate(images)]
+        body = self._json("POST", "/v1/embed", files=files)
+        return int(body["version"]), torch.tensor(body["embeddings"])
+
     def weights(self) -> tuple[int, dict[str, torch.Tensor]]:
         """``GET /v1/model/weights``: the served version's number and its full merged state dict."""
         from safetensors.torch import load
@@ -135,3 +153,7 @@ def _error_text(response: httpx.Response) -> str:
     if isinstance(body, dict) and "error" in body:
         return str(body["error"])
     return str(body)[:200]
+
+
+def _image_bytes(image: bytes | str | Path) -> bytes:
+    return image if isinstance(image, bytes) else Path(image).read_bytes()

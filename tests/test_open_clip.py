@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from skillhub.checkpoint import open_checkpoint, write_safetensors
+from skillhub.client import Client
 from skillhub.errors import CheckpointError, LocalizeError
 from skillhub.families.open_clip import OpenClipFamily, create_clip
 from skillhub.localize import LocalizeContext, run_localizer
@@ -204,6 +205,11 @@ port = {port}
         assert r.status_code == 200 and r.json()["predictions"][0][0]["label"] in {"red", "blue"}
         r = client.post("/v1/embed", json={"images": [base64.b64encode(png(4)).decode()]})
         assert r.status_code == 200 and len(r.json()["embeddings"][0]) == TINY["embed_dim"]
+        with Client(f"http://127.0.0.1:{port}", token=TOKEN) as api:  # the Python client mirrors the routes
+            got = api.predict("shapes", [png(5), png(6)], top_k=2)
+            assert got["version"] == v2 and [len(p) for p in got["predictions"]] == [2, 2]
+            version, emb = api.embed([png(5)])
+            assert version == v2 and emb.shape == (1, TINY["embed_dim"])
         assert client.post("/v1/skills/nope/predict", files=files).status_code == 404
         assert client.post("/v1/skills/shapes/predict", files=[("images", ("x.png", b"not a png", "image/png"))]
                            ).status_code == 400
