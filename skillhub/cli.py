@@ -65,8 +65,11 @@ def cmd_localize(args: argparse.Namespace) -> int:
     family = plugins.family(cfg.base.family).from_config(cfg.base)
     base, ft = open_checkpoint(args.base), open_checkpoint(args.finetuned)
     bar = Progress(f"localize {Path(args.finetuned).name}")
+    ctx = LocalizeContext(progress=bar)
+    if plugins.localizer(strategy).needs_examples:  # few-shot examples and head come with the checkpoint
+        ctx.examples = family.objective(base, ft, family.head(base, ft, None), {})
     result = localize_checkpoint(base, ft, family=family, localizer=strategy, params=params, plugins=plugins,
-                                 skill=args.skill or _stem(args.finetuned), ctx=LocalizeContext(progress=bar))
+                                 skill=args.skill or _stem(args.finetuned), ctx=ctx)
     bar.close()
     sha = result.delta.save(args.out)
     d = result.delta
