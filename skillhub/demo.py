@@ -45,7 +45,7 @@ def _to_uint8(x: torch.Tensor) -> torch.Tensor:
     return ((x * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
 
 
-def make_demo(folder: Path, *, seed: int = 0, epochs: int = 3, sizes: tuple[int, int, int] = (300, 100, 300),
+def make_demo(folder: Path, *, seed: int = 0, epochs: int = 8, sizes: tuple[int, int, int] = (400, 100, 400),
               log: bool = True) -> tuple[Path, Path, dict[str, Path]]:
     """Write the demo (idempotent): ``base.safetensors``, its model config, ``skills/<name>.safetensors`` and the
     test splits. Returns (base path, model config path, skill paths)."""
@@ -69,7 +69,7 @@ def make_demo(folder: Path, *, seed: int = 0, epochs: int = 3, sizes: tuple[int,
         head = vision.prototype_head(tower, x, y, EXAMPLES_PER_CLASS)
         if log:
             print(f"finetuning skill {task.name!r} ({len(task.classes)} classes, {len(y)} images)...", flush=True)
-        tuned = vision.finetune(tower, task, head, epochs=epochs, seed=seed + i)
+        tuned = vision.finetune(tower, task, head, epochs=epochs, lr=0.05, seed=seed + i)
         sd = dict(base_sd)
         sd.update({f"visual.trunk.{k}": v for k, v in tuned.items() if f"visual.trunk.{k}" in base_sd})
         pick = vision.few_shot(y, EXAMPLES_PER_CLASS)
