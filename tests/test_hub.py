@@ -1,0 +1,104 @@
+"""The in-process service: reconcile and publish guarantees (FAULTS C7, C10, C11) on a real state folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from skillhub.checkpoint import write_safetensors
+from skillhub.config import load_config
+from skillhub.errors import CheckpointError
+from skillhub.hub import Hub
+
+
+def make_hub(root: Path, base: dict[str, torch.Tensor], extra: str = "") -> Hub:
+    write_safetensors(root / "base.safetensors", base, {})
+    (root / "config.toml").write_text(f'[base]\nweights = "base.safetensors"\n[state]\ndir = "state"\n'
+                                      f'[localize.params]\nsparsity = 0.5\n{extra}')
+    hub = Hub(load_config(root / "config.toml", env={}))
+    hub.start()
+    return hub
+
+
+def drop(root: Path, name: str, tensors: dict[str, torch.Tensor]) -> Path:
+    path = root / f"{name}.safetensors"
+    write_safetensors(path, tensors, {})
+    return path
+
+
+def test_c7_a_version_failing_its_smoke_check_is_not_published(tmp_path: Path) -> None:
+    # θ₀ near float32's maximum; λ = 10 in the sum policy overflows to inf: the smoke check must catch it.
+    base = {"w": torch.full((8,), 3.0e38)}
+    hub = make_hub(tmp_path, base, '[stitch]\npolicy = "sum"\n[stitch.params]\nscale = 10.0\n')
+    try:
+        v1 = hub.current
+        assert v1 is not None and v1.manifest["skills"] == {}
+        hub.ingest(drop(tmp_path, "boom", {"w": torch.full((8,), 3.3e38)}), skill="boom")
+        assert hub.reconcile() is None
+        assert hub.current is v1  # the old version keeps serving
+        row = hub.registry.versions("boom")[-1]
+        assert row.status == "FAILED" and "NaN/Inf" in (row.reason or "")
+        assert json.loads((tmp_path / "state/models/current").read_text()) == v1.number
+    finally:
+        hub.close()
+
+
+def test_c10_removing_every_skill_returns_exactly_to_base(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(6, 5, generator=g), "b": torch.randn(5, generator=g)}
+    hub = make_hub(tmp_path, base)
+    try:
+        for i in range(3):
+            ft = {k: v + torch.randn(v.shape, generator=g) for k, v in base.items()}
+            hub.ingest(drop(tmp_path, f"s{i}", ft), skill=f"s{i}")
+        for _ in range(5):  # add and remove the same skills repeatedly: no drift
+            for i in range(3):
+                hub.set_enabled(f"s{i}", True)
+            hub.reconcile()
+            assert set(hub.current.manifest["skills"]) == {"s0", "s1", "s2"}
+            for i in range(3):
+                hub.set_enabled(f"s{i}", False)
+            hub.reconcile()
+            for k in base:
+                assert torch.equal(hub.current.tensors[k], base[k])
+    finally:
+        hub.close()
+
+
+def test_c11_pin_switches_versions_and_restart_serves_the_same_version(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(1)
+    base = {"w": torch.randn(10, generator=g)}
+    hub = make_hub(tmp_path, base)
+    try:
+        hub.ingest(drop(tmp_path, "v1", {"w": base["w"] + 1}), skill="x")
+        hub.ingest(drop(tmp_path, "v2", {"w": base["w"] - 1}), skill="x")
+        hub.reconcile()
+        assert hub.current.manifest["skills"]["x"]["version"] == 2
+        hub.pin("x", 1)
+        hub.reconcile()
+        pinned = hub.current
+        assert pinned.manifest["skills"]["x"]["version"] == 1
+    finally:
+        hub.close()
+    again = Hub(load_config(tmp_path / "config.toml", env={}))
+    again.start()
+    try:
+        assert again.current.number == pinned.number  # same manifest after a restart: same version number
+        assert torch.equal(again.current.tensors["w"], pinned.tensors["w"])
+    finally:
+        again.close()
+
+
+def test_zero_task_vector_is_rejected_with_a_reason(tmp_path: Path) -> None:
+    base = {"w": torch.randn(10)}
+    hub = make_hub(tmp_path, base)
+    try:
+        with pytest.raises(CheckpointError, match="task vector is zero"):
+            hub.ingest(drop(tmp_path, "same", dict(base)), skill="same")
+        assert hub.registry.versions("same")[-1].status == "FAILED"
+        assert hub.reconcile() is None
+    finally:
+        hub.close()
