@@ -248,6 +248,34 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from skillhub.maintenance import doctor
+
+    report = doctor(Path(_config(args).state.dir))
+    for line in report.notes:
+        print(line)
+    for line in report.problems:
+        print(f"PROBLEM: {line}")
+    print("healthy" if report.healthy else f"{len(report.problems)} problem(s) found")
+    return 0 if report.healthy else 1
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    from skillhub.maintenance import backup
+
+    copied = backup(Path(_config(args).state.dir), Path(args.dest))
+    print(f"{args.dest}: registry + {copied['masks']} mask files + {copied['heads']} head files")
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from skillhub.maintenance import restore
+
+    counts = restore(Path(args.src), Path(_config(args).state.dir), force=args.force)
+    print(f"restored registry + {counts['masks']} mask files + {counts['heads']} head files; start `skillhub run`")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from skillhub.demo import run_demo
 
@@ -303,6 +331,18 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("config", help="configuration")
     q.add_argument("action", choices=["check"])
     q.set_defaults(func=cmd_config_check)
+
+    q = sub.add_parser("doctor", help="check a state folder (registry, mask files, versions, disk, lock)")
+    q.set_defaults(func=cmd_doctor)
+
+    q = sub.add_parser("backup", help="copy a consistent snapshot of the state folder (safe while running)")
+    q.add_argument("dest")
+    q.set_defaults(func=cmd_backup)
+
+    q = sub.add_parser("restore", help="restore a backup into the state folder (service stopped)")
+    q.add_argument("src")
+    q.add_argument("--force", action="store_true", help="replace an existing registry (kept aside)")
+    q.set_defaults(func=cmd_restore)
 
     q = sub.add_parser("convert", help="convert a PyTorch pickle (.pt/.bin) to safetensors, safely")
     q.add_argument("input")
