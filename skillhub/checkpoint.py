@@ -405,36 +405,49 @@ def _few(items: list[str], limit: int) -> str:
     return ", ".join(items[:limit]) + more
 
 
-def write_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:
-    """Write a safetensors file atomically (temp, fsync, rename, fsync dir); return its sha256.
+def safetensors_header(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> tuple[bytes, list[str],
+                                                                                                     int]:
+    """The 8-byte length prefix plus the JSON header of a safetensors file holding ``tensors``.
 
-    The bytes are deterministic for the same input (sorted header keys, fixed order), so a mask file's content hash
-    is a function of the mask alone. Readable by the reference safetensors library.
+    Returns ``(prefix, order, data_bytes)``: the tensors' bytes must follow in ``order`` (largest element size
+    first, then by name, so every tensor stays aligned to its element size), ``data_bytes`` in all. The header is
+    padded with spaces so the data starts 8-byte aligned, and its bytes are deterministic for the same input. Only
+    dtypes and shapes are read: no tensor is copied. Used by :func:`write_safetensors` and by the streamed weights
+    download (:mod:`skillhub.wire`), so both produce the same bytes.
     """
-    path = Path(path)
-    # Largest alignment first, then by name: every tensor stays aligned to its element size.
     order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
     header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
     offset = 0
-    blobs: list[torch.Tensor] = []
     for name in order:
-        t = tensors[name].detach().to("cpu").contiguous()
+        t = tensors[name]
         if t.dtype not in DTYPE_CODES:
-            raise CheckpointError(f"cannot write dtype {t.dtype}", path=path, key=name)
+            raise CheckpointError(f"cannot serialise dtype {t.dtype}", key=name)
         n = t.numel() * t.element_size()
         header[name] = {"dtype": DTYPE_CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
         offset += n
-        blobs.append(t)
-    raw = json.dumps(header, separators=(",", ":"), sort_keys=False).encode("utf-8")
-    raw += b" " * (-(8 + len(raw)) % 8)
-    digest = hashlib.sha256()
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw, order, offset
+
+
+def write_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:
+    """Write a safetensors file atomically (temp, fsync, rename, fsync dir); return its sha256.
+
+    The bytes are deterministic for the same input (:func:`safetensors_header`), so a mask file's content hash is a
+    function of the mask alone. Readable by the reference safetensors library.
+    """
+    path = Path(path)
+    try:
+        prefix, order, _ = safetensors_header(tensors, metadata)
+    except CheckpointError as e:
+        raise CheckpointError(e.message, path=path, key=e.key) from None
+    digest = hashlib.sha256(prefix)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
-            for chunk in (struct.pack("<Q", len(raw)), raw):
-                f.write(chunk)
-                digest.update(chunk)
-            for t in blobs:
+            f.write(prefix)
+            for name in order:
+                t = tensors[name].detach().to("cpu").contiguous()
                 if t.numel():
                     mv = memoryview(t.reshape(-1).view(torch.uint8).numpy())
                     f.write(mv)

@@ -10,44 +10,20 @@ never mixes two versions.
 from __future__ import annotations
 
 import json
-import struct
 from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
-from skillhub.checkpoint import DTYPE_CODES
-from skillhub.errors import CheckpointError
+from skillhub.checkpoint import safetensors_header
+
+__all__ = ["CHUNK_BYTES", "iter_safetensors", "safetensors_header", "version_metadata"]
 
 if TYPE_CHECKING:
     from skillhub.publish import ModelVersion
 
 #: bytes per chunk of a streamed weights download (bounded memory per download, whatever the model size).
 CHUNK_BYTES = 1 << 20
-
-
-def safetensors_header(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> tuple[bytes, list[str],
-                                                                                                     int]:
-    """The 8-byte length prefix plus the JSON header of a safetensors file holding ``tensors``.
-
-    Returns ``(prefix, order, data_bytes)``: the tensors must follow in ``order`` (largest element size first, then
-    by name, so every tensor stays aligned to its element size; the same order as
-    :func:`~skillhub.checkpoint.write_safetensors`), ``data_bytes`` in all. The header is padded with spaces so the
-    data starts 8-byte aligned, as the format requires. Only metadata (dtype, shape) is read: no tensor is copied.
-    """
-    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
-    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
-    offset = 0
-    for name in order:
-        t = tensors[name]
-        if t.dtype not in DTYPE_CODES:
-            raise CheckpointError(f"cannot serialise dtype {t.dtype}", key=name)
-        n = t.numel() * t.element_size()
-        header[name] = {"dtype": DTYPE_CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw, order, offset
 
 
 def _tensor_chunks(t: torch.Tensor, chunk_bytes: int) -> Iterator[bytes]:
