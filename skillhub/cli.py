@@ -160,25 +160,6 @@ def _mutate_skill(cfg: Any, action: str, name: str, version: int | None) -> str:
     return "recorded in the registry (applied when the service starts)"
 
 
-def _service_running(state: Path) -> bool:
-    """Whether a live process holds the state folder's lock (probe without taking it for long)."""
-    import fcntl
-
-    try:
-        fd = os.open(state / "lock", os.O_RDWR)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return True
-    else:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False
-    finally:
-        os.close(fd)
-
-
 def _read_token(cfg: Any) -> str | None:
     path = Path(cfg.state.dir) / "token"
     return path.read_text().strip() if path.exists() else None
@@ -197,7 +178,9 @@ def cmd_skills(args: argparse.Namespace) -> int:
         print(f"{args.action} {_safe(args.name)}: {_mutate_skill(cfg, args.action, args.name, version)}")
         return 0
     state = Path(cfg.state.dir)
-    if _service_running(state):
+    from skillhub.maintenance import lock_owner
+
+    if lock_owner(state) is not None:
         from skillhub.client import Client
 
         token = os.environ.get(cfg.serve.token_env) or _read_token(cfg)
