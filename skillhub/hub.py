@@ -125,11 +125,8 @@ class Hub:
         if head is None:
             raise StitchError(f"skill {skill!r} has no classification head", key=skill)
         rt = self.engine.runtime(version)
-        probs = head.logits(self.engine.embed(version, rt.preprocess(images))).softmax(-1)
-        scores, idx = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
-        return {"version": version.number, "skill": skill, "predictions": [
-            [{"label": head.classes[int(i)], "index": int(i), "score": float(x)} for x, i in zip(sr, ir)]
-            for sr, ir in zip(scores, idx)]}
+        emb = self.engine.embed(version, rt.preprocess(images))
+        return {"version": version.number, "skill": skill, "predictions": head.top_k(emb, top_k)}
 
     def close(self) -> None:
         if self._engine is not None:

@@ -196,10 +196,13 @@ def inference_router(hub: Hub) -> APIRouter:
     """The ``predict`` and ``embed`` routes (the engine is started on the first request)."""
     router = APIRouter()
 
-    async def embeddings(request: Request) -> tuple[ModelVersion, torch.Tensor, int]:
-        version = hub.current  # taken once: this request is answered by this version (C9)
+    def served() -> ModelVersion:
+        version = hub.current  # taken once: the whole request is answered by this version (C9)
         if version is None:
             raise HTTPException(503, "no model version is being served yet")
+        return version
+
+    async def embeddings(request: Request, version: ModelVersion) -> tuple[torch.Tensor, int]:
         raw, top_k = await read_images(request)
         engine = hub.engine
         images = await run_in_threadpool(decode_images, raw)
@@ -209,31 +212,24 @@ def inference_router(hub: Hub) -> APIRouter:
             emb = await asyncio.wrap_future(engine.submit(version, batch))
         except Overloaded as e:
             raise HTTPException(503, str(e), headers={"Retry-After": "1"}) from None
-        return version, emb, top_k
+        return emb, top_k
 
     @router.post("/v1/skills/{name}/predict")
     async def predict(name: str, request: Request) -> dict[str, Any]:
-        version = hub.current
-        if version is not None and name not in version.manifest["skills"]:
-            raise HTTPException(404, f"skill {name!r} is not in the served model (version {version.number})")
-        version, emb, top_k = await embeddings(request)
+        version = served()
         entry = version.manifest["skills"].get(name)
         if entry is None:
             raise HTTPException(404, f"skill {name!r} is not in the served model (version {version.number})")
         head = hub.head_by_sha(entry.get("head"))
         if head is None:
-            raise HTTPException(400, f"skill {name!r} has no classification head",
-                                headers=None) from None
-        probs = head.logits(emb).softmax(-1)
-        k = min(top_k, probs.shape[-1])
-        scores, idx = probs.topk(k, dim=-1)
-        return {"version": version.number, "skill": name, "predictions": [
-            [{"label": head.classes[int(i)], "index": int(i), "score": float(s)} for s, i in zip(srow, irow)]
-            for srow, irow in zip(scores, idx)]}
+            raise HTTPException(400, f"skill {name!r} has no classification head")
+        emb, top_k = await embeddings(request, version)
+        return {"version": version.number, "skill": name, "predictions": head.top_k(emb, top_k)}
 
     @router.post("/v1/embed")
     async def embed(request: Request) -> dict[str, Any]:
-        version, emb, _ = await embeddings(request)
+        version = served()
+        emb, _ = await embeddings(request, version)
         return {"version": version.number, "embeddings": emb.tolist()}
 
     return router

@@ -32,6 +32,12 @@ class Head:
         out = self.scale * (embeddings @ self.weight.T.to(embeddings.dtype))
         return out + self.bias.to(out.dtype) if self.bias is not None else out
 
+    def top_k(self, embeddings: torch.Tensor, k: int) -> list[list[dict[str, Any]]]:
+        """Per embedding, the ``k`` most probable classes as ``{"label", "index", "score"}`` (softmax scores)."""
+        scores, idx = self.logits(embeddings).softmax(-1).topk(min(k, len(self.classes)), dim=-1)
+        return [[{"label": self.classes[int(i)], "index": int(i), "score": float(x)} for x, i in zip(srow, irow)]
+                for srow, irow in zip(scores, idx)]
+
     def tensors(self) -> dict[str, torch.Tensor]:
         t = {"weight": self.weight}
         if self.bias is not None:
