@@ -145,16 +145,12 @@ class Daemon:
     # --- work ---------------------------------------------------------------------------------------------------
 
     def _on_arrival(self, arrival: Any) -> None:
-        """Intake callback (intake's worker thread): name the skill, localize and register it."""
+        """Intake callback (intake's worker thread): localize and register the drop (named as :meth:`Hub.ingest`
+        says, the inbox name last)."""
         assert self.hub is not None
         t0 = time.perf_counter()
-        side = arrival.sidecar or {}
-        from skillhub.checkpoint import open_checkpoint
-
-        meta_name = open_checkpoint(arrival.staged).metadata.get("skillhub.skill")
-        skill = str(side.get("skill") or meta_name or arrival.stem)
-        self.hub.ingest(arrival.staged, skill=skill, sha256=arrival.sha256, sidecar=side,
-                        keep=self.config.state.keep_staged)
+        self.hub.ingest(arrival.staged, default_name=arrival.stem, sha256=arrival.sha256,
+                        sidecar=arrival.sidecar or {}, keep=self.config.state.keep_staged)
         self.hub.metrics.ingest_seconds.observe(time.perf_counter() - t0)
 
     def health(self) -> dict[str, Any]:

@@ -168,15 +168,20 @@ class Hub:
             return strategy, dict(sidecar.get("params") or {})
         return cfg.localize.strategy, dict(cfg.localize.params)
 
-    def ingest(self, path: Path, *, skill: str, sha256: str | None = None, sidecar: Mapping[str, Any] | None = None,
-               keep: bool = True) -> VersionRow:
+    def ingest(self, path: Path, *, skill: str | None = None, default_name: str | None = None,
+               sha256: str | None = None, sidecar: Mapping[str, Any] | None = None, keep: bool = True) -> VersionRow:
         """Validate and localize one (staged) checkpoint and register it; exactly once per content.
+
+        The skill's name is ``skill`` if given, else the sidecar's ``skill``, else the header metadata
+        ``skillhub.skill``, else ``default_name`` (the drop's name in the inbox), else the file's stem.
 
         Returns the READY row (the existing one when this content was seen before). Raises a
         :class:`~skillhub.errors.SkillhubError` naming the problem when the checkpoint cannot be used; the registry
         then holds a FAILED row with that reason.
         """
         ft = open_checkpoint(path)
+        skill = skill or str((sidecar or {}).get("skill") or ft.metadata.get("skillhub.skill") or default_name
+                             or Path(path).name.removesuffix(".safetensors"))
         sha = sha256 or self.fingerprints.checkpoint(ft)
         if not skill or not skill.isprintable() or "/" in skill or len(skill) > 200:
             raise CheckpointError(f"unusable skill name {skill!r}", path=path,
