@@ -54,14 +54,12 @@ class LocalizeContext:
     :param device: where to run tensor work (the stitcher's device, usually).
     :param seed: seed for anything random, so that a localization is reproducible.
     :param examples: a :class:`TaskObjective` for data-driven strategies, else ``None``.
-    :param model: reserved for families that hand strategies a runnable model.
     :param progress: called with (done, total) as work advances; the CLI draws a bar from it.
     """
 
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     seed: int = 0
     examples: Any = None
-    model: Any = None
     progress: Callable[[int, int], None] | None = None
 
     def report(self, done: int, total: int) -> None:

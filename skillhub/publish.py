@@ -84,8 +84,11 @@ class Publisher:
     def recover(self) -> dict[str, Any] | None:
         """Remove half-written version directories and weight temp files; return the current manifest, if any."""
         for p in self.dir.iterdir():
-            if p.name.startswith(".") and (p.name.endswith(".tmp") or ".tmp" in p.name):
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            if p.name.startswith(".") and ".tmp" in p.name:
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
             elif p.is_dir():
                 for t in p.glob(".*.tmp"):
                     t.unlink(missing_ok=True)

@@ -7,21 +7,17 @@ With a dense mask (sparsity 1) this is exactly task arithmetic; with sparse mask
 from __future__ import annotations
 
 import torch
+
 from skillhub.hookspecs import hookimpl
+from skillhub.policies.average import Average
 from skillhub.stitch import ScaleParams, StitchPolicy
 
 
-class Sum(StitchPolicy):
-    """λ times the sum of the masked task-vector values."""
+class Sum(Average):
+    """λ times the sum of the masked task-vector values (the same running sum as ``average``, read differently)."""
 
     name = "sum"
     Params = ScaleParams
-
-    def accumulators(self, numel: int, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        return {"sum": torch.zeros(numel, dtype=dtype, device=device)}
-
-    def update(self, acc: dict[str, torch.Tensor], idx: torch.Tensor, values: torch.Tensor, sign: int) -> None:
-        acc["sum"].index_add_(0, idx, values, alpha=sign)
 
     def delta(self, acc: dict[str, torch.Tensor], count: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         return acc["sum"][idx] * self.params.scale
