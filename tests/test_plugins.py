@@ -107,17 +107,21 @@ def test_a_plugin_file_registers_a_new_strategy_and_policy(tmp_path: Path) -> No
     assert plugins.origins[("stitch policy", "last")] == f"file:{path}"
 
 
+# A user's plugin that registers a strategy under a built-in's name.
+COPYCAT = """
+    from skillhub import hookimpl, Localizer
+
+    class Copycat(Localizer):
+        name = "dataless"
+
+    @hookimpl
+    def register_localizers():
+        return [Copycat]
+"""
+
+
 def test_duplicate_strategy_name_names_both_plugins(tmp_path: Path) -> None:
-    path = write_plugin(tmp_path, "copycat", """
-        from skillhub import hookimpl, Localizer
-
-        class Copycat(Localizer):
-            name = "dataless"
-
-        @hookimpl
-        def register_localizers():
-            return [Copycat]
-    """)
+    path = write_plugin(tmp_path, "copycat", COPYCAT)
     with pytest.raises(PluginError) as err:
         load_plugins([tmp_path], entry_points=False)
     text = str(err.value)
@@ -147,16 +151,7 @@ def test_duplicate_policy_name_between_two_files(tmp_path: Path) -> None:
 
 
 def test_duplicate_message_names_the_first_registrant_first(tmp_path: Path) -> None:
-    path = write_plugin(tmp_path, "copycat", """
-        from skillhub import hookimpl, Localizer
-
-        class Copycat(Localizer):
-            name = "dataless"
-
-        @hookimpl
-        def register_localizers():
-            return [Copycat]
-    """)
+    path = write_plugin(tmp_path, "copycat", COPYCAT)
     with pytest.raises(PluginError) as err:
         load_plugins([tmp_path], entry_points=False)
     assert f"by 'skillhub.strategies.dataless' and by 'file:{path}'" in str(err.value)
