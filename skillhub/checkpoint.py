@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from skillhub import faultpoints
 from skillhub.errors import CheckpointError
 
 #: safetensors dtype codes we can read, and their torch dtypes.
@@ -430,11 +431,13 @@ def safetensors_header(tensors: Mapping[str, torch.Tensor], metadata: Mapping[st
     return struct.pack("<Q", len(raw)) + raw, order, offset
 
 
-def write_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:
+def write_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], *,
+                      faultpoint: str | None = None) -> str:
     """Write a safetensors file atomically (temp, fsync, rename, fsync dir); return its sha256.
 
     The bytes are deterministic for the same input (:func:`safetensors_header`), so a mask file's content hash is a
-    function of the mask alone. Readable by the reference safetensors library.
+    function of the mask alone. Readable by the reference safetensors library. ``faultpoint`` names the
+    :mod:`skillhub.faultpoints` point reached when half the tensors are written (crash tests).
     """
     path = Path(path)
     try:
@@ -446,7 +449,10 @@ def write_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor], met
     try:
         with open(tmp, "wb") as f:
             f.write(prefix)
-            for name in order:
+            for i, name in enumerate(order):
+                if faultpoint and i == len(order) // 2:
+                    f.flush()
+                    faultpoints.reach(faultpoint)
                 t = tensors[name].detach().to("cpu").contiguous()
                 if t.numel():
                     mv = memoryview(t.reshape(-1).view(torch.uint8).numpy())

@@ -213,7 +213,7 @@ class SparseDelta:
             "skillhub.dtypes": json.dumps({k: str(v).removeprefix("torch.") for k, v in sorted(self.dtypes.items())}),
         }
 
-    def save(self, path: str | Path) -> str:
+    def save(self, path: str | Path, *, faultpoint: str | None = None) -> str:
         """Write the mask file atomically; return its sha256 (its content address in the registry)."""
         tensors: dict[str, torch.Tensor] = {}
         for key, idx in self.indices.items():
@@ -221,7 +221,7 @@ class SparseDelta:
                 continue
             tensors[f"{key}::indices"] = idx.to(index_dtype(math.prod(self.shapes[key])))
             tensors[f"{key}::values"] = self.values[key].to(self.dtypes[key])
-        return write_safetensors(path, tensors, self.metadata())
+        return write_safetensors(path, tensors, self.metadata(), faultpoint=faultpoint)
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str = "cpu") -> SparseDelta:

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from skillhub import faultpoints
 from skillhub.checkpoint import Checkpoint, FingerprintCache, open_checkpoint
 from skillhub.config import Config
 from skillhub.errors import CheckpointError, SkillhubError, StitchError
@@ -234,6 +235,7 @@ class Hub:
             raise
         self.metrics.localize_seconds.observe(time.perf_counter() - t0)
         ready = self.registry.store_mask(row.id, result.delta)
+        faultpoints.reach("mask_committed")
         log.info("skill_registered", skill=ready.skill, version=ready.version, nnz=ready.nnz,
                  strategy=ready.strategy, seconds=round(result.seconds, 3))
         self._event("skill_registered", skill=ready.skill, version=ready.version, mask_sha=ready.mask_sha or "",
@@ -309,6 +311,7 @@ class Hub:
                 if name in self._active:
                     continue
                 try:
+                    faultpoints.reach("stitch_add")
                     self.stitcher.add(name, self.registry.load_mask(row.mask_sha or "", device=self.device))
                 except (SkillhubError, RuntimeError) as e:  # RuntimeError: device out of memory (C8)
                     self._fail(row, f"cannot stitch: {e}")
@@ -317,6 +320,7 @@ class Hub:
                 changed = True
             if not changed and self._current is not None:
                 return None
+            faultpoints.reach("stitch")
             version = self._build_version()
             bad = finite(version.tensors)
             if bad is not None:  # smoke check failed (C7): undo the newest additions, keep serving the old version

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from skillhub import faultpoints
 from skillhub.checkpoint import fsync_dir, write_safetensors
 from skillhub.log import get_logger
 
@@ -126,8 +127,10 @@ class Publisher:
             tmp.mkdir()
             manifest = dict(version.manifest, version=version.number, created=version.created)
             _write_text(tmp / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
+            faultpoints.reach("publish_manifest")
             os.replace(tmp, final)
             fsync_dir(self.dir)
+            faultpoints.reach("publish_current")
         _write_text(self.dir / "current", f"{version.number}\n", replace_in=self.dir)
         self._last_publish = time.monotonic()
         self.queue_weights(version)
@@ -154,7 +157,7 @@ class Publisher:
             try:
                 t0 = time.perf_counter()
                 meta = {"skillhub.manifest": json.dumps(version.manifest, sort_keys=True)}
-                write_safetensors(path, version.tensors, meta)
+                write_safetensors(path, version.tensors, meta, faultpoint="weights_write")
                 self.written.add(version.number)
                 log.info("weights_written", version=version.number, seconds=round(time.perf_counter() - t0, 3))
             except OSError as e:  # disk full etc.: the version still serves from memory; retried on next publish

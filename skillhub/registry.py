@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from skillhub import faultpoints
 from skillhub.checkpoint import fsync_dir, read_tensors, sha256_file, write_safetensors
 from skillhub.delta import SparseDelta
 from skillhub.errors import RegistryError
@@ -170,7 +171,7 @@ class Registry:
         with self._lock:
             self._inflight.add(tmp.name)
         try:
-            sha = delta.save(tmp)  # the slow part runs outside the lock; gc() ignores temp names
+            sha = delta.save(tmp, faultpoint="mask_write")  # the slow part runs outside the lock; gc() ignores temp names
             final = self.mask_path(sha)
             with self._lock:
                 # Under the lock from here: gc() must never see the final file before the row references it.
@@ -179,6 +180,7 @@ class Registry:
                 else:
                     os.replace(tmp, final)
                     fsync_dir(self.masks_dir)
+                faultpoints.reach("mask_renamed")
                 with self._tx() as db:
                     cur = db.execute("UPDATE versions SET status = 'READY', mask_sha = ?, nnz = ?, reason = NULL, "
                                      "updated = ? WHERE id = ?", (sha, delta.nnz, time.time(), version_id))

@@ -25,6 +25,7 @@ import tomllib
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from skillhub import faultpoints
 from skillhub.checkpoint import MAX_HEADER_BYTES, fsync_dir, read_header
 from skillhub.errors import CheckpointError, SkillhubError, printable
 
@@ -66,6 +67,7 @@ def _copy_stream(src: int, out: Any, digest: Any, stop: threading.Event) -> int:
         digest.update(block)
         out.write(block)
         total += len(block)
+        faultpoints.reach("staging_copy")
     return total
 
 

@@ -1,0 +1,231 @@
+"""The real service for end-to-end and fault tests: `skillhub run` as a subprocess on a real inbox, state folder,
+SQLite file and HTTP port, with checkpoints written by other processes and an independent float64 reference stitch.
+
+Crash tests arm a :mod:`skillhub.faultpoints` point: the child writes the point's name to a marker file and stops
+itself there; :meth:`Service.start_until` waits for that handshake, and the test sends SIGKILL.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+TOKEN = "e2e-secret-token"
+SHAPES = {"enc.weight": (24, 16), "enc.bias": (24,), "head.weight": (5, 24)}
+SPARSITY = 0.1
+
+WRITER = r"""
+import sys, time, os
+data = open(sys.argv[1], "rb").read()
+dest, mode = sys.argv[2], sys.argv[3]
+if mode == "slow":  # 40%, pause, the rest: must not be ingested before it is complete (FAULTS A1)
+    cut = int(len(data) * 0.4)
+    with open(dest, "wb") as f:
+        f.write(data[:cut]); f.flush()
+    time.sleep(1.5)
+    with open(dest, "ab") as f:
+        f.write(data[cut:])
+elif mode == "rename":  # temp name, then rename into place (FAULTS A2)
+    tmp = os.path.join(os.path.dirname(dest), "." + os.path.basename(dest) + ".part")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    time.sleep(0.5)
+    os.rename(tmp, dest)
+else:
+    with open(dest, "wb") as f:
+        f.write(data)
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def model(seed: int, base: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    if base is None:
+        return {k: torch.randn(s, generator=g) for k, s in SHAPES.items()}
+    return {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+
+
+def reference(base: dict[str, torch.Tensor], fts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Independent float64 L&S: exact global top-k of |τ| (ties by key order then index), averaged stitch."""
+    keys = sorted(base)
+    n = sum(base[k].numel() for k in keys)
+    k_top = math.floor(SPARSITY * n)
+    total = {k: torch.zeros(base[k].numel(), dtype=torch.float64) for k in keys}
+    count = {k: torch.zeros(base[k].numel(), dtype=torch.float64) for k in keys}
+    for ft in fts:
+        taus = {k: (ft[k].double() - base[k].double()).reshape(-1) for k in keys}
+        entries = sorted(((-abs(float(taus[k][i])), ki, i) for ki, k in enumerate(keys) for i in range(base[k].numel())
+                          if float(taus[k][i]) != 0))[:k_top]
+        for _, ki, i in entries:
+            key = keys[ki]
+            total[key][i] += float((ft[key].reshape(-1)[i] - base[key].reshape(-1)[i]))
+            count[key][i] += 1
+    return {k: (base[k].double().reshape(-1) + total[k] / count[k].clamp(min=1)).reshape(base[k].shape).float()
+            for k in keys}
+
+
+class Service:
+    """One `skillhub run` child process on ``root/config.toml``; its stderr (JSON log lines) goes to ``daemon.log``."""
+
+    def __init__(self, root: Path, port: int) -> None:
+        self.root, self.port = root, port
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = root / "daemon.log"
+        self.marker = root / "faultpoint.reached"
+
+    def spawn(self, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """Start the child and return at once."""
+        full = {k: v for k, v in os.environ.items() if not k.startswith("SKILLHUB_")}
+        full["SKILLHUB_TOKEN"] = TOKEN
+        full.update(env or {})
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "skillhub", "run", "--config",
+                                          str(self.root / "config.toml")],
+                                         cwd=self.root, env=full, stdout=subprocess.DEVNULL, stderr=log)
+        return self.proc
+
+    def start(self, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """Start the child and wait until it serves a version."""
+        self.spawn(env)
+        self.wait(lambda: self.get("/readyz").status_code == 200, "service ready")
+        return self.proc  # type: ignore[return-value]
+
+    def arm(self, spec: str) -> dict[str, str]:
+        """The environment that arms a fault point (``stop:mask_write``) with the handshake marker file."""
+        self.marker.unlink(missing_ok=True)
+        return {"SKILLHUB_FAULTPOINT": spec, "SKILLHUB_FAULTPOINT_FILE": str(self.marker)}
+
+    def wait_stopped_at(self, point: str, timeout: float = 60) -> None:
+        """Wait for the child's handshake: it wrote ``point`` to the marker and stopped itself there."""
+        self.wait(lambda: self.marker.is_file() and self.marker.read_text() == point, f"fault point {point}",
+                  timeout)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+
+    def get(self, route: str) -> httpx.Response:
+        try:
+            return httpx.get(f"http://127.0.0.1:{self.port}{route}", headers={"Authorization": f"Bearer {TOKEN}"},
+                             timeout=10)
+        except httpx.HTTPError:
+            return httpx.Response(599)
+
+    def post(self, route: str, **kw) -> httpx.Response:
+        return httpx.post(f"http://127.0.0.1:{self.port}{route}", headers={"Authorization": f"Bearer {TOKEN}"},
+                          timeout=30, **kw)
+
+    def wait(self, cond, what: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited ({self.proc.returncode}) waiting for {what}:\n"
+                                     + self.log.read_text(errors="replace")[-3000:])
+            if cond():
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"timed out waiting for {what}:\n" + self.log.read_text(errors="replace")[-3000:])
+
+    def model(self) -> dict:
+        return self.get("/v1/model").json()
+
+    def skills(self) -> dict[str, dict]:
+        return {s["name"]: s for s in self.get("/v1/skills").json()}
+
+    def weights(self) -> tuple[int, dict[str, torch.Tensor]]:
+        r = self.get("/v1/model/weights")
+        assert r.status_code == 200, r.text
+        return int(r.headers["X-Skillhub-Version"]), load_safetensors(r.content)
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        return self.proc.wait(30)
+
+
+def integrity(state: Path) -> list[tuple]:
+    """``PRAGMA integrity_check`` of the registry (must be ``[("ok",)]``) opened read-only by this process."""
+    conn = sqlite3.connect(f"file:{state / 'registry.sqlite3'}?mode=ro", uri=True)
+    try:
+        return conn.execute("PRAGMA integrity_check").fetchall()
+    finally:
+        conn.close()
+
+
+def rows(state: Path) -> list[tuple]:
+    """(skill, version, status, mask_sha) of every registry row, read-only."""
+    conn = sqlite3.connect(f"file:{state / 'registry.sqlite3'}?mode=ro", uri=True)
+    try:
+        return conn.execute("SELECT skill, version, status, mask_sha FROM versions ORDER BY id").fetchall()
+    finally:
+        conn.close()
+
+
+def make_world(tmp_path: Path, extra_config: str = "") -> tuple[Path, dict[str, torch.Tensor],
+                                                              dict[str, dict[str, torch.Tensor]], Service]:
+    """A base, three finetunes a/b/c (as ``NAME.src`` files to drop) and a config for a real service."""
+    base = model(0)
+    (tmp_path / "base.safetensors").write_bytes(save_safetensors(base))
+    fts = {name: model(i + 1, base) for i, name in enumerate(["a", "b", "c"])}
+    for name, ft in fts.items():
+        (tmp_path / f"{name}.src").write_bytes(save_safetensors(ft))
+    port = free_port()
+    (tmp_path / "config.toml").write_text(f"""
+[base]
+weights = "base.safetensors"
+[watch]
+dir = "inbox"
+stable_seconds = 0.3
+rescan_seconds = 2
+[state]
+dir = "state"
+[localize]
+strategy = "dataless"
+[localize.params]
+sparsity = {SPARSITY}
+[serve]
+port = {port}
+""" + extra_config)
+    return tmp_path, base, fts, Service(tmp_path, port)
+
+
+@pytest.fixture
+def world(tmp_path: Path):
+    root, base, fts, svc = make_world(tmp_path)
+    yield root, base, fts, svc
+    if svc.proc is not None and svc.proc.poll() is None:
+        svc.proc.kill()
+        svc.proc.wait()
+
+
+def drop(root: Path, name: str, mode: str) -> subprocess.Popen[bytes]:
+    (root / "inbox").mkdir(exist_ok=True)
+    return subprocess.Popen([sys.executable, "-c", WRITER, str(root / f"{name}.src"),
+                             str(root / "inbox" / f"{name}.safetensors"), mode])
+
+
+def assert_weights_equal(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert set(got) == set(want)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6)
+
+
