@@ -108,6 +108,11 @@ class LocalizeSection(_Section):
 
     strategy: str = Field("dataless", min_length=1)
     params: dict[str, Any] = Field(default_factory=dict)
+    max_relative_delta: float = Field(0.5, gt=0)
+    """Refuse a finetune whose ‖τ‖/‖θ₀‖ exceeds this: another base model, or a damaged file (FAULTS B7, B9)."""
+    fallback: str | None = Field(None, min_length=1)
+    """A strategy to use when a data-driven one cannot use a skill's examples (FAULTS B12); unset: the skill
+    fails with the reason."""
 
 
 class StitchSection(_Section):

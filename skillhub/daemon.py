@@ -19,9 +19,10 @@ from types import FrameType
 from typing import Any
 
 from skillhub.config import Config, load_config
-from skillhub.errors import ConfigError, SkillhubError
+from skillhub.errors import ConfigError, DiskFullError, SkillhubError
 from skillhub.hub import Hub
 from skillhub.log import get_logger
+from skillhub.recovery import RECOVERY_STEPS
 
 log = get_logger("skillhub.daemon")
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -92,6 +93,9 @@ class Daemon:
             self.server.start()
             log.info("serving", url=f"http://{cfg.serve.host}:{self.server.port}", token_env=cfg.serve.token_env,
                      token_file=str(Path(cfg.state.dir) / "token") if not os.environ.get(cfg.serve.token_env) else None)
+        if hub.read_only is not None:  # C5: drops stay in the inbox, untouched, until the registry is restored
+            log.error("read_only_mode", reason=hub.read_only, serving=hub.current.number if hub.current else None)
+            return
         inbox = Path(cfg.watch.dir)
         inbox.mkdir(parents=True, exist_ok=True)
         self.intake = Intake(inbox, Path(cfg.state.dir) / "staging", self._on_arrival,
@@ -110,6 +114,8 @@ class Daemon:
                 self._changed.clear()
                 self._reconcile()
             now = time.monotonic()
+            if self.hub.retry_at is not None and now >= self.hub.retry_at:  # after disk full (C4) or OOM (C8)
+                self._reconcile()
             if now >= next_config_check:
                 next_config_check = now + 1.0
                 self._check_config()
@@ -148,14 +154,27 @@ class Daemon:
         """Intake callback (intake's worker thread): localize and register the drop (named as :meth:`Hub.ingest`
         says, the inbox name last)."""
         assert self.hub is not None
+        from skillhub.intake import RetryLater
+
         t0 = time.perf_counter()
-        self.hub.ingest(arrival.staged, default_name=arrival.stem, sha256=arrival.sha256,
-                        sidecar=arrival.sidecar or {}, keep=self.config.state.keep_staged)
+        try:
+            self.hub.ingest(arrival.staged, default_name=arrival.stem, sha256=arrival.sha256,
+                            sidecar=arrival.sidecar or {}, keep=self.config.state.keep_staged)
+        except DiskFullError as e:  # C4: nothing was stored; the drop stays pending and is tried again
+            log.error("ingest_deferred", error=str(e))
+            raise RetryLater() from e
         self.hub.metrics.ingest_seconds.observe(time.perf_counter() - t0)
 
     def health(self) -> dict[str, Any]:
+        assert self.hub is not None
+        if self.hub.read_only is not None:
+            return {"inbox": {"ok": False, "detail": "not watched: the registry is read-only"},
+                    "registry": {"ok": False, "detail": f"{self.hub.read_only}; {RECOVERY_STEPS}"}}
         ok, detail = self.intake.health if self.intake is not None else (False, "not started")
-        return {"inbox": {"ok": ok, "detail": detail}}
+        out: dict[str, Any] = {"inbox": {"ok": ok, "detail": detail}}
+        if self.hub.last_error:
+            out["last_error"] = self.hub.last_error
+        return out
 
     # --- config reload ------------------------------------------------------------------------------------------
 

@@ -114,6 +114,16 @@ class TaskVector:
         for key in self.keys:
             yield key, self.tensor(key, out=work)
 
+    def relative_norm(self) -> float:
+        """‖τ‖ / ‖θ₀‖ over the included tensors: how far the finetune moved, as a fraction of the model's size
+        (a few percent for a finetune; about √2 for an unrelated model of the same shapes). One streaming pass;
+        also raises on NaN/Inf like every pass over τ."""
+        tau = base = 0.0
+        for key, t in self.stream():
+            tau += float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2
+            base += float(torch.linalg.vector_norm(self.base.tensor(key), dtype=torch.float64)) ** 2
+        return math.sqrt(tau) / math.sqrt(base) if base > 0 else (math.inf if tau > 0 else 0.0)
+
     def sparse(self, entries: Mapping[str, torch.Tensor | tuple[torch.Tensor, torch.Tensor]],
                provenance: Provenance | None = None) -> SparseDelta:
         """The :class:`SparseDelta` of this task vector on a mask given per tensor as sorted flat indices, or as

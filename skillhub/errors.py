@@ -86,6 +86,16 @@ class RegistryError(SkillhubError):
     """The state folder or its SQLite registry cannot be used as asked."""
 
 
+class RegistryCorruptError(RegistryError):
+    """The registry database is damaged, or missing next to mask files: it is left untouched, and the service can
+    only serve its last verified version read-only (FAULTS C5)."""
+
+
+class DiskFullError(RegistryError):
+    """A write to the state folder failed for lack of space; nothing was changed, and the step can be retried once
+    space returns (FAULTS C4)."""
+
+
 class StateLockedError(RegistryError):
     """Another live process holds the state folder."""
 

@@ -23,7 +23,7 @@ import torch
 from skillhub import faultpoints
 from skillhub.checkpoint import Checkpoint, FingerprintCache, open_checkpoint
 from skillhub.config import Config
-from skillhub.errors import CheckpointError, SkillhubError, StitchError
+from skillhub.errors import CheckpointError, LocalizeError, RegistryCorruptError, SkillhubError, StitchError
 from skillhub.families import Head
 from skillhub.inference import InferenceEngine
 from skillhub.localize import LocalizeContext
@@ -32,10 +32,14 @@ from skillhub.metrics import Metrics
 from skillhub.ops import localize_checkpoint
 from skillhub.plugins import Plugins, check_config, load_plugins
 from skillhub.publish import ModelVersion, Publisher, finite, identity
+from skillhub.recovery import RECOVERY_STEPS, last_verified
 from skillhub.registry import Registry, VersionRow
+from skillhub.statedir import take_lock
 from skillhub.stitch import Stitcher, resolve_device
 
 log = get_logger("skillhub.hub")
+OOM_RETRY_SECONDS = 30.0  # a device out of memory is retried this long after, not in a loop (FAULTS C8)
+PUBLISH_RETRY_SECONDS = 5.0  # a failed publication (disk full, C4) is retried this long after
 
 
 def demo_base(cfg: Config) -> tuple[Path, str]:
@@ -65,16 +69,30 @@ class Hub:
         self._engine: InferenceEngine | None = None
         self.on_change: Callable[[], None] = lambda: None  # the daemon sets this to schedule a reconcile
         self.last_error: str | None = None
+        self.read_only: str | None = None  # why the registry cannot be changed (FAULTS C5), or None
+        self.retry_at: float | None = None  # monotonic time to run reconcile again after a transient failure
+        self._dirty = False  # the stitcher holds changes no published version has yet
 
     # --- life ---------------------------------------------------------------------------------------------------
 
     def start(self) -> None:
         """Lock the state folder, recover from a crash, open the base, replay the registry and publish/serve."""
         cfg = self.config
-        self.registry = Registry(Path(cfg.state.dir))
-        report = self.registry.recover()
-        for row in report.pending:  # interrupted localizations: the drop is still in the inbox or staging
-            self.registry.mark_failed(row.id, "interrupted by a restart; it is retried when the file is seen again")
+        state = Path(cfg.state.dir)
+        try:
+            self.registry = Registry(state)
+        except RegistryCorruptError as e:  # C5: never an empty registry over the top; serve what files vouch for
+            self.read_only = str(e)
+            self.registry = Registry.files_only(state, take_lock(state), e)
+        else:
+            report = self.registry.recover()
+            for row in report.pending:  # interrupted localizations: the drop is still in the inbox or staging
+                self.registry.mark_failed(row.id, "interrupted by a restart; it is retried when the file is seen "
+                                                  "again")
+            if report.removed_orphans:
+                log.warning("orphan_masks_set_aside", count=len(report.removed_orphans),
+                            folder=str(state / "orphans"),
+                            hint="one is normal after a crash; many mean the registry lost rows: run skillhub doctor")
         if cfg.base.weights:
             base_path = Path(cfg.base.weights)
             self.family = self.plugins.family(cfg.base.family).from_config(cfg.base)
@@ -92,12 +110,31 @@ class Hub:
                                  accumulate=accumulate)
         included = set(self.included)
         self.passthrough = {k: self.base.tensor(k).clone() for k in self.base if k not in included}
-        self.publisher = Publisher(Path(cfg.state.dir) / "models", keep=cfg.state.keep_versions,
-                                   write_weights=cfg.state.write_weights)
+        self.publisher = Publisher(state / "models", keep=cfg.state.keep_versions,
+                                   write_weights=cfg.state.write_weights and self.read_only is None)
+        if self.read_only is not None:
+            self._serve_last_verified()
+            return
         self._on_disk = self.publisher.recover()
         log.info("hub_started", base=str(base_path), base_sha=self.base_sha[:16], included=len(self.included),
                  device=str(self.device), policy=self.policy.name, recovered=not report.clean)
         self.reconcile()
+
+    def _serve_last_verified(self) -> None:
+        """Read-only mode (C5): serve the newest published version that files alone verify; change nothing."""
+        found = last_verified(self.publisher, self.registry, self.base_sha, self.policy.name,
+                              self.policy.params.model_dump(mode="json"))
+        log.error("registry_unusable", error=self.read_only, recovery=RECOVERY_STEPS,
+                  serving=found[0]["version"] if found else None)
+        if found is None:
+            self.last_error = f"{self.read_only}; no published version could be verified, so none is served"
+            return
+        manifest, masks = found
+        for name, delta in masks.items():
+            self.stitcher.add(name, delta.to(self.device))
+        shown = {k: v for k, v in manifest.items() if k not in ("version", "created")}
+        self._current = ModelVersion(int(manifest["version"]), {**self.passthrough, **self.stitcher.snapshot()}, shown)
+        self.last_error = self.read_only
 
     @property
     def engine(self) -> InferenceEngine:
@@ -221,14 +258,25 @@ class Hub:
 
     def _localize_row(self, row: VersionRow, ft: Checkpoint) -> VersionRow:
         t0 = time.perf_counter()
+        strategy, params = row.strategy, row.params
         try:
             ctx = LocalizeContext(device=self.device, seed=0)
-            if self.plugins.localizer(row.strategy).needs_examples:
-                head = self.head(row)
-                ctx.examples = self.family.objective(self.base, ft, head, row.meta.get("sidecar") or {})
-            result = localize_checkpoint(self.base, ft, family=self.family, localizer=row.strategy, params=row.params,
+            if self.plugins.localizer(strategy).needs_examples:
+                try:
+                    ctx.examples = self.family.objective(self.base, ft, self.head(row), row.meta.get("sidecar") or {})
+                except LocalizeError as e:  # B12: unusable few-shot data fail this skill, or fall back if configured
+                    fallback = self.config.localize.fallback
+                    if fallback is None:
+                        raise
+                    log.warning("localize_fallback", skill=row.skill, strategy=strategy, fallback=fallback,
+                                reason=str(e))
+                    strategy, params = fallback, {}
+                    row = self.registry.update_meta(row.id, {**row.meta, "fallback": {"from": row.strategy,
+                                                                                      "reason": str(e)}})
+            result = localize_checkpoint(self.base, ft, family=self.family, localizer=strategy, params=params,
                                          plugins=self.plugins, skill=row.skill, base_sha=self.base_sha,
-                                         source_sha=row.source_sha, ctx=ctx)
+                                         source_sha=row.source_sha, ctx=ctx,
+                                         max_relative_delta=self.config.localize.max_relative_delta)
         except SkillhubError as e:
             self.registry.mark_failed(row.id, str(e))
             self._event("skill_failed", skill=row.skill, reason=str(e))
@@ -298,40 +346,64 @@ class Hub:
         A skill whose mask cannot be stitched, or whose stitch produces NaN/Inf, is taken out again and marked
         FAILED; the other changes still go through; the old version keeps serving until a good one is built.
         """
+        if self.read_only is not None:
+            return None
         with self._lock:
             t0 = time.perf_counter()
+            self.retry_at = None
             wanted = self.wanted()
-            changed = False
             for name, row in list(self._active.items()):
                 if name not in wanted or wanted[name].id != row.id:
                     self.stitcher.remove(name)
                     del self._active[name]
-                    changed = True
+                    self._dirty = True
             for name, row in wanted.items():
                 if name in self._active:
                     continue
                 try:
                     faultpoints.reach("stitch_add")
                     self.stitcher.add(name, self.registry.load_mask(row.mask_sha or "", device=self.device))
-                except (SkillhubError, RuntimeError) as e:  # RuntimeError: device out of memory (C8)
+                except torch.OutOfMemoryError as e:  # C8: not the skill's fault; keep serving, retry later
+                    self._transient(f"device out of memory stitching {name!r} ({str(e).splitlines()[0]}); the "
+                                    "served version is unchanged", OOM_RETRY_SECONDS)
+                    continue
+                except (SkillhubError, RuntimeError) as e:
                     self._fail(row, f"cannot stitch: {e}")
                     continue
                 self._active[name] = row
-                changed = True
-            if not changed and self._current is not None:
+                self._dirty = True
+            if not self._dirty and self._current is not None:
                 return None
             faultpoints.reach("stitch")
-            version = self._build_version()
+            try:
+                version = self._build_version()
+            except torch.OutOfMemoryError as e:
+                self._transient(f"out of memory building a version ({str(e).splitlines()[0]})", OOM_RETRY_SECONDS)
+                return None
             bad = finite(version.tensors)
-            if bad is not None:  # smoke check failed (C7): undo the newest additions, keep serving the old version
+            if bad is not None:  # smoke check failed (C7): take the newest additions out, keep serving the old one
                 for name in [n for n in wanted if n in self._active and (
                         self._current is None or n not in self._current.manifest["skills"])]:
                     self.stitcher.remove(name)
                     self._fail(self._active.pop(name), f"merged weights hold NaN/Inf in {bad!r}")
-                return None
+                version = self._build_version()
+                if finite(version.tensors) is not None or version.identity == getattr(self._current, "identity", ""):
+                    self._dirty = False
+                    return None
             self.metrics.stitch_seconds.observe(time.perf_counter() - t0)
-            self._publish(version)
+            try:
+                self._publish(version)
+            except SkillhubError as e:  # C4: disk full etc.; the old version keeps serving, retried later
+                self._transient(str(e), PUBLISH_RETRY_SECONDS)
+                return None
+            self._dirty = False
+            self.last_error = None
             return version
+
+    def _transient(self, reason: str, retry_seconds: float) -> None:
+        log.error("reconcile_deferred", reason=reason, retry_seconds=retry_seconds)
+        self.last_error = reason
+        self.retry_at = time.monotonic() + retry_seconds
 
     def _fail(self, row: VersionRow, reason: str) -> None:
         log.error("skill_failed", skill=row.skill, version=row.version, reason=reason)
@@ -402,6 +474,12 @@ class Hub:
     # --- views --------------------------------------------------------------------------------------------------
 
     def skills_view(self) -> list[dict[str, Any]]:
+        if self.read_only is not None:  # no registry to list: what the served version holds
+            cur = self._current.manifest["skills"] if self._current else {}
+            return [{"name": n, "enabled": True, "pinned": None, "active_version": s["version"],
+                     "versions": [{"version": s["version"], "status": "READY", "reason": None, "nnz": s["nnz"],
+                                   "strategy": s["strategy"], "params": s["params"], "mask": s["mask"]}]}
+                    for n, s in sorted(cur.items())]
         active = dict(self._active)
         out = []
         for s in self.registry.skills():

@@ -84,7 +84,12 @@ def doctor(state: Path) -> Report:
     orphans = [p for p in (state / "masks").glob("*.mask.safetensors")
                if p.name.removesuffix(".mask.safetensors") not in referenced]
     if orphans:
-        report.notes.append(f"{len(orphans)} orphan mask files (no registry row); the service removes them at start")
+        report.notes.append(f"{len(orphans)} orphan mask files (no registry row); the service moves them into "
+                            "orphans/ at start")
+    aside = sorted((state / "orphans").glob("*.mask.safetensors"))
+    if aside:
+        report.notes.append(f"orphans/ holds {len(aside)} mask files set aside at a start-up (no registry row named "
+                            "them); if skills went missing, restore registry.sqlite3 from a backup, else delete them")
     current = state / "models" / "current"
     if current.exists():
         try:

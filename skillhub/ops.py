@@ -42,14 +42,28 @@ def localize_checkpoint(
     ctx: LocalizeContext | None = None,
     base_sha: str | None = None,
     source_sha: str | None = None,
+    max_relative_delta: float | None = None,
 ) -> LocalizeResult:
-    """Validate ``finetuned`` against ``base`` and localize it with the named strategy."""
+    """Validate ``finetuned`` against ``base`` and localize it with the named strategy.
+
+    :param max_relative_delta: refuse a task vector with ‖τ‖/‖θ₀‖ above this (FAULTS B7, B9): no finetune moves a
+        model that far, so it is another base model with the same shapes, or a damaged file.
+    """
     t0 = time.perf_counter()
     finetuned = family.adapt(base, finetuned)
     family.validate(base, finetuned)
     keys = family.included_keys(base)
     check_tensor_dtypes(finetuned, keys)
     task = TaskVector(base, finetuned, keys)
+    if max_relative_delta is not None:
+        rel = task.relative_norm()
+        if rel > max_relative_delta:
+            raise CheckpointError(
+                f"the finetune is {rel:.3g}× the base's norm away from it (‖τ‖/‖θ₀‖ over the merged tensors; a "
+                f"finetune stays well under {max_relative_delta:g}): it looks like another base model with the "
+                "same shapes, or a damaged file", path=finetuned.path,
+                hint="drop a finetune of the configured base; if it really is one, raise [localize] "
+                     "max_relative_delta")
     prov = Provenance(skill=skill, base=base_sha or FINGERPRINTS.checkpoint(base),
                       source=source_sha or FINGERPRINTS.checkpoint(finetuned))
     delta = run_localizer(plugins.localizer(localizer), task, params, ctx or LocalizeContext(), prov)

@@ -169,6 +169,12 @@ def load_plugins(plugin_dirs: Iterable[str | Path] = (), *, entry_points: bool =
     return Plugins(pm, tables[0], tables[1], tables[2], origins)
 
 
+def _check_fallback(name: str | None, plugins: Plugins) -> None:
+    if name is not None and plugins.localizer(name).needs_examples:
+        raise PluginError(f"fallback strategy {name!r} needs examples itself",
+                          hint="fall back to a dataless strategy, such as \"dataless\"")
+
+
 def check_config(cfg: Any, plugins: Plugins) -> None:
     """Check that every strategy, policy and family the config names exists and that their params validate,
     globally and per skill, so that a bad config fails at start-up (exit 2) rather than at the first drop."""
@@ -176,6 +182,7 @@ def check_config(cfg: Any, plugins: Plugins) -> None:
         ("base.family", lambda: plugins.family(cfg.base.family)),
         ("localize", lambda: resolve_params(plugins.localizer(cfg.localize.strategy), cfg.localize.params)),
         ("stitch", lambda: plugins.make_policy(cfg.stitch.policy, cfg.stitch.params)),
+        ("localize.fallback", lambda: _check_fallback(cfg.localize.fallback, plugins)),
     ]
     for name, sk in cfg.skills.per_skill.items():
         def one(sk: Any = sk) -> None:

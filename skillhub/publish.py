@@ -11,6 +11,7 @@ not pay O(model) disk writes that the O(mask) stitch avoided (DESIGN §3, publis
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import queue
@@ -26,6 +27,7 @@ import torch
 
 from skillhub import faultpoints
 from skillhub.checkpoint import fsync_dir, write_safetensors
+from skillhub.errors import DiskFullError, RegistryError
 from skillhub.log import get_logger
 
 log = get_logger("skillhub.publish")
@@ -83,7 +85,14 @@ class Publisher:
     # --- start-up -----------------------------------------------------------------------------------------------
 
     def recover(self) -> dict[str, Any] | None:
-        """Remove half-written version directories and weight temp files; return the current manifest, if any."""
+        """Remove half-written version directories, weight temp files and versions that never became current (a
+        crash between a version's directory and its ``current`` pointer, FAULTS C3); return the current manifest,
+        if any."""
+        current = self.current_number()
+        for n in self.numbers():
+            if current is None or n > current:
+                log.warning("unpublished_version_removed", version=n)
+                shutil.rmtree(self.dir / str(n), ignore_errors=True)
         for p in self.dir.iterdir():
             if p.name.startswith(".") and ".tmp" in p.name:
                 if p.is_dir():
@@ -93,13 +102,15 @@ class Publisher:
             elif p.is_dir():
                 for t in p.glob(".*.tmp"):
                     t.unlink(missing_ok=True)
-        n = self.current_number()
-        if n is None:
-            return None
+        return self.manifest(current) if current is not None else None
+
+    def manifest(self, number: int) -> dict[str, Any] | None:
+        """A published version's manifest, or None when it is missing or unreadable."""
         try:
-            return json.loads((self.dir / str(n) / "manifest.json").read_text())
+            found = json.loads((self.dir / str(number) / "manifest.json").read_text())
         except (OSError, ValueError):
             return None
+        return found if isinstance(found, dict) else None
 
     def current_number(self) -> int | None:
         try:
@@ -121,17 +132,31 @@ class Publisher:
     def publish(self, version: ModelVersion) -> None:
         """Make ``version`` durable as the current one: its manifest dir (atomic), then ``current``; weights later."""
         final = self.dir / str(version.number)
-        if not final.exists():
-            tmp = self.dir / f".{version.number}.{os.getpid()}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-            manifest = dict(version.manifest, version=version.number, created=version.created)
-            _write_text(tmp / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
-            faultpoints.reach("publish_manifest")
-            os.replace(tmp, final)
-            fsync_dir(self.dir)
-            faultpoints.reach("publish_current")
-        _write_text(self.dir / "current", f"{version.number}\n", replace_in=self.dir)
+        try:
+            if not final.exists():
+                tmp = self.dir / f".{version.number}.{os.getpid()}.tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
+                try:
+                    tmp.mkdir()
+                    manifest = dict(version.manifest, version=version.number, created=version.created)
+                    _write_text(tmp / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
+                    faultpoints.reach("publish_manifest")
+                    os.replace(tmp, final)
+                except BaseException:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    raise
+                fsync_dir(self.dir)
+                faultpoints.reach("publish_current")
+            _write_text(self.dir / "current", f"{version.number}\n", replace_in=self.dir)
+        except OSError as e:
+            if final.is_dir() and self.current_number() != version.number:
+                shutil.rmtree(final, ignore_errors=True)  # never current: a later number may reuse nothing of it
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFullError(f"disk full publishing version {version.number} ({e.strerror or e})",
+                                    path=self.dir, hint="free space; the service keeps serving the previous "
+                                                        "version and retries by itself") from e
+            raise RegistryError(f"cannot publish version {version.number} ({e.strerror or e})", path=self.dir,
+                                hint="check permissions and free space of the state folder") from e
         self._last_publish = time.monotonic()
         self.queue_weights(version)
         self.prune()
@@ -195,10 +220,14 @@ class Publisher:
 
 def _write_text(path: Path, text: str, *, replace_in: Path | None = None) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     if replace_in is not None:
         fsync_dir(replace_in)

@@ -72,7 +72,7 @@ class RecoveryReport:
     removed_debris: list[Path]
     failed: list[VersionRow]  # READY rows whose mask file had gone; now FAILED
     pending: list[VersionRow]  # left for the caller to retry or fail
-    removed_orphans: list[Path]
+    removed_orphans: list[Path]  # mask files no row referenced, now in orphans/ (kept, not deleted)
 
     @property
     def clean(self) -> bool:

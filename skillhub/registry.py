@@ -19,6 +19,7 @@ the folder (folders, lock, database) and :mod:`skillhub.records` holds the value
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -36,7 +37,7 @@ import torch
 from skillhub import faultpoints
 from skillhub.checkpoint import fsync_dir, read_tensors, sha256_file, write_safetensors
 from skillhub.delta import SparseDelta
-from skillhub.errors import RegistryError
+from skillhub.errors import DiskFullError, RegistryError
 from skillhub.records import RecoveryReport, SkillState, VersionRow
 from skillhub.statedir import open_database, prepare_folders, take_lock, transaction
 
@@ -82,6 +83,17 @@ class Registry:
     """
 
     def __init__(self, state_dir: str | Path, *, readonly: bool = False) -> None:
+        self._paths(state_dir, readonly)
+        try:
+            if not readonly:
+                prepare_folders((self.state_dir, self.masks_dir, self.staging_dir, self.models_dir))
+                self._lock_fd = take_lock(self.state_dir)
+            self._conn = open_database(self.db_path, readonly=readonly, count_masks=lambda: len(self._mask_files()))
+        except BaseException:
+            self.close()
+            raise
+
+    def _paths(self, state_dir: str | Path, readonly: bool) -> None:
         self.state_dir = Path(state_dir)
         self.readonly = readonly
         self.db_path = self.state_dir / DB_NAME
@@ -92,14 +104,16 @@ class Registry:
         self._lock_fd: int | None = None
         self._conn: sqlite3.Connection | None = None
         self._inflight: set[str] = set()  # temp names of mask writes under way, which recover() must spare
-        try:
-            if not readonly:
-                prepare_folders((self.state_dir, self.masks_dir, self.staging_dir, self.models_dir))
-                self._lock_fd = take_lock(self.state_dir)
-            self._conn = open_database(self.db_path, readonly=readonly, count_masks=lambda: len(self._mask_files()))
-        except BaseException:
-            self.close()
-            raise
+        self._unavailable: RegistryError | None = None
+
+    @classmethod
+    def files_only(cls, state_dir: str | Path, lock_fd: int, reason: RegistryError) -> Registry:
+        """The mask and head files of a state folder whose database cannot be opened (FAULTS C5): reads files by
+        their hash; every query and mutation raises ``reason``. Owns ``lock_fd`` (the caller took the lock)."""
+        self = cls.__new__(cls)
+        self._paths(state_dir, True)
+        self._lock_fd, self._unavailable = lock_fd, reason
+        return self
 
     def close(self) -> None:
         """Close the database and release the lock. Idempotent."""
@@ -119,10 +133,12 @@ class Registry:
 
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:
-            raise RegistryError("registry is closed", path=self.db_path)
+            raise self._unavailable or RegistryError("registry is closed", path=self.db_path)
         return self._conn
 
     def _writable(self) -> None:
+        if self._unavailable is not None:
+            raise self._unavailable
         if self.readonly:
             raise RegistryError("registry is open read-only", path=self.db_path,
                                 hint="stop the daemon, or ask it through the API")
@@ -188,6 +204,10 @@ class Registry:
                         raise RegistryError(f"version id {version_id} was removed while its mask was written")
                     return self._get(db, version_id)
         except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFullError(f"disk full writing a mask file ({e.strerror or e}); the registry is unchanged",
+                                    path=self.masks_dir, hint="free space on this file system; the drop is retried "
+                                                              "by itself") from e
             raise RegistryError(f"cannot write the mask file ({e.strerror or e}); the registry is unchanged",
                                 path=tmp, hint="check free disk space and permissions, then drop it again") from e
         finally:
@@ -386,7 +406,25 @@ class Registry:
             failed = [self.mark_failed(r.id, MISSING_MASK_REASON) for r in self.versions(status="READY")
                       if r.mask_sha is None or not self.mask_path(r.mask_sha).is_file()]
             return RecoveryReport(removed_debris=debris, failed=failed, pending=self.versions(status="PENDING"),
-                                  removed_orphans=self._gc())
+                                  removed_orphans=self._set_orphans_aside())
+
+    def _set_orphans_aside(self) -> list[Path]:
+        """Move mask files no row references into ``orphans/`` rather than deleting them at start-up.
+
+        A crash between a mask's rename and its commit leaves one such file (it is rebuilt when the drop comes back);
+        many of them mean the database lost rows (say, its ``-wal`` file was deleted), and then these files are the
+        only copy of those masks: keep them for ``skillhub doctor`` and a restore (FAULTS C2, C5).
+        """
+        referenced = {r[0] for r in self._db().execute("SELECT DISTINCT mask_sha FROM versions "
+                                                       "WHERE mask_sha IS NOT NULL")}
+        moved = []
+        for sha, path in self._mask_files().items():
+            if sha not in referenced:
+                aside = self.state_dir / "orphans"
+                aside.mkdir(exist_ok=True)
+                os.replace(path, aside / path.name)
+                moved.append(aside / path.name)
+        return moved
 
     def integrity_check(self) -> list[str]:
         """Problems found, as lines (empty = healthy): SQLite's integrity check, and every READY version's mask file

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote
 
-from skillhub.errors import RegistryError, StateLockedError
+from skillhub.errors import RegistryCorruptError, RegistryError, StateLockedError
 
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 10_000
@@ -92,14 +92,14 @@ def open_database(db_path: Path, *, readonly: bool, count_masks: Callable[[], in
     if db_path.is_file() and db_path.stat().st_size > 0:
         with open(db_path, "rb") as f:
             if f.read(len(_SQLITE_MAGIC)) != _SQLITE_MAGIC:
-                raise RegistryError("registry is corrupt (not an SQLite database)", path=db_path,
+                raise RegistryCorruptError("registry is corrupt (not an SQLite database)", path=db_path,
                                     hint=_CORRUPT_HINT)
     elif readonly:
         raise RegistryError("no registry here", path=db_path,
                             hint="start the daemon once to create it, or check --state")
     elif masks := count_masks():
-        # A fresh registry here would make every mask an orphan that recover() deletes (FAULTS C5).
-        raise RegistryError(f"registry is missing but masks/ holds {masks} mask files", path=db_path,
+        # A fresh registry over these masks would silently forget every skill (FAULTS C5).
+        raise RegistryCorruptError(f"registry is missing but masks/ holds {masks} mask files", path=db_path,
                             hint="restore registry.sqlite3 from a backup, or move masks/ aside to start empty")
     target = f"file:{quote(str(db_path.resolve()))}?mode=ro" if readonly else str(db_path)
     # Autocommit mode: transactions are explicit (BEGIN IMMEDIATE) and span exactly one method.
@@ -109,7 +109,7 @@ def open_database(db_path: Path, *, readonly: bool, count_masks: Callable[[], in
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")  # a constant, not a value from outside
         problems = [r[0] for r in conn.execute("PRAGMA quick_check")]
         if problems != ["ok"]:
-            raise RegistryError(f"registry is corrupt ({'; '.join(problems[:3])})", path=db_path,
+            raise RegistryCorruptError(f"registry is corrupt ({'; '.join(problems[:3])})", path=db_path,
                                 hint=_CORRUPT_HINT)
         conn.execute("PRAGMA foreign_keys = ON")
         if readonly:
@@ -133,7 +133,7 @@ def open_database(db_path: Path, *, readonly: bool, count_masks: Callable[[], in
         conn.close()
         code = (getattr(e, "sqlite_errorcode", 0) or 0) & 0xFF
         if code in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
-            raise RegistryError(f"registry is corrupt ({e})", path=db_path, hint=_CORRUPT_HINT) from None
+            raise RegistryCorruptError(f"registry is corrupt ({e})", path=db_path, hint=_CORRUPT_HINT) from None
         raise RegistryError(f"cannot open the registry ({e})", path=db_path) from None
     except BaseException:
         conn.close()

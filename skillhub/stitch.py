@@ -140,8 +140,14 @@ class Stitcher:
         for key, idx in delta.indices.items():
             if idx.numel() and int(self._state[key].count[idx.long()].max()) >= COUNT_MAX:
                 raise StitchError(f"more than {COUNT_MAX} masks overlap in {key!r}", key=key)
+        done: list[str] = []
+        try:
+            self._apply(delta, +1, done)
+        except BaseException:
+            # All or nothing (FAULTS C8): a device running out of memory half-way must not leave half a skill in.
+            self._apply(delta, -1, keys=done)
+            raise
         self._tasks[task_id] = delta
-        self._apply(delta, +1)
 
     def remove(self, task_id: str) -> SparseDelta:
         """Take one skill out; cost O(its mask). Entries no mask covers any more become exactly θ₀."""
@@ -151,15 +157,26 @@ class Stitcher:
         self._apply(delta, -1)
         return delta
 
-    def _apply(self, delta: SparseDelta, sign: int) -> None:
-        for key, idx in delta.indices.items():
+    def _apply(self, delta: SparseDelta, sign: int, done: list[str] | None = None,
+               keys: list[str] | None = None) -> None:
+        """Add (``sign`` = +1) or take out (-1) one mask's entries, tensor by tensor (only ``keys`` if given),
+        appending each finished tensor's key to ``done``."""
+        for key in delta.indices if keys is None else keys:
+            idx = delta.indices[key]
             if idx.numel() == 0:
                 continue
             st = self._state[key]
+            # Allocate before the first in-place change, so running out of memory leaves this tensor as it was.
             idx = idx.long()
             before = st.count[idx]
-            st.count.index_add_(0, idx, torch.full_like(idx, sign, dtype=COUNT_DTYPE))
-            self.policy.update(st.acc, idx, delta.values[key].to(self.accumulate), sign)
+            step = torch.full_like(idx, sign, dtype=COUNT_DTYPE)
+            values = delta.values[key].to(self.accumulate)
+            st.count.index_add_(0, idx, step)
+            try:
+                self.policy.update(st.acc, idx, values, sign)
+            except BaseException:
+                st.count.index_add_(0, idx, step, alpha=-1)
+                raise
             count = st.count[idx]
             # Coverage statistics kept incrementally, so reading them is O(1), not a pass over the model.
             self._covered += int((count > 0).sum()) - int((before > 0).sum())
@@ -171,6 +188,8 @@ class Stitcher:
             st.merged[idx] = merged.to(st.base.dtype)
             if idle.numel():
                 st.merged[idle] = st.base[idle]
+            if done is not None:
+                done.append(key)
 
     def tensor(self, key: str) -> torch.Tensor:
         """The live merged tensor (do not modify; use :meth:`snapshot` for a copy that stays fixed)."""

@@ -17,6 +17,7 @@ from skillhub.hub import Hub
 def make_hub(root: Path, base: dict[str, torch.Tensor], extra: str = "") -> Hub:
     write_safetensors(root / "base.safetensors", base, {})
     (root / "config.toml").write_text(f'[base]\nweights = "base.safetensors"\n[state]\ndir = "state"\n'
+                                      f'[localize]\nmax_relative_delta = 100.0\n'  # these finetunes are far from θ₀ on purpose
                                       f'[localize.params]\nsparsity = 0.5\n{extra}')
     hub = Hub(load_config(root / "config.toml", env={}))
     hub.start()

@@ -23,7 +23,7 @@ def started_hub(root: Path) -> Hub:
     hub = Hub(load_config(root / "config.toml", env={}))
     hub.start()
     for i in range(2):
-        write_safetensors(root / f"s{i}.safetensors", {"w": base["w"] + torch.randn(20, generator=g)}, {})
+        write_safetensors(root / f"s{i}.safetensors", {"w": base["w"] + 0.1 * torch.randn(20, generator=g)}, {})
         hub.ingest(root / f"s{i}.safetensors", skill=f"s{i}")
     hub.reconcile()
     return hub

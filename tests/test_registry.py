@@ -193,7 +193,8 @@ def test_recover(reg: Registry) -> None:
     assert [r.id for r in report.failed] == [lost.id]
     assert reg.get(lost.id).status == "FAILED" and reg.get(lost.id).reason == MISSING_MASK_REASON
     assert [r.id for r in report.pending] == [pending.id]
-    assert report.removed_orphans == [orphan] and not orphan.exists()
+    aside = reg.state_dir / "orphans" / orphan.name
+    assert report.removed_orphans == [aside] and not orphan.exists() and aside.read_bytes() == b"orphan"
     assert reg.get(kept.id).status == "READY" and reg.mask_path(kept.mask_sha).is_file()
     assert keep_staged.exists()
     assert reg.integrity_check() == []

@@ -33,8 +33,8 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 def tiny_models() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(0)
     base = {"w": torch.randn(8, 4, generator=g), "b": torch.randn(8, generator=g)}
-    ft1 = {k: v + torch.randn(v.shape, generator=g) for k, v in base.items()}
-    ft2 = {k: v + torch.randn(v.shape, generator=g) for k, v in base.items()}
+    ft1 = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+    ft2 = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()}
     return base, ft1, ft2
 
 

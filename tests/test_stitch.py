@@ -148,6 +148,37 @@ def test_errors() -> None:
         s.add("other", other)
 
 
+@pytest.mark.parametrize("policy", ["average", "sum", "ties"])
+def test_c8_out_of_memory_half_way_through_an_add_leaves_nothing_behind(policy: str, monkeypatch) -> None:
+    """FAULTS C8 at the stitcher: a device running out of memory on the second tensor of a mask undoes the first."""
+    base = base_model()
+    s = Stitcher(base, PLUGINS.make_policy(policy), device="cpu")
+    s.add("x", random_delta(1))
+    before = s.snapshot()
+    counts = {k: s.count(k) for k in base}
+    overlap = s.overlap()
+    real_update = s.policy.update
+    calls = {"n": 0}
+
+    def update(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (test)")
+        return real_update(*args, **kw)
+
+    monkeypatch.setattr(s.policy, "update", update)
+    with pytest.raises(torch.OutOfMemoryError):
+        s.add("y", random_delta(2))
+    monkeypatch.setattr(s.policy, "update", real_update)
+    assert s.active == ["x"]
+    assert all(torch.equal(before[k], s.tensor(k)) for k in base)
+    assert all(torch.equal(counts[k], s.count(k)) for k in base)
+    assert s.overlap() == overlap
+    s.add("y", random_delta(2))  # and it can be added once memory is back
+    want = reference(base, [random_delta(1), random_delta(2)], policy)
+    assert all(torch.allclose(want[k], s.tensor(k), atol=1e-6) for k in base)
+
+
 def test_snapshot_is_immutable_and_overlap_counts() -> None:
     base = base_model()
     s = Stitcher(base, PLUGINS.make_policy("average"), device="cpu")

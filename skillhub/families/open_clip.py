@@ -32,6 +32,7 @@ from skillhub.hookspecs import hookimpl
 HEAD_WEIGHT, HEAD_BIAS = "skillhub.head.weight", "skillhub.head.bias"
 EX_IMAGES, EX_LABELS = "skillhub.examples.images", "skillhub.examples.labels"
 MAX_PER_CLASS, MAX_EXAMPLES = 64, 1024
+MAX_EXAMPLE_SIDE = 4096  # pixels; example images are resized to the model's input, which no CLIP has this large
 DEFAULT_TEMPLATES = ("a photo of a {}.", "an image of a {}.")
 _REGISTER_LOCK = threading.Lock()
 
@@ -269,6 +270,11 @@ def _examples(ft: Checkpoint) -> tuple[torch.Tensor, torch.Tensor]:
                             f"{list(labels.shape)}", path=ft.path, key=EX_IMAGES)
     if labels.is_floating_point() or labels.dtype == torch.bool:
         raise LocalizeError("example labels must be integers", path=ft.path, key=EX_LABELS)
+    if images.numel() and not (0 < min(images.shape[-2:]) and max(images.shape[-2:]) <= MAX_EXAMPLE_SIDE):
+        # Other sizes are resized to the model's input; these cannot be (empty) or should not be (memory).
+        raise LocalizeError(f"example images are {images.shape[-2]}x{images.shape[-1]} pixels; each side must be "
+                            f"1 to {MAX_EXAMPLE_SIDE}", path=ft.path, key=EX_IMAGES,
+                            hint="they are resized to the model's input size; store them at about that size")
     return images, labels.long()
 
 
