@@ -112,6 +112,16 @@ class Publisher:
             return None
         return found if isinstance(found, dict) else None
 
+    @staticmethod
+    def peek_current(models_dir: Path) -> dict[str, Any] | None:
+        """The current version's manifest read without a publisher (nothing is created or cleaned)."""
+        try:
+            number = int((models_dir / "current").read_text().strip())
+            found = json.loads((models_dir / str(number) / "manifest.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return found if isinstance(found, dict) else None
+
     def current_number(self) -> int | None:
         try:
             return int((self.dir / "current").read_text().strip())

@@ -321,6 +321,8 @@ class Registry:
         """Forget a skill: delete its versions and settings, then its now unreferenced mask files."""
         with self._lock:
             with self._tx() as db:
+                db.execute("INSERT OR REPLACE INTO removed_masks (mask_sha, removed) SELECT DISTINCT mask_sha, ? "
+                           "FROM versions WHERE skill = ? AND mask_sha IS NOT NULL", (time.time(), skill))
                 n = db.execute("DELETE FROM versions WHERE skill = ?", (skill,)).rowcount
                 s = db.execute("DELETE FROM settings WHERE skill = ?", (skill,)).rowcount
                 if n == 0 and s == 0:
@@ -425,6 +427,15 @@ class Registry:
                 os.replace(path, aside / path.name)
                 moved.append(aside / path.name)
         return moved
+
+    def unknown_masks(self, masks: set[str]) -> set[str]:
+        """The masks in ``masks`` that no version row names and that were never removed on purpose: a published
+        version using them means this registry lost recent changes (its ``-wal`` file was deleted, say)."""
+        with self._lock:
+            db = self._db()
+            known = {r[0] for r in db.execute("SELECT mask_sha FROM versions WHERE mask_sha IS NOT NULL")}
+            known |= {r[0] for r in db.execute("SELECT mask_sha FROM removed_masks")}
+        return set(masks) - known
 
     def integrity_check(self) -> list[str]:
         """Problems found, as lines (empty = healthy): SQLite's integrity check, and every READY version's mask file

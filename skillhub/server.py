@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.types import ASGIApp
 
-from skillhub.errors import RegistryError, SkillhubError, printable
+from skillhub.errors import DiskFullError, RegistryCorruptError, RegistryError, SkillhubError, printable
 from skillhub.guard import WILDCARD_HOSTS, Guard, default_allowed_hosts
 from skillhub.inference import inference_router
 from skillhub.log import get_logger
@@ -111,7 +111,10 @@ def create_app(hub: Hub, *, token: str | None, health: Callable[[], dict[str, An
 
     @app.exception_handler(SkillhubError)
     async def _skillhub_error(request: Request, exc: SkillhubError) -> Response:
-        return JSONResponse({"error": str(exc)}, status_code=404 if _not_found(exc) else 400)
+        # 503: the registry is read-only until restored (C5); 507: the state folder's disk is full (C4).
+        status = 404 if _not_found(exc) else 503 if isinstance(exc, RegistryCorruptError) else \
+            507 if isinstance(exc, DiskFullError) else 400
+        return JSONResponse({"error": str(exc)}, status_code=status)
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception) -> Response:

@@ -35,6 +35,8 @@ _SCHEMA = (
     "UNIQUE (skill, version), UNIQUE (source_sha, strategy, params))",
     "CREATE TABLE IF NOT EXISTS settings (skill TEXT PRIMARY KEY, enabled INTEGER NOT NULL DEFAULT 1, pinned INTEGER)",
     "CREATE INDEX IF NOT EXISTS versions_status ON versions (status)",
+    # Masks of removed skills: lets start-up tell "removed on purpose" from "the registry lost rows" (FAULTS C5).
+    "CREATE TABLE IF NOT EXISTS removed_masks (mask_sha TEXT PRIMARY KEY, removed REAL NOT NULL)",
 )
 
 
