@@ -270,7 +270,7 @@ def _examples(ft: Checkpoint) -> tuple[torch.Tensor, torch.Tensor]:
                             f"{list(labels.shape)}", path=ft.path, key=EX_IMAGES)
     if labels.is_floating_point() or labels.dtype == torch.bool:
         raise LocalizeError("example labels must be integers", path=ft.path, key=EX_LABELS)
-    if images.numel() and not (0 < min(images.shape[-2:]) and max(images.shape[-2:]) <= MAX_EXAMPLE_SIDE):
+    if images.shape[0] and not (0 < min(images.shape[-2:]) and max(images.shape[-2:]) <= MAX_EXAMPLE_SIDE):
         # Other sizes are resized to the model's input; these cannot be (empty) or should not be (memory).
         raise LocalizeError(f"example images are {images.shape[-2]}x{images.shape[-1]} pixels; each side must be "
                             f"1 to {MAX_EXAMPLE_SIDE}", path=ft.path, key=EX_IMAGES,
