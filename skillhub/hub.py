@@ -32,7 +32,7 @@ from skillhub.metrics import Metrics
 from skillhub.ops import localize_checkpoint
 from skillhub.plugins import Plugins, check_config, load_plugins
 from skillhub.publish import ModelVersion, Publisher, finite, identity
-from skillhub.recovery import RECOVERY_STEPS, last_verified
+from skillhub.recovery import RECOVERY_STEPS, check_registry_is_current, last_verified
 from skillhub.registry import Registry, VersionRow
 from skillhub.statedir import take_lock
 from skillhub.stitch import Stitcher, resolve_device
@@ -81,7 +81,7 @@ class Hub:
         state = Path(cfg.state.dir)
         try:
             self.registry = Registry(state)
-            self._check_registry_is_current(state)
+            check_registry_is_current(self.registry, state)
         except RegistryCorruptError as e:  # C5: never an empty registry over the top; serve what files vouch for
             self.read_only = str(e)
             self.registry = Registry.files_only(state, take_lock(state), e)
@@ -120,20 +120,6 @@ class Hub:
         log.info("hub_started", base=str(base_path), base_sha=self.base_sha[:16], included=len(self.included),
                  device=str(self.device), policy=self.policy.name, recovered=not report.clean)
         self.reconcile()
-
-    def _check_registry_is_current(self, state: Path) -> None:
-        """Refuse a registry older than the version being served (C5: its ``-wal`` file was lost): replaying it
-        would silently drop skills; the caller serves the last verified version read-only instead."""
-        current = Publisher.peek_current(state / "models")
-        lost = self.registry.unknown_masks({s["mask"] for s in (current or {}).get("skills", {}).values()
-                                            if s.get("mask")})
-        if lost:
-            self.registry.close()
-            raise RegistryCorruptError(
-                f"the registry does not know {len(lost)} mask(s) that served version {current['version']} uses: it "
-                "lost recent changes (was registry.sqlite3-wal deleted or not restored with it?)",
-                path=state / "registry.sqlite3", hint="it was left untouched; restore it (with its -wal file) from "
-                                                      "a backup, or run `skillhub doctor`")
 
     def _serve_last_verified(self) -> None:
         """Read-only mode (C5): serve the newest published version that files alone verify; change nothing."""

@@ -13,7 +13,7 @@ from typing import Any
 
 from skillhub.checkpoint import sha256_file
 from skillhub.delta import SparseDelta
-from skillhub.errors import SkillhubError
+from skillhub.errors import RegistryCorruptError, SkillhubError
 from skillhub.log import get_logger
 from skillhub.publish import Publisher
 from skillhub.registry import Registry
@@ -25,6 +25,20 @@ RECOVERY_STEPS = (
     "stop it; run `skillhub doctor` to see what is damaged; `skillhub restore BACKUP` the newest backup (or move "
     "registry.sqlite3 and masks/ aside to start empty, then drop the checkpoints again); start it again"
 )
+
+
+def check_registry_is_current(registry: Registry, state: Path) -> None:
+    """Refuse (close ``registry`` and raise) a registry older than the version being served: its ``-wal`` file was
+    lost, say. Replaying it would silently drop the skills it forgot; the caller serves read-only instead."""
+    current = Publisher.peek_current(state / "models") or {}
+    lost = registry.unknown_masks({s["mask"] for s in current.get("skills", {}).values() if s.get("mask")})
+    if lost:
+        registry.close()
+        raise RegistryCorruptError(
+            f"the registry does not know {len(lost)} mask(s) that served version {current.get('version')} uses: it "
+            "lost recent changes (was registry.sqlite3-wal deleted or not restored with it?)",
+            path=state / "registry.sqlite3", hint="it was left untouched; restore it (with its -wal file) from a "
+                                                  "backup, or run `skillhub doctor`")
 
 
 def last_verified(publisher: Publisher, registry: Registry, base_sha: str, policy: str,
