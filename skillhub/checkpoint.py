@@ -19,8 +19,10 @@ import mmap
 import os
 import struct
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -445,19 +447,28 @@ def write_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor], met
     except CheckpointError as e:
         raise CheckpointError(e.message, path=path, key=e.key) from None
     digest = hashlib.sha256(prefix)
+    with atomic_file(path) as f:
+        f.write(prefix)
+        for i, name in enumerate(order):
+            if faultpoint and i == len(order) // 2:
+                f.flush()
+                faultpoints.reach(faultpoint)
+            t = tensors[name].detach().to("cpu").contiguous()
+            if t.numel():
+                mv = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+                f.write(mv)
+                digest.update(mv)
+    return digest.hexdigest()
+
+
+@contextmanager
+def atomic_file(path: Path) -> Iterator[BinaryIO]:
+    """Write ``path`` all or nothing: into a temp file beside it, then fsync, rename and fsync the folder; on any
+    error the temp file is removed and ``path`` is as it was."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
-            f.write(prefix)
-            for i, name in enumerate(order):
-                if faultpoint and i == len(order) // 2:
-                    f.flush()
-                    faultpoints.reach(faultpoint)
-                t = tensors[name].detach().to("cpu").contiguous()
-                if t.numel():
-                    mv = memoryview(t.reshape(-1).view(torch.uint8).numpy())
-                    f.write(mv)
-                    digest.update(mv)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -465,7 +476,6 @@ def write_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor], met
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
-    return digest.hexdigest()
 
 
 def fsync_dir(folder: str | Path) -> None:

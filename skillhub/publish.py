@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from skillhub import faultpoints
-from skillhub.checkpoint import fsync_dir, write_safetensors
+from skillhub.checkpoint import atomic_file, fsync_dir, write_safetensors
 from skillhub.errors import DiskFullError, RegistryError
 from skillhub.log import get_logger
 
@@ -157,7 +157,7 @@ class Publisher:
                     raise
                 fsync_dir(self.dir)
                 faultpoints.reach("publish_current")
-            _write_text(self.dir / "current", f"{version.number}\n", replace_in=self.dir)
+            _write_text(self.dir / "current", f"{version.number}\n")
         except OSError as e:
             if final.is_dir() and self.current_number() != version.number:
                 shutil.rmtree(final, ignore_errors=True)  # never current: a later number may reuse nothing of it
@@ -228,16 +228,6 @@ class Publisher:
         self._thread.join(timeout)
 
 
-def _write_text(path: Path, text: str, *, replace_in: Path | None = None) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    if replace_in is not None:
-        fsync_dir(replace_in)
+def _write_text(path: Path, text: str) -> None:
+    with atomic_file(path) as f:
+        f.write(text.encode())

@@ -162,22 +162,23 @@ class Service:
         return self.proc.wait(30)
 
 
-def integrity(state: Path) -> list[tuple]:
-    """``PRAGMA integrity_check`` of the registry (must be ``[("ok",)]``) opened read-only by this process."""
+def query(state: Path, sql: str) -> list[tuple]:
+    """Run ``sql`` on the registry, opened read-only by this process (beside the running service)."""
     conn = sqlite3.connect(f"file:{state / 'registry.sqlite3'}?mode=ro", uri=True)
     try:
-        return conn.execute("PRAGMA integrity_check").fetchall()
+        return conn.execute(sql).fetchall()
     finally:
         conn.close()
+
+
+def integrity(state: Path) -> list[tuple]:
+    """``PRAGMA integrity_check`` of the registry: ``[("ok",)]`` when sound."""
+    return query(state, "PRAGMA integrity_check")
 
 
 def rows(state: Path) -> list[tuple]:
-    """(skill, version, status, mask_sha) of every registry row, read-only."""
-    conn = sqlite3.connect(f"file:{state / 'registry.sqlite3'}?mode=ro", uri=True)
-    try:
-        return conn.execute("SELECT skill, version, status, mask_sha FROM versions ORDER BY id").fetchall()
-    finally:
-        conn.close()
+    """(skill, version, status, mask_sha) of every registry row."""
+    return query(state, "SELECT skill, version, status, mask_sha FROM versions ORDER BY id")
 
 
 def make_world(tmp_path: Path, extra_config: str = "") -> tuple[Path, dict[str, torch.Tensor],
