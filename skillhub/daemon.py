@@ -163,6 +163,10 @@ class Daemon:
         except DiskFullError as e:  # C4: nothing was stored; the drop stays pending and is tried again
             log.error("ingest_deferred", error=str(e))
             raise RetryLater() from e
+        except SkillhubError as e:
+            if e.path is not None and Path(e.path) == Path(arrival.staged):
+                e.path = Path(arrival.name)  # the reason names the user's drop, not our (deleted) staged copy
+            raise
         self.hub.metrics.ingest_seconds.observe(time.perf_counter() - t0)
 
     def health(self) -> dict[str, Any]:
@@ -171,7 +175,9 @@ class Daemon:
             return {"inbox": {"ok": False, "detail": "not watched: the registry is read-only"},
                     "registry": {"ok": False, "detail": f"{self.hub.read_only}; {RECOVERY_STEPS}"}}
         ok, detail = self.intake.health if self.intake is not None else (False, "not started")
-        out: dict[str, Any] = {"inbox": {"ok": ok, "detail": detail}}
+        # /healthz needs no token: no absolute paths in it.
+        out: dict[str, Any] = {"inbox": {"ok": ok, "detail": detail.replace(str(Path(self.config.watch.dir)),
+                                                                             "[watch] dir")}}
         if self.hub.last_error:
             out["last_error"] = self.hub.last_error
         return out

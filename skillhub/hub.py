@@ -23,7 +23,7 @@ import torch
 from skillhub import faultpoints
 from skillhub.checkpoint import Checkpoint, FingerprintCache, open_checkpoint
 from skillhub.config import Config
-from skillhub.errors import CheckpointError, LocalizeError, RegistryCorruptError, SkillhubError, StitchError
+from skillhub.errors import CheckpointError, ConfigError, LocalizeError, RegistryCorruptError, SkillhubError, StitchError
 from skillhub.families import Head
 from skillhub.inference import InferenceEngine
 from skillhub.localize import LocalizeContext
@@ -469,8 +469,21 @@ class Hub:
                 raise StitchError(f"changing [{field}] needs a restart", key=field,
                                   hint="restart `skillhub run` to apply it")
         check_config(config, self.plugins)
+        self._check_skill_names(old, config)
         self.config = config
         self.on_change()
+
+    def _check_skill_names(self, old: Config, new: Config) -> None:
+        """An edit may not newly name a skill the registry does not know (FAULTS B11: most likely a typo, which would
+        otherwise do nothing, silently). Names already in the config before are left alone."""
+        known = {s.name for s in self.registry.skills()}
+        for field, before, after in (("skills.disabled", old.skills.disabled, new.skills.disabled),
+                                     ("skills", old.skills.per_skill, new.skills.per_skill)):
+            unknown = sorted(set(after) - set(before) - known)
+            if unknown:
+                raise ConfigError(f"{field}: unknown skill {unknown[0]!r}", path=new.source, key=field,
+                                  hint=f"known skills: {', '.join(sorted(known)) or 'none yet'}; to set up a skill "
+                                       "before dropping it, give the drop a sidecar NAME.toml instead")
 
     # --- views --------------------------------------------------------------------------------------------------
 
