@@ -57,6 +57,7 @@ class InferenceEngine:
         self.max_batch, self.max_wait = max_batch, max_wait_ms / 1000
         self._queue: queue.Queue[_Job | None] = queue.Queue(max_queue)
         self._runtimes: OrderedDict[int, Runtime] = OrderedDict()
+        self._building: dict[int, threading.Lock] = {}  # version -> lock held while its model is built
         self._cache = cache
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -79,14 +80,24 @@ class InferenceEngine:
             if rt is not None:
                 self._runtimes.move_to_end(version.number)
                 return rt
-        rt = self.hub.family.runtime(version.tensors)
-        if rt is None:
-            raise SkillhubError(f"model family {self.hub.family.name!r} serves no inference",
-                                hint="use the open_clip family, or download the weights from /v1/model/weights")
+            building = self._building.setdefault(version.number, threading.Lock())
+        # One build per version: the first requests on a new version all wait for the same model, rather than each
+        # building a copy (a model's worth of memory apiece, and heap fragmentation that stays).
+        with building:
+            with self._lock:
+                rt = self._runtimes.get(version.number)
+            if rt is None:
+                rt = self.hub.family.runtime(version.tensors)
+                if rt is None:
+                    raise SkillhubError(f"model family {self.hub.family.name!r} serves no inference",
+                                        hint="use the open_clip family, or download the weights from "
+                                             "/v1/model/weights")
+                with self._lock:
+                    self._runtimes[version.number] = rt
+                    while len(self._runtimes) > self._cache:
+                        self._runtimes.popitem(last=False)
         with self._lock:
-            self._runtimes[version.number] = rt
-            while len(self._runtimes) > self._cache:
-                self._runtimes.popitem(last=False)
+            self._building.pop(version.number, None)
         return rt
 
     def submit(self, version: ModelVersion, batch: torch.Tensor) -> Future[torch.Tensor]:

@@ -111,6 +111,7 @@ class Intake:
         self._wake, self._stop = threading.Event(), threading.Event()
         self._events: dict[str, bool | None] = {}  # name -> last hint (None: no hint), from watchdog's thread
         self._scan_requested, self._check_root, self._idle = True, False, False
+        self._working = self._settling = False
         self._entries: dict[str, _Entry] = {}  # worker-only from here on
         self._dead: dict[str, object] = {}  # drops we could neither consume nor move away, by signature
         self._consumed: dict[str, None] = {}  # recently consumed stems, to explain late sidecars
@@ -149,6 +150,13 @@ class Intake:
     @property
     def health(self) -> tuple[bool, str]:
         return self._watch.health
+
+    def arriving(self) -> bool:
+        """Whether drops are arriving right now: events not yet looked at, a drop being staged or handed over, or
+        one that changed within about a stability window. A drop stuck half-written for longer does not count,
+        so it cannot hold back other changes (the daemon batches changes while this is true)."""
+        with self._lock:
+            return bool(self._events or self._scan_requested or self._working or self._settling)
 
     def wait_idle(self, timeout: float) -> bool:
         """True once nothing is queued, pending or in progress (for tests); False after ``timeout`` seconds."""
@@ -196,7 +204,10 @@ class Intake:
                     self._scan(now)
                     next_scan = now + self.rescan_seconds
                 self._note(events, now)
-                for name in sorted(n for n, e in self._entries.items() if e.due <= now):
+                due_now = sorted(n for n, e in self._entries.items() if e.due <= now)
+                with self._lock:
+                    self._working = bool(due_now)
+                for name in due_now:
                     if self._stop.is_set():
                         break
                     entry = self._entries[name]
@@ -207,9 +218,13 @@ class Intake:
                         entry.due = time.monotonic() + max(self.stable_seconds, 5.0)
             except Exception as e:
                 self.log.error("intake_error", error=repr(e), exc_info=True)
+            now = time.monotonic()
             with self._lock:
                 self._idle = not (self._events or self._scan_requested or self._check_root or self._entries)
-            now = time.monotonic()
+                self._working = False
+                # Still arriving: changed within about one stability window (a stuck half-written file is not).
+                self._settling = any(now - e.since < self.stable_seconds + SETTLE_SECONDS + 0.5
+                                     for e in self._entries.values())
             due = min((e.due for e in self._entries.values()), default=now + TICK_SECONDS)
             self._wake.wait(min(TICK_SECONDS, max(0.01, due - now), max(0.01, next_scan - now)))
             self._wake.clear()
