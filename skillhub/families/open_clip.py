@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -73,19 +74,23 @@ def resolve_model(model: str | None) -> tuple[str, dict[str, Any]]:
     return model, {}
 
 
+class _NoPretrainedWeights(logging.Filter):
+    """open_clip warns (on the root logger) when it loads no pretrained weights: exactly what we ask of it. A filter,
+    not disabling the root logger around the call, because models are built on several threads at once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded for model")
+
+
 def create_clip(model: str | None) -> torch.nn.Module:
     """An open_clip model with random weights (no download); callers load weights into it."""
-    import logging
-
     import open_clip
 
+    root = logging.getLogger()
+    if not any(isinstance(f, _NoPretrainedWeights) for f in root.filters):
+        root.addFilter(_NoPretrainedWeights())
     name, preprocess = resolve_model(model)
-    # open_clip logs a warning when it loads no pretrained weights: that is exactly what we want here.
-    logging.getLogger().disabled, was = True, logging.getLogger().disabled
-    try:
-        return open_clip.create_model(name, pretrained=None, force_preprocess_cfg=preprocess or None)
-    finally:
-        logging.getLogger().disabled = was
+    return open_clip.create_model(name, pretrained=None, force_preprocess_cfg=preprocess or None)
 
 
 class OpenClipFamily(ModelFamily):
