@@ -135,17 +135,26 @@ def read_header(
     except OSError as e:
         raise CheckpointError(f"cannot read: {e.strerror or e}", path=path) from e
     try:
-        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        obj = _StrictJSON(max_tensors).decode(raw.decode("utf-8"))
     except _DuplicateKey as e:
         raise CheckpointError(f"duplicate tensor name {e.args[0]!r} in the header", path=path,
                               hint="the file is malformed; re-export it") from None
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise CheckpointError(f"header is not valid JSON ({type(e).__name__}): not a safetensors file", path=path) from None
+    except _TooManyObjects:
+        raise CheckpointError(f"more than {max_tensors} tensors in the header, over the cap", path=path) from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as e:
+        # ValueError: a number json will not read (over 4300 digits; NaN, Infinity or an overflowing float, which
+        # the reference parser refuses as well).
+        raise CheckpointError(f"header is not valid JSON ({type(e).__name__}): not a safetensors file",
+                              path=path) from None
     if not isinstance(obj, dict):
         raise CheckpointError("header is not a JSON object: not a safetensors file", path=path)
-    meta_raw = obj.pop("__metadata__", None) or {}
+    meta_raw = obj.pop("__metadata__", None)
+    meta_raw = {} if meta_raw is None else meta_raw
     if not isinstance(meta_raw, dict) or not all(isinstance(v, str) for v in meta_raw.values()):
         raise CheckpointError("header __metadata__ must map strings to strings", path=path)
+    if not all(_utf8(s) for s in (*obj, *meta_raw, *meta_raw.values())):
+        raise CheckpointError("header holds a name or metadata text that is not valid UTF-8 (a lone surrogate)",
+                              path=path, hint="the file is malformed; re-export it")
     if len(obj) > max_tensors:
         raise CheckpointError(f"{len(obj)} tensors, over the cap of {max_tensors}", path=path)
     data_start = 8 + n
@@ -173,19 +182,63 @@ class _DuplicateKey(Exception):
     pass
 
 
-def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    out: dict[str, object] = {}
-    for k, v in pairs:
-        if k in out:
-            raise _DuplicateKey(k)
-        out[k] = v
-    return out
+class _TooManyObjects(Exception):
+    pass
+
+
+class _StrictJSON(json.JSONDecoder):
+    """JSON as the reference parser (serde_json) reads a header: no duplicate keys, no NaN/Infinity, no float that
+    overflows, no ``-0`` integer; and parsing stops as soon as there are more objects than tensors allowed, so that
+    a header of many tiny entries cannot make the parser build ~25× its size in Python objects first."""
+
+    def __init__(self, max_tensors: int) -> None:
+        super().__init__(object_pairs_hook=self._pairs, parse_constant=self._constant, parse_float=self._float,
+                         parse_int=self._int)
+        self._budget = max_tensors + 2  # the entries, the metadata object and the header itself
+
+    def _pairs(self, pairs: list[tuple[str, object]]) -> dict[str, object]:
+        self._budget -= 1
+        if self._budget < 0:
+            raise _TooManyObjects()
+        out: dict[str, object] = {}
+        for k, v in pairs:
+            if k in out:
+                raise _DuplicateKey(k)
+            out[k] = v
+        return out
+
+    @staticmethod
+    def _constant(name: str) -> object:
+        raise ValueError(f"{name} is not JSON")
+
+    @staticmethod
+    def _float(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value):
+            raise ValueError(f"{text} overflows a float")
+        return value
+
+    @staticmethod
+    def _int(text: str) -> int:
+        if text.startswith("-0"):
+            raise ValueError("-0 is not an integer here")
+        return int(text)
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _tensor_info(path: Path, name: str, entry: object, data_start: int, data_len: int) -> TensorInfo:
     if not isinstance(entry, dict):
         raise CheckpointError(f"header entry {name!r} is not an object", path=path, key=name)
     code, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(code, str):
+        raise CheckpointError(f"tensor {name!r} has unknown dtype {code!r}", path=path, key=name)
     if code in UNSUPPORTED_DTYPES:
         raise CheckpointError(f"tensor {name!r} has unsupported dtype {code}", path=path, key=name,
                               hint="convert the checkpoint to float32, float16 or bfloat16")
@@ -193,6 +246,8 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int, data_len
         raise CheckpointError(f"tensor {name!r} has unknown dtype {code!r}", path=path, key=name)
     if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
         raise CheckpointError(f"tensor {name!r} has an invalid shape {shape!r}", path=path, key=name)
+    if 0 in shape and math.prod(d for d in shape if d) >= 2**63:  # empty, yet torch cannot make this shape
+        raise CheckpointError(f"tensor {name!r} has an impossible shape {shape!r}", path=path, key=name)
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) and not isinstance(o, bool)
                                                                     for o in offsets)):
         raise CheckpointError(f"tensor {name!r} has invalid data_offsets {offsets!r}", path=path, key=name)
