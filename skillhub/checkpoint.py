@@ -47,7 +47,7 @@ UNSUPPORTED_DTYPES = {"F8_E4M3", "F8_E5M2", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2
 DTYPE_CODES = {v: k for k, v in DTYPES.items()}
 FLOAT_DTYPES = {torch.float64, torch.float32, torch.float16, torch.bfloat16}
 
-#: the safetensors reference implementation's own header cap.
+#: about the safetensors reference implementation's own header cap (100 MB).
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 MAX_TENSORS = 200_000
 #: prefixes that training wrappers put in front of every key (DataParallel, Lightning, HF).
@@ -139,6 +139,10 @@ def read_header(
     except _DuplicateKey as e:
         raise CheckpointError(f"duplicate tensor name {e.args[0]!r} in the header", path=path,
                               hint="the file is malformed; re-export it") from None
+    except _NegativeZero:
+        # Stricter than the reference, which refuses -0 only where it reads a size: no writer emits it anywhere.
+        raise CheckpointError("header writes an integer as -0: not written by any safetensors writer", path=path,
+                              hint="the file is malformed; re-export it") from None
     except _TooManyObjects:
         raise CheckpointError(f"more than {max_tensors} tensors in the header, over the cap", path=path) from None
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as e:
@@ -186,6 +190,10 @@ class _TooManyObjects(Exception):
     pass
 
 
+class _NegativeZero(Exception):
+    pass
+
+
 class _StrictJSON(json.JSONDecoder):
     """JSON as the reference parser (serde_json) reads a header: no duplicate keys, no NaN/Infinity, no float that
     overflows, no ``-0`` integer; and parsing stops as soon as there are more objects than tensors allowed, so that
@@ -221,7 +229,7 @@ class _StrictJSON(json.JSONDecoder):
     @staticmethod
     def _int(text: str) -> int:
         if text.startswith("-0"):
-            raise ValueError("-0 is not an integer here")
+            raise _NegativeZero()
         return int(text)
 
 
