@@ -29,7 +29,6 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
@@ -38,7 +37,8 @@ import pytest
 import torch
 from safetensors.torch import save as save_safetensors
 
-from harness import TOKEN, Service, assert_weights_equal, drop, integrity, make_world, model, reference, rows
+from harness import (TOKEN, Service, World, assert_kept, assert_weights_equal, drop, make_world,
+                     model, new_rejections, reference, rows, snapshot)
 
 
 def permission_bound_prefix() -> list[str] | None:
@@ -79,105 +79,6 @@ class BoundService(Service):
         except httpx.HTTPError:
             return {}
         return r.json()["inbox"] if r.status_code == 200 else {}
-
-
-@dataclass
-class World:
-    root: Path
-    base: dict[str, torch.Tensor]
-    svc: BoundService
-    served: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # skill -> finetune being served
-
-    @property
-    def inbox(self) -> Path:
-        return self.root / "inbox"
-
-    @property
-    def state(self) -> Path:
-        return self.root / "state"
-
-    def put(self, name: str | bytes, data: bytes, mode: int | None = None) -> Path:
-        """Write ``data`` beside the inbox's files under a temp name, then rename it into place as ``name``."""
-        tmp = self.inbox / f".{len(data)}-{time.monotonic_ns()}.incoming"
-        tmp.write_bytes(data)
-        if mode is not None:
-            os.chmod(tmp, mode)
-        dest = os.path.join(os.fsencode(self.inbox), name if isinstance(name, bytes) else os.fsencode(name))
-        os.rename(tmp, dest)
-        return Path(os.fsdecode(dest))
-
-    def reason(self, name: str, timeout: float = 20) -> str:
-        """Wait for the drop ``name`` to be rejected; its reason file's text."""
-        note = self.inbox / ".rejected" / f"{name}.reason.txt"
-        self.svc.wait(note.is_file, f"{name!r} rejected", timeout)
-        assert os.path.lexists(self.inbox / ".rejected" / name) and not os.path.lexists(self.inbox / name)
-        return note.read_text()
-
-    def rejected(self) -> list[str]:
-        folder = self.inbox / ".rejected"
-        return sorted(os.listdir(folder)) if folder.exists() else []
-
-    def expected(self) -> dict[str, torch.Tensor]:
-        return reference(self.base, list(self.served.values()))
-
-    def skills(self) -> dict:
-        return self.svc.model().get("skills", {})
-
-    def serve_new(self, name: str, ft: dict[str, torch.Tensor]) -> None:
-        """Drop a good finetune ``name`` and wait until it is served."""
-        self.put(f"{name}.safetensors", save_safetensors(ft))
-        self.svc.wait(lambda: name in self.skills(), f"{name} served")
-        self.served[name] = ft
-
-    def log(self) -> list[dict]:
-        out = []
-        for line in self.svc.log.read_text(errors="replace").splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                pass
-        return out
-
-    def events(self, event: str, name: str | None = None) -> list[dict]:
-        return [r for r in self.log() if r.get("event") == event and (name is None or r.get("name") == name)]
-
-
-@dataclass(frozen=True)
-class Before:
-    version: int
-    weights: dict[str, torch.Tensor]
-    ready: frozenset[tuple[str, int, str]]
-    rejected: frozenset[str]
-
-
-def snapshot(w: World) -> Before:
-    version, weights = w.svc.weights()
-    assert_weights_equal(weights, w.expected())
-    return Before(version, weights, frozenset((s, v, m) for s, v, st, m in rows(w.state) if st == "READY"),
-                  frozenset(w.rejected()))
-
-
-def new_rejections(w: World, before: Before) -> list[str]:
-    """What ``inbox/.rejected/`` has gained since ``before``."""
-    return sorted(set(w.rejected()) - before.rejected)
-
-
-def assert_kept(w: World, before: Before, *, same_version: bool = True) -> None:
-    """The promise: still serving (the same version and weights unless the case added a skill), the weights those of
-    the skills served, nothing stored lost."""
-    assert w.svc.proc is not None and w.svc.proc.poll() is None, "the daemon died"
-    assert w.svc.get("/readyz").status_code == 200
-    version, weights = w.svc.weights()
-    if same_version:
-        assert version == before.version
-        for k in before.weights:
-            assert torch.equal(weights[k], before.weights[k]), k
-    assert_weights_equal(weights, w.expected())
-    assert integrity(w.state) == [("ok",)]
-    now = {(s, v, m) for s, v, st, m in rows(w.state) if st == "READY"}
-    assert before.ready <= now, before.ready - now
-    for _, _, mask in before.ready:
-        assert (w.state / "masks" / f"{mask}.mask.safetensors").is_file()
 
 
 def by_source(state: Path, data: bytes) -> list[tuple]:

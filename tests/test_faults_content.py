@@ -20,7 +20,6 @@ import struct
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -29,8 +28,8 @@ from safetensors.torch import save as save_safetensors
 
 from skillhub.convert import convert as skillhub_convert
 
-from harness import (SHAPES, Service, assert_weights_equal, drop, free_port, integrity, make_world, model,
-                     reference, rows)
+from harness import (SHAPES, Service, World, assert_kept, assert_weights_equal, drop, free_port, integrity,
+                     make_world, model, reference, rows, snapshot)
 
 # A localization strategy that returns NaN values, loaded from the world's plugins/ folder exactly as a user's own
 # plugin would be: the only honest way to make *localization* produce NaN in a real service (FAULTS B8).
@@ -53,76 +52,6 @@ class NaNStrategy(Dataless):
 def register_localizers():
     return [NaNStrategy]
 '''
-
-
-@dataclass
-class World:
-    root: Path
-    base: dict[str, torch.Tensor]
-    svc: Service
-    served: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # skill -> finetune being served
-
-    @property
-    def inbox(self) -> Path:
-        return self.root / "inbox"
-
-    @property
-    def state(self) -> Path:
-        return self.root / "state"
-
-    def put(self, name: str, data: bytes) -> Path:
-        """Write ``data`` beside the inbox's files under a temp name, then rename it into place as ``name``."""
-        tmp = self.inbox / f".{len(data)}-{time.monotonic_ns()}.incoming"
-        tmp.write_bytes(data)
-        os.rename(tmp, self.inbox / name)
-        return self.inbox / name
-
-    def reason(self, name: str, timeout: float = 20) -> str:
-        """Wait for the drop ``name`` to be rejected; its reason file's text."""
-        note = self.inbox / ".rejected" / f"{name}.reason.txt"
-        self.svc.wait(note.is_file, f"{name} rejected", timeout)
-        assert (self.inbox / ".rejected" / name).exists() and not (self.inbox / name).exists()
-        return note.read_text()
-
-    def expected(self) -> dict[str, torch.Tensor]:
-        return reference(self.base, list(self.served.values()))
-
-    def serve_new(self, name: str, ft: dict[str, torch.Tensor]) -> None:
-        """Drop a good finetune ``name`` and wait until it is served."""
-        self.put(f"{name}.safetensors", save_safetensors(ft))
-        self.svc.wait(lambda: name in self.svc.model().get("skills", {}), f"{name} served")
-        self.served[name] = ft
-
-
-@dataclass(frozen=True)
-class Before:
-    version: int
-    weights: dict[str, torch.Tensor]
-    ready: frozenset[tuple[str, int, str]]
-
-
-def snapshot(w: World) -> Before:
-    version, weights = w.svc.weights()
-    assert_weights_equal(weights, w.expected())
-    return Before(version, weights, frozenset((s, v, m) for s, v, st, m in rows(w.state) if st == "READY"))
-
-
-def assert_kept(w: World, before: Before) -> None:
-    """The promise after a refused input: still serving the same version and weights, nothing stored lost."""
-    assert w.svc.proc is not None and w.svc.proc.poll() is None, "the daemon died"
-    assert w.svc.get("/readyz").status_code == 200
-    version, weights = w.svc.weights()
-    assert version == before.version
-    for k in before.weights:
-        assert torch.equal(weights[k], before.weights[k]), k
-    assert_weights_equal(weights, w.expected())
-    assert integrity(w.state) == [("ok",)]
-    now = {(s, v, m) for s, v, st, m in rows(w.state) if st == "READY"}
-    assert before.ready <= now, before.ready - now
-    for _, _, mask in before.ready:
-        assert (w.state / "masks" / f"{mask}.mask.safetensors").is_file()
-    leftovers = [p.name for p in (w.state / "staging").iterdir() if p.name.endswith(".tmp")]
-    assert leftovers == []
 
 
 def skill_rows(w: World, skill: str) -> list[tuple]:
