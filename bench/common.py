@@ -1,4 +1,5 @@
-"""Shared helpers of the benchmarks: a ViT-B/32-sized synthetic model, and a peak-memory sampler."""
+"""Shared helpers of the benchmarks: a ViT-B/32-sized synthetic model, a process's memory from `/proc`, and a
+peak-memory sampler."""
 
 from __future__ import annotations
 
@@ -66,12 +67,21 @@ def write_pair(folder: Path, n_finetunes: int = 1, blocks: int = 12) -> tuple[Pa
     return base_path, fts
 
 
-def _rss_anon_kib() -> int:
-    with open("/proc/self/status") as f:
+def proc_status(pid: int | str = "self") -> dict[str, int]:
+    """The numeric fields of ``/proc/PID/status`` by name: sizes in KiB (``VmRSS``, ``RssAnon``, ``RssFile``) and
+    counts (``Threads``). Raises ``OSError`` once the process is gone."""
+    out: dict[str, int] = {}
+    with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1])
-    return 0
+            key, _, rest = line.partition(":")
+            first = rest.split(maxsplit=1)[:1]
+            if first and first[0].isdigit():
+                out[key] = int(first[0])
+    return out
+
+
+def _rss_anon_kib() -> int:
+    return proc_status().get("RssAnon", 0)
 
 
 class PeakAnon:

@@ -67,6 +67,7 @@ class Daemon:
     # --- life ---------------------------------------------------------------------------------------------------
 
     def run(self) -> int:
+        limit_malloc_arenas()  # before the service's threads exist, so they share two arenas
         self._install_signal_handlers()
         try:
             self.startup()
@@ -243,7 +244,6 @@ def limit_malloc_arenas(arenas: int = 2) -> bool:
 
 
 def run(config_path: str | None = None) -> int:
-    """Entry point of ``skillhub run``."""
-    limit_malloc_arenas()
+    """Run the service on ``config_path`` (``skillhub run`` builds its :class:`Daemon` in the CLI)."""
     cfg = load_config(config_path)
     return Daemon(cfg).run()
