@@ -16,6 +16,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -333,3 +334,20 @@ def assert_kept(w: World, before: Before, *, same_version: bool = True) -> None:
     for _, _, mask in before.ready:
         assert (w.state / "masks" / f"{mask}.mask.safetensors").is_file()
     assert [p.name for p in (w.state / "staging").iterdir() if p.name.endswith(".tmp")] == []
+
+
+def serving_a(world: World, fts: dict[str, dict[str, torch.Tensor]]) -> Iterator[World]:
+    """For a module-scoped fixture: start ``world``'s service with skill ``a`` stored and served before any fault
+    begins; yield the world; stop it cleanly (SIGTERM, exit 0), or kill it if a test left it in a bad state."""
+    svc = world.svc
+    try:
+        svc.start()
+        assert drop(world.root, "a", "plain").wait(30) == 0
+        svc.wait(lambda: "a" in svc.model().get("skills", {}), "a served")
+        world.served["a"] = fts["a"]
+        yield world
+        assert svc.stop() == 0
+    finally:
+        if svc.proc is not None and svc.proc.poll() is None:
+            svc.proc.kill()
+            svc.proc.wait()

@@ -37,8 +37,8 @@ import pytest
 import torch
 from safetensors.torch import save as save_safetensors
 
-from harness import (TOKEN, Service, World, assert_kept, assert_weights_equal, drop, make_world,
-                     model, new_rejections, reference, rows, snapshot)
+from harness import (TOKEN, Service, World, assert_kept, assert_weights_equal, drop, make_world, model,
+                     new_rejections, reference, rows, serving_a, snapshot)
 
 
 def permission_bound_prefix() -> list[str] | None:
@@ -141,18 +141,7 @@ def a9(tmp_path_factory: pytest.TempPathFactory, refused):
 @pytest.fixture(scope="module")
 def w(tmp_path_factory: pytest.TempPathFactory, a9):
     root, base, fts, svc = arrival_world(tmp_path_factory.mktemp("arrival"))
-    world = World(root, base, svc)
-    try:
-        svc.start()
-        assert drop(root, "a", "plain").wait(30) == 0  # one skill already stored before the faults begin
-        svc.wait(lambda: "a" in world.skills(), "a served")
-        world.served["a"] = fts["a"]
-        yield world
-        assert svc.stop() == 0
-    finally:
-        if svc.proc is not None and svc.proc.poll() is None:
-            svc.proc.kill()
-            svc.proc.wait()
+    yield from serving_a(World(root, base, svc), fts)
 
 
 # --- A1, A2 --------------------------------------------------------------------------------------------------------

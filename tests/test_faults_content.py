@@ -29,7 +29,7 @@ from safetensors.torch import save as save_safetensors
 from skillhub.convert import convert as skillhub_convert
 
 from harness import (SHAPES, Service, World, assert_kept, assert_weights_equal, drop, free_port, integrity,
-                     make_world, model, reference, rows, snapshot)
+                     make_world, model, reference, rows, serving_a, snapshot)
 
 # A localization strategy that returns NaN values, loaded from the world's plugins/ folder exactly as a user's own
 # plugin would be: the only honest way to make *localization* produce NaN in a real service (FAULTS B8).
@@ -78,18 +78,7 @@ def w(tmp_path_factory: pytest.TempPathFactory, f16):
     root, base, fts, svc = make_world(tmp_path_factory.mktemp("content"))
     (root / "plugins").mkdir()
     (root / "plugins" / "nan_strategy.py").write_text(NAN_PLUGIN)
-    world = World(root, base, svc)
-    try:
-        svc.start()
-        assert drop(root, "a", "plain").wait(30) == 0  # one skill already stored before any bad input arrives
-        svc.wait(lambda: "a" in svc.model().get("skills", {}), "a served")
-        world.served["a"] = fts["a"]
-        yield world
-        assert svc.stop() == 0
-    finally:
-        if svc.proc is not None and svc.proc.poll() is None:
-            svc.proc.kill()
-            svc.proc.wait()
+    yield from serving_a(World(root, base, svc), fts)
 
 
 # --- B1 ------------------------------------------------------------------------------------------------------------
