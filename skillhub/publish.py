@@ -106,27 +106,16 @@ class Publisher:
 
     def manifest(self, number: int) -> dict[str, Any] | None:
         """A published version's manifest, or None when it is missing or unreadable."""
-        try:
-            found = json.loads((self.dir / str(number) / "manifest.json").read_text())
-        except (OSError, ValueError):
-            return None
-        return found if isinstance(found, dict) else None
+        return _read_manifest(self.dir, number)
 
     @staticmethod
     def peek_current(models_dir: Path) -> dict[str, Any] | None:
         """The current version's manifest read without a publisher (nothing is created or cleaned)."""
-        try:
-            number = int((models_dir / "current").read_text().strip())
-            found = json.loads((models_dir / str(number) / "manifest.json").read_text())
-        except (OSError, ValueError):
-            return None
-        return found if isinstance(found, dict) else None
+        number = _read_current(models_dir)
+        return _read_manifest(models_dir, number) if number is not None else None
 
     def current_number(self) -> int | None:
-        try:
-            return int((self.dir / "current").read_text().strip())
-        except (OSError, ValueError):
-            return None
+        return _read_current(self.dir)
 
     def numbers(self) -> list[int]:
         return sorted(int(p.name) for p in self.dir.iterdir() if p.is_dir() and p.name.isdigit())
@@ -231,3 +220,18 @@ class Publisher:
 def _write_text(path: Path, text: str) -> None:
     with atomic_file(path) as f:
         f.write(text.encode())
+
+
+def _read_current(models_dir: Path) -> int | None:
+    try:
+        return int((models_dir / "current").read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _read_manifest(models_dir: Path, number: int) -> dict[str, Any] | None:
+    try:
+        found = json.loads((models_dir / str(number) / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return found if isinstance(found, dict) else None
