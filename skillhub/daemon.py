@@ -165,10 +165,6 @@ class Daemon:
         except DiskFullError as e:  # C4: nothing was stored; the drop stays pending and is tried again
             log.error("ingest_deferred", error=str(e))
             raise RetryLater() from e
-        except SkillhubError as e:
-            if e.path is not None and Path(e.path) == Path(arrival.staged):
-                e.path = Path(arrival.name)  # the reason names the user's drop, not our (deleted) staged copy
-            raise
         self.hub.metrics.ingest_seconds.observe(time.perf_counter() - t0)
 
     def health(self) -> dict[str, Any]:

@@ -353,6 +353,8 @@ class Intake:
             return
         except SkillhubError as x:
             self._drop_held(e, arrival)
+            if x.path is not None and Path(x.path) == Path(arrival.staged):
+                x.path = Path(e.name)  # the reason names the user's drop, not our (now deleted) staged copy
             return self._reject(e, str(x), check=True)
         except Exception as x:
             self.log.error("on_arrival_failed", name=show_name(e.name), error=repr(x), exc_info=True)
