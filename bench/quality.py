@@ -4,7 +4,7 @@
 
 The base is the ImageNet EfficientNet-Lite0 tower that ships with an installed package; the skills are copies of it
 finetuned (SGD) on small image tasks made from shipped or rendered data, each with a frozen few-shot prototype
-head (``skillhub.vision``; DESIGN §9 explains the regime). Every merge goes through skillhub's own localization
+head (``skillhub.demo``; DESIGN §9 explains the regime). Every merge goes through skillhub's own localization
 strategies and stitch policies, exactly as the daemon would run them:
 
 - task arithmetic = ``dataless`` at sparsity 1 (a dense mask) + ``sum``; λ chosen on the validation split;
@@ -38,7 +38,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from skillhub import vision as V  # noqa: E402
+from skillhub.demo import finetune as T  # noqa: E402
+from skillhub.demo import tasks as D  # noqa: E402
+from skillhub.demo import tower as V  # noqa: E402
+from skillhub.families.fewshot import ImageObjective  # noqa: E402
+from skillhub.head import Head  # noqa: E402
 from skillhub.checkpoint import write_safetensors  # noqa: E402
 from skillhub.delta import Provenance, SparseDelta, TaskVector  # noqa: E402
 from skillhub.localize import LocalizeContext, run_localizer  # noqa: E402
@@ -47,7 +51,7 @@ from skillhub.stitch import Stitcher, stitch  # noqa: E402
 
 FULL: dict[str, Any] = {
     "image_size": 64,
-    "tasks": V.available_tasks(),  # the default tasks whose data is on this machine
+    "tasks": D.available_tasks(),  # the default tasks whose data is on this machine
     "sizes": [400, 200, 400],  # train, val, test per task
     "head_shots": 16,  # examples per class behind each frozen prototype head
     "finetune": {"epochs": 8, "lr": 0.05, "momentum": 0.9, "clip": 1.0, "batch_size": 32, "bn": "frozen"},
@@ -85,7 +89,7 @@ class Bench:
     def __init__(self, cfg: Mapping[str, Any], seed: int, plugins: Plugins) -> None:
         self.cfg, self.seed, self.plugins = cfg, seed, plugins
         t = time.perf_counter()
-        self.tasks = V.make_tasks(cfg["image_size"], seed, names=cfg["tasks"], sizes=tuple(cfg["sizes"]))
+        self.tasks = D.make_tasks(cfg["image_size"], seed, names=cfg["tasks"], sizes=tuple(cfg["sizes"]))
         log(f"{len(self.tasks)} tasks built in {time.perf_counter() - t:.1f}s: {', '.join(x.name for x in self.tasks)}")
         self.tower = V.image_tower()
         self.base = {k: v.clone() for k, v in self.tower.state_dict().items()}
@@ -99,7 +103,7 @@ class Bench:
     def finetune_all(self) -> None:
         for i, task in enumerate(self.tasks):
             t = time.perf_counter()
-            self.finetuned[task.name] = V.finetune(self.tower, task, self.heads[task.name], seed=self.seed + i,
+            self.finetuned[task.name] = T.finetune(self.tower, task, self.heads[task.name], seed=self.seed + i,
                                                    **self.cfg["finetune"])
             self.finetune_seconds[task.name] = time.perf_counter() - t
             log(f"finetuned {task.name} in {self.finetune_seconds[task.name]:.1f}s")
@@ -128,12 +132,15 @@ class Bench:
                                     Provenance(skill=name))
                 for name, tv in self.task_vectors.items()}
 
-    def objective(self, name: str) -> V.FewShotObjective:
+    def objective(self, name: str) -> ImageObjective:
+        """The service's own objective (what the open_clip family hands the ``trained`` strategy), on the bare
+        tower: its keys have no ``visual.`` prefix here."""
         task = next(x for x in self.tasks if x.name == name)
         x, y = task.train
         pick = V.few_shot(y, self.cfg["trained_shots"])[:1024]
-        return V.FewShotObjective(self.tower, self.heads[name], x[pick], y[pick], self.keys,
-                                  batch_size=self.cfg["trained_batch"], seed=self.seed)
+        head = Head(self.heads[name], None, task.classes, V.LOGIT_SCALE)
+        return ImageObjective(V.image_tower(), head, x[pick], y[pick], batch_size=self.cfg["trained_batch"],
+                              seed=self.seed)
 
 
 def mean(d: Mapping[str, float]) -> float:

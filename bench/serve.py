@@ -1,6 +1,6 @@
 """Inference throughput over real HTTP with and without dynamic batching, measured side by side in one run.
 
-A Hub with the open_clip family (an EfficientNet-Lite0 image tower at 64 px, `skillhub.vision`) serves one skill;
+A Hub with the open_clip family (an EfficientNet-Lite0 image tower at 64 px, `skillhub.demo.tower`) serves one skill;
 K client threads send single-image predict requests for a fixed time, first with batching off (max_batch = 1), then
 on (max_batch = 32, wait 5 ms). Both runs use the same server code, port type and images.
 
@@ -31,7 +31,7 @@ TOKEN = "bench"
 
 
 def make_world(root: Path) -> None:
-    from skillhub.vision import build_clip, clip_config
+    from skillhub.demo.tower import build_clip, clip_config
 
     (root / "clip.json").write_text(json.dumps(clip_config(64)))
     model = build_clip(64)

@@ -47,17 +47,18 @@ def _plugins(cfg: Any) -> Any:
 
 def cmd_localize(args: argparse.Namespace) -> int:
     from skillhub.checkpoint import open_checkpoint
+    from skillhub.desired import localization
     from skillhub.localize import LocalizeContext, resolve_params
     from skillhub.log import Progress
     from skillhub.ops import localize_checkpoint
 
     cfg = _config(args)
     plugins = _plugins(cfg)
-    params = dict(cfg.localize.params) if args.strategy in (None, cfg.localize.strategy) else {}
-    params.update(_params(args))
+    flags = _params(args)
     if args.sparsity is not None:
-        params["sparsity"] = args.sparsity
-    strategy = args.strategy or cfg.localize.strategy
+        flags["sparsity"] = args.sparsity
+    skill = args.skill or _stem(args.finetuned)
+    strategy, params = localization(cfg, skill, strategy=args.strategy, params=flags)
     try:
         resolve_params(plugins.localizer(strategy), params)
     except SkillhubError as e:  # a bad flag or config value is a usage error (exit 2), not a failure
@@ -66,10 +67,13 @@ def cmd_localize(args: argparse.Namespace) -> int:
     base, ft = open_checkpoint(args.base), open_checkpoint(args.finetuned)
     bar = Progress(f"localize {Path(args.finetuned).name}")
     ctx = LocalizeContext(progress=bar)
-    if plugins.localizer(strategy).needs_examples:  # few-shot examples and head come with the checkpoint
-        ctx.examples = family.objective(base, ft, family.head(base, ft, None), {})
-    result = localize_checkpoint(base, ft, family=family, localizer=strategy, params=params, plugins=plugins,
-                                 skill=args.skill or _stem(args.finetuned), ctx=ctx)
+    needs = plugins.localizer(strategy).needs_examples  # few-shot examples and head come with the checkpoint
+    prepared = family.prepare(base, ft, None, examples=needs)
+    if needs:
+        assert prepared.examples is not None
+        ctx.examples = family.objective(base, prepared.head, prepared.examples)
+    result = localize_checkpoint(base, prepared, family=family, localizer=strategy, params=params, plugins=plugins,
+                                 skill=skill, ctx=ctx)
     bar.close()
     sha = result.delta.save(args.out)
     d = result.delta

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
-import torch
 
 from skillhub.errors import SkillhubError
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_URL = "http://127.0.0.1:8750"
 
@@ -119,6 +121,8 @@ class Client:
         """Normalised image embeddings from the served merged image tower: (version, [N, D])."""
         files = [("images", (f"image{i}", _image_bytes(img), "application/octet-stream")) for i, img in enumerate(images)]
         body = self._json("POST", "/v1/embed", files=files)
+        import torch
+
         return int(body["version"]), torch.tensor(body["embeddings"])
 
     def weights(self) -> tuple[int, dict[str, torch.Tensor]]:

@@ -10,20 +10,19 @@ from __future__ import annotations
 
 import copy
 import difflib
-import math
 import os
 import re
 import tomllib
 import types
 import typing
 from collections.abc import Mapping, Sequence
-from datetime import date, datetime, time
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from skillhub.errors import ConfigError
+from skillhub.tomlwrite import toml_str, toml_table
 
 __all__ = [
     "CONFIG_ENV", "DEFAULT_CONFIG_NAME", "ENV_PREFIX", "BaseSection", "Config", "LocalizeSection", "PluginsSection",
@@ -227,8 +226,8 @@ class Config(_Section):
         """
         data = self.model_dump(exclude={"source"})
         data["skills"] = {"disabled": data["skills"]["disabled"], **data["skills"]["per_skill"]}
-        origin = f"read from {_toml_str(str(self.source))}" if self.source else "no config file"
-        return "\n".join([f"# effective skillhub config ({origin})", *_emit_table((), data)]) + "\n"
+        origin = f"read from {toml_str(str(self.source))}" if self.source else "no config file"
+        return "\n".join([f"# effective skillhub config ({origin})", *toml_table((), data)]) + "\n"
 
 
 _SETTABLE = frozenset(Config.model_fields) - {"source"}
@@ -445,52 +444,3 @@ def _resolve_paths(config: Config, base_dir: Path, file: Path | None) -> Config:
 
 
 # --- a minimal TOML writer, enough for Config.dump() ---
-
-_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
-_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
-
-
-def _toml_str(text: str) -> str:
-    return '"' + "".join(
-        _ESCAPES.get(c) or (f"\\u{ord(c):04x}" if ord(c) < 0x20 or ord(c) == 0x7F else c) for c in text
-    ) + '"'
-
-
-def _toml_key(key: str) -> str:
-    return key if _BARE_KEY.fullmatch(key) else _toml_str(key)
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return int.__repr__(value)  # not repr(): subclasses (IntEnum) print otherwise
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        return ("inf" if value > 0 else "-inf") if math.isinf(value) else float.__repr__(value)
-    if isinstance(value, (str, Path)):
-        return _toml_str(str(value))
-    if isinstance(value, (datetime, date, time)):
-        return value.isoformat()
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, Mapping):
-        return "{" + ", ".join(f"{_toml_key(str(k))} = {_toml_value(v)}" for k, v in value.items()) + "}"
-    raise ConfigError(f"cannot write {value!r} ({type(value).__name__}) as TOML")
-
-
-def _emit_table(header: tuple[str, ...], table: Mapping[str, Any]) -> list[str]:
-    """Lines of one table: its header, its plain keys (unset ones as comments), then its sub-tables."""
-    lines = [f"[{'.'.join(_toml_key(h) for h in header)}]"] if header else []
-    subtables = []
-    for key, value in table.items():
-        if value is None:
-            lines.append(f"# {_toml_key(key)} is not set")
-        elif isinstance(value, Mapping):
-            subtables.append((key, value))
-        else:
-            lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
-    for key, value in subtables:
-        lines += ["", *_emit_table((*header, key), value)]
-    return lines

@@ -84,7 +84,7 @@ class Daemon:
         from skillhub.intake import Intake
         from skillhub.server import Server, create_app
 
-        cfg = self.config
+        self.config = cfg = _with_base(self.config)
         token = resolve_token(cfg)  # before the hub, so a bad serve config fails before any state is touched
         self.hub = hub = Hub(cfg)
         hub.on_change = self._changed.set
@@ -195,7 +195,7 @@ class Daemon:
             return
         self._config_stamp = stamp
         try:
-            new = load_config(self.config_path)
+            new = _with_base(load_config(self.config_path))
             assert self.hub is not None
             self.hub.apply_config(new)
         except SkillhubError as e:  # B11: an invalid edit is logged; the running config stays in force
@@ -219,6 +219,15 @@ class Daemon:
     def _handle_exit(self, sig: int, frame: FrameType | None) -> None:
         log.info("signal_received", signal=signal.Signals(sig).name)
         self.should_exit.set()
+
+
+def _with_base(cfg: Config) -> Config:
+    """The config with its base model: the built-in demo when ``[base] weights`` is not set (made on first use)."""
+    if cfg.base.weights is not None:
+        return cfg
+    from skillhub.demo import with_demo_base  # only then: the demo's trainer is no part of a configured service
+
+    return with_demo_base(cfg)
 
 
 def limit_malloc_arenas(arenas: int = 2) -> bool:

@@ -25,7 +25,8 @@ from typing import Protocol
 
 import torch
 
-from skillhub.checkpoint import DTYPES, TensorFile, write_safetensors
+from skillhub.checkpoint import TensorFile, write_safetensors
+from skillhub.header import DTYPES
 from skillhub.errors import CheckpointError
 
 FORMAT = "sparse-delta/1"

@@ -25,8 +25,10 @@ Hooks come in two kinds:
 
 - **registration hooks** (``register_*``) are called once when the plugin manager is built. Every plugin's list
   is collected; return ``[]`` or ``None`` when you register nothing of that kind.
-- **event hooks** (``skill_*``, ``version_*``) are called by the service as things happen, in the daemon's main
-  thread. They are notifications: their return value is ignored, they must be quick (hand long work to a thread of
+- **event hooks** (``skill_*``, ``version_*``) are called by the service as things happen, on the thread where
+  it happened: ``skill_registered`` and ``skill_failed`` on the intake's worker (or the re-localization worker, or
+  the thread that called :meth:`Hub.ingest`), ``version_published`` and a stitch's ``skill_failed`` on the thread
+  that reconciles (the daemon's main loop), so two events may run at once. They are notifications: their return value is ignored, they must be quick (hand long work to a thread of
   your own), and an exception they raise is logged and otherwise ignored, so a broken plugin never stops the
   service.
 """

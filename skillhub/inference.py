@@ -1,4 +1,5 @@
-"""Inference on the served merged model: a dynamic batcher and the ``predict`` / ``embed`` HTTP routes.
+"""Inference on the served versions: an engine with a dynamic batcher (the HTTP routes in :mod:`skillhub.server`
+and :class:`~skillhub.hub.Hub` are thin layers over it).
 
 Every request takes the current :class:`~skillhub.publish.ModelVersion` once, at its start, and is answered by that
 version however many versions are published meanwhile (FAULTS C9). Images from concurrent requests that hold the
@@ -8,33 +9,24 @@ throughput under load is several times that of one-at-a-time, while a lone reque
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import binascii
-import io
 import queue
 import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
-from fastapi import APIRouter, HTTPException, Request
-from starlette.concurrency import run_in_threadpool
 
-from skillhub.errors import SkillhubError
+from skillhub.errors import SkillhubError, StitchError
 from skillhub.families import Runtime
+from skillhub.head import Head
 from skillhub.log import get_logger
 from skillhub.publish import ModelVersion
 
-if TYPE_CHECKING:
-    from skillhub.hub import Hub
-
 log = get_logger("skillhub.inference")
-MAX_IMAGES_PER_REQUEST = 64
-MAX_IMAGE_PIXELS = 40_000_000
 
 
 class Overloaded(SkillhubError):
@@ -49,11 +41,17 @@ class _Job:
 
 
 class InferenceEngine:
-    """Builds a runnable model per served version (cached) and embeds images with dynamic batching."""
+    """Builds a runnable model per served version (cached) and embeds images with dynamic batching.
 
-    def __init__(self, hub: Hub, *, max_batch: int = 32, max_wait_ms: float = 5.0, max_queue: int = 1024,
-                 cache: int = 2) -> None:
-        self.hub = hub
+    :param runtime: builds a runnable model from a version's tensors (the family's ``runtime``), or returns ``None``
+        when the family serves no inference.
+    :param head: a skill's classification head by its sha256 (a :class:`~skillhub.head.HeadStore`'s ``get``).
+    """
+
+    def __init__(self, runtime: Callable[[Mapping[str, torch.Tensor]], Runtime | None],
+                 head: Callable[[str | None], Head | None], *, family: str = "", max_batch: int = 32,
+                 max_wait_ms: float = 5.0, max_queue: int = 1024, cache: int = 2) -> None:
+        self._make_runtime, self._head, self.family = runtime, head, family
         self.max_batch, self.max_wait = max_batch, max_wait_ms / 1000
         self._queue: queue.Queue[_Job | None] = queue.Queue(max_queue)
         self._runtimes: OrderedDict[int, Runtime] = OrderedDict()
@@ -87,9 +85,9 @@ class InferenceEngine:
             with self._lock:
                 rt = self._runtimes.get(version.number)
             if rt is None:
-                rt = self.hub.family.runtime(version.tensors)
+                rt = self._make_runtime(version.tensors)
                 if rt is None:
-                    raise SkillhubError(f"model family {self.hub.family.name!r} serves no inference",
+                    raise SkillhubError(f"model family {self.family!r} serves no inference",
                                         hint="use the open_clip family, or download the weights from "
                                              "/v1/model/weights")
                 with self._lock:
@@ -111,6 +109,26 @@ class InferenceEngine:
     def embed(self, version: ModelVersion, batch: torch.Tensor) -> torch.Tensor:
         """Blocking embed through the batcher (the Python API's path)."""
         return self.submit(version, batch).result()
+
+    def head(self, version: ModelVersion, skill: str) -> Head:
+        """``skill``'s classification head in ``version``; :class:`StitchError` when it is not served or has none."""
+        entry = version.manifest["skills"].get(skill)
+        if entry is None:
+            raise StitchError(f"skill {skill!r} is not in the served model (version {version.number})", key=skill)
+        head = self._head(entry.get("head"))
+        if head is None:
+            raise StitchError(f"skill {skill!r} has no classification head", key=skill)
+        return head
+
+    def preprocess(self, version: ModelVersion, images: Sequence[Any]) -> torch.Tensor:
+        """PIL images → the normalised batch ``version``'s model takes."""
+        return self.runtime(version).preprocess(images)
+
+    def predict(self, version: ModelVersion, skill: str, images: Sequence[Any], top_k: int = 5) -> dict[str, Any]:
+        """Classify PIL ``images`` with ``skill``'s head on ``version`` (blocking, through the batcher)."""
+        head = self.head(version, skill)
+        emb = self.embed(version, self.preprocess(version, images))
+        return {"version": version.number, "skill": skill, "predictions": head.top_k(emb, top_k)}
 
     def _run(self) -> None:
         while True:
@@ -149,98 +167,3 @@ class InferenceEngine:
             size = j.batch.shape[0]
             j.future.set_result(out[start:start + size])
             start += size
-
-
-def decode_images(raw: list[bytes]) -> list[Any]:
-    """Bytes → PIL images, refusing non-images and decompression bombs with a 400 naming the image."""
-    from PIL import Image
-
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
-    images = []
-    for i, data in enumerate(raw):
-        try:
-            img = Image.open(io.BytesIO(data))
-            img.load()
-        except Exception as e:  # PIL raises many types for bad input
-            raise HTTPException(400, f"image {i} is not a readable image ({type(e).__name__})") from None
-        images.append(img)
-    return images
-
-
-async def read_images(request: Request) -> tuple[list[bytes], int]:
-    """Images from a multipart form (fields ``images``/``image``/``file``) or JSON ``{"images": [base64...]}``."""
-    ctype = request.headers.get("content-type", "")
-    top_k = 5
-    raw: list[bytes] = []
-    if ctype.startswith("multipart/form-data"):
-        form = await request.form()
-        for key, value in form.multi_items():
-            if key in ("images", "image", "file") and hasattr(value, "read"):
-                raw.append(await value.read())
-            elif key == "top_k":
-                top_k = _int(value)
-    else:
-        try:
-            body = await request.json()
-            items = body.get("images") if isinstance(body, dict) else None
-            if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
-                raise ValueError
-            raw = [base64.b64decode(s, validate=True) for s in items]
-            top_k = _int(body.get("top_k", 5))
-        except (ValueError, binascii.Error):
-            raise HTTPException(400, 'send multipart "images" files, or JSON {"images": ["<base64>", ...]}') from None
-    if not raw:
-        raise HTTPException(400, "no images in the request")
-    if len(raw) > MAX_IMAGES_PER_REQUEST:
-        raise HTTPException(413, f"at most {MAX_IMAGES_PER_REQUEST} images per request")
-    return raw, max(1, top_k)
-
-
-def _int(value: Any) -> int:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise HTTPException(400, "top_k must be an integer") from None
-
-
-def inference_router(hub: Hub) -> APIRouter:
-    """The ``predict`` and ``embed`` routes (the engine is started on the first request)."""
-    router = APIRouter()
-
-    def served() -> ModelVersion:
-        version = hub.current  # taken once: the whole request is answered by this version (C9)
-        if version is None:
-            raise HTTPException(503, "no model version is being served yet")
-        return version
-
-    async def embeddings(request: Request, version: ModelVersion) -> tuple[torch.Tensor, int]:
-        raw, top_k = await read_images(request)
-        engine = hub.engine
-        images = await run_in_threadpool(decode_images, raw)
-        rt = await run_in_threadpool(engine.runtime, version)
-        batch = await run_in_threadpool(rt.preprocess, images)
-        try:
-            emb = await asyncio.wrap_future(engine.submit(version, batch))
-        except Overloaded as e:
-            raise HTTPException(503, str(e), headers={"Retry-After": "1"}) from None
-        return emb, top_k
-
-    @router.post("/v1/skills/{name}/predict")
-    async def predict(name: str, request: Request) -> dict[str, Any]:
-        version = served()
-        entry = version.manifest["skills"].get(name)
-        if entry is None:
-            raise HTTPException(404, f"skill {name!r} is not in the served model (version {version.number})")
-        head = hub.head_by_sha(entry.get("head"))
-        if head is None:
-            raise HTTPException(400, f"skill {name!r} has no classification head")
-        emb, top_k = await embeddings(request, version)
-        return {"version": version.number, "skill": name, "predictions": head.top_k(emb, top_k)}
-
-    @router.post("/v1/embed")
-    async def embed(request: Request) -> dict[str, Any]:
-        version = served()
-        emb, _ = await embeddings(request, version)
-        return {"version": version.number, "embeddings": emb.tolist()}
-
-    return router

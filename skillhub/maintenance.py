@@ -20,7 +20,7 @@ import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from skillhub.checkpoint import sha256_file
+from skillhub.atomic import sha256_file
 from skillhub.errors import RegistryError
 from skillhub.registry import Registry
 

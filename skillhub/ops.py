@@ -12,16 +12,13 @@ from typing import Any
 
 import torch
 
-from skillhub.checkpoint import Checkpoint, FingerprintCache, check_tensor_dtypes, open_checkpoint, write_safetensors
+from skillhub.checkpoint import Checkpoint, fingerprint, open_checkpoint, write_safetensors
 from skillhub.delta import Provenance, SparseDelta, TaskVector
 from skillhub.errors import CheckpointError, StitchError
-from skillhub.families import ModelFamily
+from skillhub.families import ModelFamily, Prepared
 from skillhub.localize import LocalizeContext, run_localizer
 from skillhub.plugins import Plugins
 from skillhub.stitch import Stitcher, StitchPolicy
-
-FINGERPRINTS = FingerprintCache()
-
 
 @dataclass(frozen=True)
 class LocalizeResult:
@@ -32,7 +29,7 @@ class LocalizeResult:
 
 def localize_checkpoint(
     base: Checkpoint,
-    finetuned: Checkpoint,
+    prepared: Prepared,
     *,
     family: ModelFamily,
     localizer: str,
@@ -44,16 +41,15 @@ def localize_checkpoint(
     source_sha: str | None = None,
     max_relative_delta: float | None = None,
 ) -> LocalizeResult:
-    """Validate ``finetuned`` against ``base`` and localize it with the named strategy.
+    """Localize a finetuned checkpoint that its family has prepared (:meth:`ModelFamily.prepare`: keys mapped onto
+    the base's and validated) with the named strategy.
 
     :param max_relative_delta: refuse a task vector with ‖τ‖/‖θ₀‖ above this (FAULTS B7, B9): no finetune moves a
         model that far, so it is another base model with the same shapes, or a damaged file.
     """
     t0 = time.perf_counter()
-    finetuned = family.adapt(base, finetuned)
-    family.validate(base, finetuned)
+    finetuned = prepared.checkpoint
     keys = family.included_keys(base)
-    check_tensor_dtypes(finetuned, keys)
     task = TaskVector(base, finetuned, keys)
     if max_relative_delta is not None:
         rel = task.relative_norm()
@@ -64,8 +60,7 @@ def localize_checkpoint(
                 "same shapes, or a damaged file", path=finetuned.path,
                 hint="drop a finetune of the configured base; if it really is one, raise [localize] "
                      "max_relative_delta")
-    prov = Provenance(skill=skill, base=base_sha or FINGERPRINTS.checkpoint(base),
-                      source=source_sha or FINGERPRINTS.checkpoint(finetuned))
+    prov = Provenance(skill=skill, base=base_sha or fingerprint(base), source=source_sha or fingerprint(finetuned))
     delta = run_localizer(plugins.localizer(localizer), task, params, ctx or LocalizeContext(), prov)
     if delta.nnz == 0:
         raise CheckpointError("the task vector is zero: this checkpoint is the base model itself", path=finetuned.path,
@@ -89,7 +84,7 @@ def stitch_masks(
     Returns the manifest that is also written into the output's header metadata (``skillhub.manifest``).
     """
     base = open_checkpoint(base_path)
-    base_sha = FINGERPRINTS.checkpoint(base)
+    base_sha = fingerprint(base)
     deltas: dict[str, SparseDelta] = {}
     for i, p in enumerate(mask_paths):
         d = SparseDelta.load(p)

@@ -20,6 +20,7 @@ from typing import Any
 import pluggy
 
 from skillhub import hookspecs
+from skillhub.desired import localization
 from skillhub.errors import ConfigError, PluginError, SkillhubError
 from skillhub.families import ModelFamily
 from skillhub.localize import Localizer, resolve_params
@@ -184,11 +185,10 @@ def check_config(cfg: Any, plugins: Plugins) -> None:
         ("stitch", lambda: plugins.make_policy(cfg.stitch.policy, cfg.stitch.params)),
         ("localize.fallback", lambda: _check_fallback(cfg.localize.fallback, plugins)),
     ]
-    for name, sk in cfg.skills.per_skill.items():
-        def one(sk: Any = sk) -> None:
-            strategy = sk.strategy or cfg.localize.strategy
-            raw = sk.params if sk.params is not None else (cfg.localize.params if sk.strategy is None else {})
-            resolve_params(plugins.localizer(strategy), raw)
+    for name in cfg.skills.per_skill:
+        def one(name: str = name) -> None:
+            strategy, params = localization(cfg, name)  # as the service will resolve it
+            resolve_params(plugins.localizer(strategy), params)
         checks.append((f"skills.{name}", one))
     for field, check in checks:
         try:

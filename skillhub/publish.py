@@ -26,7 +26,8 @@ from typing import Any
 import torch
 
 from skillhub import faultpoints
-from skillhub.checkpoint import atomic_file, fsync_dir, write_safetensors
+from skillhub.atomic import atomic_file, fsync_dir
+from skillhub.checkpoint import write_safetensors
 from skillhub.errors import DiskFullError, RegistryError
 from skillhub.log import get_logger
 

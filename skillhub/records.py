@@ -60,8 +60,14 @@ class SkillState:
 
     @property
     def active(self) -> VersionRow | None:
-        """The pinned version if it is READY, else the highest READY version (enabled or not)."""
-        pinned = next((v for v in self.versions if v.version == self.pinned and v.status == "READY"), None)
+        """The version that serves when the skill is enabled: :meth:`serving` with the registry's pin alone."""
+        return self.serving(None)
+
+    def serving(self, pin: int | None) -> VersionRow | None:
+        """The version to serve: ``pin`` (else the registry's pin) if that version is READY, else the highest READY
+        version; ``None`` when none is READY. The one rule of which version serves (:mod:`skillhub.desired`)."""
+        pin = pin or self.pinned
+        pinned = next((v for v in self.versions if v.version == pin and v.status == "READY"), None) if pin else None
         return pinned or self.latest_ready
 
 

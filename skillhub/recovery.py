@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from skillhub.checkpoint import sha256_file
+from skillhub.atomic import sha256_file
 from skillhub.delta import SparseDelta
 from skillhub.errors import RegistryCorruptError, SkillhubError
 from skillhub.log import get_logger

@@ -30,15 +30,17 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from skillhub import faultpoints
-from skillhub.checkpoint import fsync_dir, read_tensors, sha256_file, write_safetensors
-from skillhub.delta import SparseDelta
+from skillhub.atomic import fsync_dir, sha256_file
 from skillhub.errors import DiskFullError, RegistryError
 from skillhub.records import RecoveryReport, SkillState, VersionRow
+
+if TYPE_CHECKING:  # tensors are imported where masks and heads are read or written: listing skills needs no torch
+    import torch
+
+    from skillhub.delta import SparseDelta
 from skillhub.statedir import open_database, prepare_folders, take_lock, transaction
 
 __all__ = ["DB_NAME", "MASK_SUFFIX", "MISSING_MASK_REASON", "STATUSES", "RecoveryReport", "Registry", "SkillState",
@@ -323,18 +325,46 @@ class Registry:
             with self._tx() as db:
                 db.execute("INSERT OR REPLACE INTO removed_masks (mask_sha, removed) SELECT DISTINCT mask_sha, ? "
                            "FROM versions WHERE skill = ? AND mask_sha IS NOT NULL", (time.time(), skill))
+                gone = [VersionRow.from_sql(r) for r in db.execute("SELECT * FROM versions WHERE skill = ?", (skill,))]
                 n = db.execute("DELETE FROM versions WHERE skill = ?", (skill,)).rowcount
                 s = db.execute("DELETE FROM settings WHERE skill = ?", (skill,)).rowcount
                 if n == 0 and s == 0:
                     raise RegistryError(f"unknown skill {skill!r}", key=skill)
             self.gc()
+            self._drop_unused_files(gone)
             return n
+
+    def _drop_unused_files(self, gone: list[VersionRow]) -> None:
+        """After rows were deleted: remove their staged checkpoints and heads that no remaining row uses."""
+        rows = self.versions()
+        staged = {r.source_path for r in rows if r.source_path}
+        heads = {r.meta.get("head") for r in rows}
+        for row in gone:
+            if row.source_path and row.source_path not in staged:
+                self.discard_staged(Path(row.source_path))
+            head = row.meta.get("head")
+            if isinstance(head, str) and head not in heads and _SHA_RE.fullmatch(head):
+                (self.state_dir / "heads" / f"{head}.safetensors").unlink(missing_ok=True)
+
+    def discard_staged(self, path: Path) -> bool:
+        """Delete a staged checkpoint (a file or folder in ``staging/``; nothing outside it). Returns whether it was
+        there."""
+        path = Path(path)
+        if path.resolve().parent != self.staging_dir.resolve() or not path.exists():
+            return False
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        return True
 
     def store_head(self, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:
         """Store a skill's classification head (content-addressed, ``heads/<sha>.safetensors``); return its sha."""
         heads = self.state_dir / "heads"
         heads.mkdir(exist_ok=True)
         tmp = heads / f".incoming-{os.getpid()}-{os.urandom(4).hex()}.tmp"
+        from skillhub.checkpoint import write_safetensors
+
         sha = write_safetensors(tmp, tensors, metadata)
         os.replace(tmp, heads / f"{sha}.safetensors")
         fsync_dir(heads)
@@ -346,6 +376,8 @@ class Registry:
         path = self.state_dir / "heads" / f"{sha}.safetensors"
         if not path.is_file():
             raise RegistryError("head file missing", path=path, hint="drop the skill again")
+        from skillhub.checkpoint import read_tensors
+
         return read_tensors(path)
 
     def mask_path(self, mask_sha: str) -> Path:
@@ -364,6 +396,8 @@ class Registry:
         if verify and (actual := sha256_file(path)) != mask_sha:
             raise RegistryError(f"mask file is damaged (sha256 {actual})", path=path,
                                 hint="drop the skill's checkpoint again to rebuild it")
+        from skillhub.delta import SparseDelta
+
         return SparseDelta.load(path, device=device)
 
     def _mask_files(self) -> dict[str, Path]:

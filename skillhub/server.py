@@ -12,24 +12,26 @@ never mixes two versions (FAULTS C9).
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
+import asyncio
+import base64
+import binascii
+import io
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import uvicorn
-from fastapi import FastAPI
+import torch
+from fastapi import APIRouter, FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, StrictInt
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.types import ASGIApp
 
 from skillhub.errors import DiskFullError, RegistryCorruptError, RegistryError, SkillhubError, printable
-from skillhub.guard import WILDCARD_HOSTS, Guard, default_allowed_hosts
-from skillhub.inference import inference_router
+from skillhub.guard import Guard, default_allowed_hosts
+from skillhub.httpd import Server
+from skillhub.inference import Overloaded
 from skillhub.log import get_logger
 from skillhub.publish import ModelVersion
 from skillhub.wire import iter_safetensors, safetensors_header, version_metadata
@@ -195,116 +197,101 @@ def create_app(hub: Hub, *, token: str | None, health: Callable[[], dict[str, An
     return app
 
 
-# --- the server ---------------------------------------------------------------------------------------------------
+# --- inference routes: images in, over HTTP -----------------------------------------------------------------------
+
+MAX_IMAGES_PER_REQUEST = 64
+MAX_IMAGE_PIXELS = 40_000_000
 
 
-class Server:
-    """uvicorn in a background thread, shaped for an embedding process (the daemon, tests).
+def decode_images(raw: list[bytes]) -> list[Any]:
+    """Bytes → PIL images, refusing non-images and decompression bombs with a 400 naming the image."""
+    from PIL import Image
 
-    :meth:`start` binds the socket itself (a busy port is a :class:`SkillhubError` in the caller, not a
-    ``sys.exit`` in a thread) and returns once uvicorn is serving; :meth:`stop` asks it to exit, lets in-flight
-    requests finish for up to ``graceful_timeout`` seconds, and joins the thread.
-    """
-
-    def __init__(self, app: ASGIApp, host: str = "127.0.0.1", port: int = 8750, *, timeout_keep_alive: int = 5,
-                 graceful_timeout: float = 10.0, limit_connections: int | None = None,
-                 max_header_bytes: int = 64 * 1024) -> None:
-        self.app = app
-        self.host = host
-        self.requested_port = port
-        if limit_connections is None:
-            # uvicorn's own limit (plain-text 503) is only a backstop on connections; the Guard's JSON 503 on
-            # requests in flight is the real limit.
-            n = getattr(getattr(app, "state", None), "max_concurrency", None)
-            limit_connections = 4 * int(n) + 16 if n else None
-        self.config = uvicorn.Config(
-            app, host=host, port=port, http="h11", ws="none", lifespan="off", log_config=None, access_log=False,
-            proxy_headers=False, server_header=False, timeout_keep_alive=timeout_keep_alive,
-            timeout_graceful_shutdown=max(1, int(graceful_timeout)), limit_concurrency=limit_connections,
-            h11_max_incomplete_event_size=max_header_bytes,
-        )
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
-        self._sock: socket.socket | None = None
-        self._port: int | None = None
-        self._error: BaseException | None = None
-
-    @property
-    def port(self) -> int:
-        """The port actually listened on (the one the OS picked when ``port=0`` was asked)."""
-        return self._port if self._port is not None else self.requested_port
-
-    @property
-    def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
-        if host in WILDCARD_HOSTS:
-            host = "127.0.0.1"
-        return f"http://{host}:{self.port}"
-
-    def start(self, timeout: float = 10.0) -> None:
-        if self._thread is not None:
-            raise SkillhubError("server already started")
-        self._sock = self._bind()
-        self._port = int(self._sock.getsockname()[1])
-        self._server = uvicorn.Server(self.config)
-        self._error = None
-        self._thread = threading.Thread(target=self._run, name="skillhub-http", daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + timeout
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                self.stop(1.0)
-                why = f" ({type(self._error).__name__}: {self._error})" if self._error is not None else ""
-                raise SkillhubError(f"HTTP server on {self.host}:{self.requested_port} did not start{why}",
-                                    key="serve")
-            time.sleep(0.01)
-
-    def _bind(self) -> socket.socket:
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    images = []
+    for i, data in enumerate(raw):
         try:
-            infos = socket.getaddrinfo(self.host or None, self.requested_port, type=socket.SOCK_STREAM,
-                                       flags=socket.AI_PASSIVE)
-            family, kind, proto, _, addr = infos[0]
-            sock = socket.socket(family, kind, proto)
-        except OSError as e:
-            raise SkillhubError(f"cannot listen on {self.host}:{self.requested_port} ({e.strerror or e})",
-                                key="serve.host", hint="set [serve] host to a local address") from None
+            img = Image.open(io.BytesIO(data))
+            img.load()
+        except Exception as e:  # PIL raises many types for bad input
+            raise HTTPException(400, f"image {i} is not a readable image ({type(e).__name__})") from None
+        images.append(img)
+    return images
+
+
+async def read_images(request: Request) -> tuple[list[bytes], int]:
+    """Images from a multipart form (fields ``images``/``image``/``file``) or JSON ``{"images": [base64...]}``."""
+    ctype = request.headers.get("content-type", "")
+    top_k = 5
+    raw: list[bytes] = []
+    if ctype.startswith("multipart/form-data"):
+        form = await request.form()
+        for key, value in form.multi_items():
+            if key in ("images", "image", "file") and hasattr(value, "read"):
+                raw.append(await value.read())
+            elif key == "top_k":
+                top_k = _int(value)
+    else:
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(addr)
-        except OSError as e:
-            sock.close()
-            raise SkillhubError(f"cannot listen on {self.host}:{self.requested_port} ({e.strerror or e})",
-                                key="serve.port",
-                                hint="stop whatever holds that port, or set [serve] port (0 = any free port)") from None
-        return sock
+            body = await request.json()
+            items = body.get("images") if isinstance(body, dict) else None
+            if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
+                raise ValueError
+            raw = [base64.b64decode(s, validate=True) for s in items]
+            top_k = _int(body.get("top_k", 5))
+        except (ValueError, binascii.Error):
+            raise HTTPException(400, 'send multipart "images" files, or JSON {"images": ["<base64>", ...]}') from None
+    if not raw:
+        raise HTTPException(400, "no images in the request")
+    if len(raw) > MAX_IMAGES_PER_REQUEST:
+        raise HTTPException(413, f"at most {MAX_IMAGES_PER_REQUEST} images per request")
+    return raw, max(1, top_k)
 
-    def _run(self) -> None:
-        assert self._server is not None and self._sock is not None
+
+def _int(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise HTTPException(400, "top_k must be an integer") from None
+
+
+def inference_router(hub: Hub) -> APIRouter:
+    """The ``predict`` and ``embed`` routes over the hub's inference engine (started on the first request)."""
+    router = APIRouter()
+
+    def served() -> ModelVersion:
+        version = hub.current  # taken once: the whole request is answered by this version (C9)
+        if version is None:
+            raise HTTPException(503, "no model version is being served yet")
+        return version
+
+    async def embeddings(request: Request, version: ModelVersion) -> tuple[torch.Tensor, int]:
+        raw, top_k = await read_images(request)
+        engine = hub.engine
+        images = await run_in_threadpool(decode_images, raw)
+        batch = await run_in_threadpool(engine.preprocess, version, images)
         try:
-            self._server.run(sockets=[self._sock])
-        except BaseException as e:  # uvicorn calls sys.exit on start-up failures; keep it out of the thread hook
-            self._error = e
-            log.error("http_server_failed", error=f"{type(e).__name__}: {e}")
+            emb = await asyncio.wrap_future(engine.submit(version, batch))
+        except Overloaded as e:
+            raise HTTPException(503, str(e), headers={"Retry-After": "1"}) from None
+        return emb, top_k
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop accepting connections, let requests in flight finish (up to ``timeout``), join the thread."""
-        server, thread = self._server, self._thread
-        if server is not None and thread is not None:
-            server.should_exit = True
-            thread.join(timeout + 1.0)
-            if thread.is_alive():
-                server.force_exit = True
-                thread.join(5.0)
-            if thread.is_alive():
-                log.error("http_server_stuck", timeout=timeout)
-        if self._sock is not None:
-            self._sock.close()  # uvicorn closes it on a clean exit; this covers a failed start
-        self._sock = None
-        self._thread = None
+    @router.post("/v1/skills/{name}/predict")
+    async def predict(name: str, request: Request) -> dict[str, Any]:
+        version = served()
+        if name not in version.manifest["skills"]:
+            raise HTTPException(404, f"skill {name!r} is not in the served model (version {version.number})")
+        try:
+            head = hub.engine.head(version, name)
+        except SkillhubError as e:
+            raise HTTPException(400, e.message) from None
+        emb, top_k = await embeddings(request, version)
+        return {"version": version.number, "skill": name, "predictions": head.top_k(emb, top_k)}
 
-    def __enter__(self) -> Server:
-        self.start()
-        return self
+    @router.post("/v1/embed")
+    async def embed(request: Request) -> dict[str, Any]:
+        version = served()
+        emb, _ = await embeddings(request, version)
+        return {"version": version.number, "embeddings": emb.tolist()}
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    return router

@@ -26,7 +26,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from skillhub import faultpoints
-from skillhub.checkpoint import MAX_HEADER_BYTES, fsync_dir, read_header
+from skillhub.atomic import fsync_dir
+from skillhub.header import MAX_HEADER_BYTES, read_header
 from skillhub.errors import CheckpointError, SkillhubError, printable
 
 MAX_SIDECAR_BYTES = 1 << 20

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from skillhub.checkpoint import safetensors_header
+from skillhub.header import safetensors_header
 
 __all__ = ["CHUNK_BYTES", "iter_safetensors", "safetensors_header", "version_metadata"]
 

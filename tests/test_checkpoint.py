@@ -24,13 +24,13 @@ import skillhub.checkpoint as ckpt_mod
 from skillhub.checkpoint import (
     FingerprintCache,
     open_checkpoint,
-    read_header,
     read_tensors,
     validate_against,
     write_safetensors,
 )
 from skillhub.delta import StateDict, TaskVector
 from skillhub.errors import CheckpointError
+from skillhub.header import read_header
 
 # --------------------------------------------------------------------------------------------------------------------
 # helpers

@@ -65,18 +65,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from skillhub.checkpoint import (
-    DTYPES,
-    FLOAT_DTYPES,
-    MAX_HEADER_BYTES,
-    UNSUPPORTED_DTYPES,
-    Checkpoint,
-    check_tensor_dtypes,
-    open_checkpoint,
-    read_header,
-    safetensors_header,
-    validate_against,
-)
+from skillhub.checkpoint import Checkpoint, check_tensor_dtypes, open_checkpoint, validate_against
+from skillhub.header import DTYPES, FLOAT_DTYPES, MAX_HEADER_BYTES, UNSUPPORTED_DTYPES, read_header, safetensors_header
 from skillhub.errors import CheckpointError
 
 EXAMPLES = int(os.environ.get("SKILLHUB_FUZZ_EXAMPLES", "200"))

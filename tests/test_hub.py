@@ -103,3 +103,70 @@ def test_zero_task_vector_is_rejected_with_a_reason(tmp_path: Path) -> None:
         assert hub.reconcile() is None
     finally:
         hub.close()
+
+
+# --- promises of README and config.toml (issue #9) -----------------------------------------------------------------
+
+def _staged(root: Path, name: str, tensors: dict[str, torch.Tensor]) -> Path:
+    """A checkpoint in the state folder's staging/ (where intake puts a drop's copy)."""
+    folder = root / "state" / "staging"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.safetensors"
+    write_safetensors(path, tensors, {})
+    return path
+
+
+def test_keep_staged_false_deletes_the_staged_copy_once_its_mask_is_stored(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(3)
+    base = {"w": torch.randn(6, 5, generator=g)}
+    hub = make_hub(tmp_path, base)
+    try:
+        staged = _staged(tmp_path, "a", {"w": base["w"] + torch.randn(6, 5, generator=g)})
+        row = hub.ingest(staged, skill="a", keep=False)
+        assert row.status == "READY" and row.source_path is None
+        assert hub.registry.mask_path(row.mask_sha or "").is_file()
+        assert not staged.exists()  # the full-size copy is gone once the mask is durable
+        kept = _staged(tmp_path, "b", {"w": base["w"] + torch.randn(6, 5, generator=g)})
+        assert hub.ingest(kept, skill="b", keep=True).source_path == str(kept) and kept.exists()
+    finally:
+        hub.close()
+
+
+def test_removing_a_skill_removes_its_staged_copy_and_heads_no_version_uses(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(4)
+    base = {"w": torch.randn(6, 5, generator=g)}
+    hub = make_hub(tmp_path, base)
+    try:
+        staged = _staged(tmp_path, "a", {"w": base["w"] + torch.randn(6, 5, generator=g)})
+        row = hub.ingest(staged, skill="a")
+        head = hub.registry.store_head({"weight": torch.ones(2, 5)}, {"skillhub.classes": '["x", "y"]'})
+        hub.registry.update_meta(row.id, {**row.meta, "head": head})
+        other = _staged(tmp_path, "b", {"w": base["w"] + torch.randn(6, 5, generator=g)})
+        brow = hub.ingest(other, skill="b")
+        hub.registry.update_meta(brow.id, {**brow.meta, "head": head})  # b shares the head: it must stay
+        hub.remove("a")
+        assert not staged.exists() and other.exists()
+        assert (tmp_path / "state" / "heads" / f"{head}.safetensors").is_file()
+        hub.remove("b")
+        assert not other.exists() and not (tmp_path / "state" / "heads" / f"{head}.safetensors").exists()
+    finally:
+        hub.close()
+
+
+def test_a_pin_on_a_version_that_is_not_ready_serves_the_newest_ready_one(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(5)
+    base = {"w": torch.randn(6, 5, generator=g)}
+    hub = make_hub(tmp_path, base)
+    try:
+        for _ in range(2):
+            hub.ingest(drop(tmp_path, "s", {"w": base["w"] + torch.randn(6, 5, generator=g)}), skill="s")
+        v1, v2 = hub.registry.versions("s")
+        hub.pin("s", 1)
+        hub.reconcile()
+        assert hub.current is not None and hub.current.manifest["skills"]["s"]["version"] == 1
+        hub.registry.mark_failed(v1.id, "its mask went missing")  # what start-up recovery does (C2)
+        hub.reconcile()
+        assert hub.current is not None and hub.current.manifest["skills"]["s"]["version"] == 2
+        assert hub.registry.active_version("s") == hub.registry.get(v2.id)  # the registry says the same
+    finally:
+        hub.close()

@@ -79,8 +79,8 @@ def test_localize_whole_or_tower_only(tiny, tmp_path: Path, tower_only: bool) ->
                       {"skillhub.classes": json.dumps(["x", "y", "z"])})
     fam, base = OpenClipFamily(model=str(cfg)), open_checkpoint(tmp_path / "base.safetensors")
     ft = open_checkpoint(tmp_path / "ft.safetensors")
-    res = localize_checkpoint(base, ft, family=fam, localizer="dataless", params={"sparsity": 0.05},
-                              plugins=load_plugins([]), skill="s")
+    res = localize_checkpoint(base, fam.prepare(base, ft), family=fam, localizer="dataless",
+                              params={"sparsity": 0.05}, plugins=load_plugins([]), skill="s")
     assert set(res.delta.shapes) == set(fam.included_keys(base))
     head = fam.head(base, ft, None)
     assert head is not None and head.classes == ["x", "y", "z"] and head.weight.shape == (3, TINY["embed_dim"])
@@ -93,8 +93,7 @@ def test_wrong_tower_is_rejected(tiny, tmp_path: Path) -> None:
     write_safetensors(tmp_path / "bad.safetensors", bad, {})
     fam, base = OpenClipFamily(model=str(cfg)), open_checkpoint(tmp_path / "base.safetensors")
     with pytest.raises(CheckpointError, match="shape mismatch"):
-        localize_checkpoint(base, fam.adapt(base, open_checkpoint(tmp_path / "bad.safetensors")), family=fam,
-                            localizer="dataless", params={}, plugins=load_plugins([]), skill="s")
+        fam.prepare(base, open_checkpoint(tmp_path / "bad.safetensors"))
 
 
 def test_zero_shot_head_from_class_names(tiny, tmp_path: Path) -> None:
@@ -110,11 +109,11 @@ def test_trained_strategy_runs_on_the_clip_objective(tiny, tmp_path: Path) -> No
     cfg, sd = tiny
     write_safetensors(tmp_path / "ft.safetensors", finetune(sd, 2, examples=True), {})
     fam, base = OpenClipFamily(model=str(cfg)), open_checkpoint(tmp_path / "base.safetensors")
-    ft = fam.adapt(base, open_checkpoint(tmp_path / "ft.safetensors"))
-    raw = open_checkpoint(tmp_path / "ft.safetensors")
-    obj = fam.objective(base, raw, fam.head(base, raw, None), {})
+    prepared = fam.prepare(base, open_checkpoint(tmp_path / "ft.safetensors"), examples=True)
+    assert prepared.examples is not None
+    obj = fam.objective(base, prepared.head, prepared.examples)
     assert obj.size == 12
-    tv = TaskVector(base, ft, fam.included_keys(base))
+    tv = TaskVector(base, prepared.checkpoint, fam.included_keys(base))
     delta = run_localizer(load_plugins([]).localizer("trained"), tv, {"steps": 3}, LocalizeContext(examples=obj),
                           Provenance())
     assert delta.nnz > 0
@@ -126,14 +125,14 @@ def test_bad_examples_are_clear_errors(tiny, tmp_path: Path) -> None:
     ft["skillhub.examples.labels"] = torch.full((12,), 7)
     write_safetensors(tmp_path / "ft.safetensors", ft, {})
     fam, base = OpenClipFamily(model=str(cfg)), open_checkpoint(tmp_path / "base.safetensors")
-    raw = open_checkpoint(tmp_path / "ft.safetensors")
+    prepared = fam.prepare(base, open_checkpoint(tmp_path / "ft.safetensors"), examples=True)
+    assert prepared.examples is not None
     with pytest.raises(LocalizeError, match="labels must lie in"):
-        fam.objective(base, raw, fam.head(base, raw, None), {})
+        fam.objective(base, prepared.head, prepared.examples)
     del ft["skillhub.examples.labels"], ft["skillhub.examples.images"]
     write_safetensors(tmp_path / "ft2.safetensors", ft, {})
-    raw = open_checkpoint(tmp_path / "ft2.safetensors")
     with pytest.raises(LocalizeError, match="no few-shot examples"):
-        fam.objective(base, raw, fam.head(base, raw, None), {})
+        fam.prepare(base, open_checkpoint(tmp_path / "ft2.safetensors"), examples=True)
 
 
 # --- the real service --------------------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from skillhub import LocalizeContext, Provenance, SparseDelta, TaskVector, stitch, write_safetensors
+from skillhub import LocalizeContext, Provenance, SparseDelta, TaskVector, write_safetensors
+from skillhub.stitch import stitch
 from skillhub.config import load_config
 from skillhub.errors import ConfigError, LocalizeError, PluginError
 from skillhub.localize import resolve_params, run_localizer

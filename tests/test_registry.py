@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from skillhub.checkpoint import sha256_file
+from skillhub.atomic import sha256_file
 from skillhub.delta import Provenance, SparseDelta
 from skillhub.errors import RegistryError, StateLockedError
 from skillhub.registry import MISSING_MASK_REASON, Registry

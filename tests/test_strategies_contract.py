@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from skillhub import LocalizeContext, Provenance, SparseDelta, Stitcher, TaskVector, stitch
+from skillhub import LocalizeContext, Provenance, SparseDelta, Stitcher, TaskVector
+from skillhub.stitch import stitch
 from skillhub.localize import Localizer, run_localizer
 from skillhub.plugins import load_plugins
 from skillhub.stitch import StitchPolicy

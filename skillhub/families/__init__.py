@@ -8,41 +8,42 @@ merged weights and what a skill's head is.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from fnmatch import fnmatchcase
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
-from skillhub.checkpoint import FLOAT_DTYPES, Checkpoint, validate_against
-from skillhub.errors import ConfigError
+from skillhub.checkpoint import Checkpoint, check_tensor_dtypes, validate_against
+from skillhub.errors import ConfigError, LocalizeError
+from skillhub.head import Head
+from skillhub.header import FLOAT_DTYPES
+from skillhub.localize import TaskObjective
+
+__all__ = ["Examples", "Head", "ModelFamily", "Prepared", "Runtime"]
 
 
 @dataclass(frozen=True)
-class Head:
-    """A skill's classification head over normalised embeddings: logits = x @ weight.T (+ bias)."""
+class Examples:
+    """A skill's few-shot examples as they came with the drop: images [N, 3, H, W] (uint8, or float in [0, 1]) and
+    integer labels [N] (indices into the head's classes)."""
 
-    weight: torch.Tensor  # [classes, dim]
-    bias: torch.Tensor | None
-    classes: list[str]
-    #: logit scale (CLIP's zero-shot heads use the model's, about 100; a trained linear head uses 1)
-    scale: float = 1.0
+    images: torch.Tensor
+    labels: torch.Tensor
 
-    def logits(self, embeddings: torch.Tensor) -> torch.Tensor:
-        out = self.scale * (embeddings @ self.weight.T.to(embeddings.dtype))
-        return out + self.bias.to(out.dtype) if self.bias is not None else out
 
-    def top_k(self, embeddings: torch.Tensor, k: int) -> list[list[dict[str, Any]]]:
-        """Per embedding, the ``k`` most probable classes as ``{"label", "index", "score"}`` (softmax scores)."""
-        scores, idx = self.logits(embeddings).softmax(-1).topk(min(k, len(self.classes)), dim=-1)
-        return [[{"label": self.classes[int(i)], "index": int(i), "score": float(x)} for x, i in zip(srow, irow)]
-                for srow, irow in zip(scores, idx)]
+@dataclass(frozen=True)
+class Prepared:
+    """What :meth:`ModelFamily.prepare` derives from one finetuned checkpoint."""
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        t = {"weight": self.weight}
-        if self.bias is not None:
-            t["bias"] = self.bias
-        return t
+    #: the checkpoint with its keys mapped onto the base's, validated against it
+    checkpoint: Checkpoint
+    #: the skill's classification head (families with heads), else ``None``
+    head: Head | None = None
+    #: the few-shot examples, when asked for
+    examples: Examples | None = None
+    #: why there are no examples although they were asked for (the caller falls back to a dataless strategy)
+    examples_error: str | None = None
 
 
 class Runtime:
@@ -91,6 +92,21 @@ class ModelFamily:
                               key="base.include", hint="check [base] include/exclude patterns")
         return sorted(keys)
 
+    def prepare(self, base: Checkpoint, ft: Checkpoint, sidecar: Mapping[str, Any] | None = None, *,
+                examples: bool = False) -> Prepared:
+        """Everything the family derives from a finetuned checkpoint, in one call on a checkpoint opened once: its
+        keys mapped onto the base's, checked against the base (architecture, float dtypes of the included tensors),
+        the skill's head, and (``examples=True``, for data-driven strategies) its few-shot examples.
+
+        Raises :class:`~skillhub.errors.CheckpointError` when the checkpoint does not fit the base; an unusable
+        example set raises :class:`~skillhub.errors.LocalizeError` (the caller may fall back to a dataless strategy).
+        """
+        adapted = self.adapt(base, ft)
+        self.validate(base, adapted)
+        check_tensor_dtypes(adapted, self.included_keys(base))
+        head = self.head(base, ft, sidecar)
+        return Prepared(adapted, head, self.examples(ft, head.classes if head else None) if examples else None)
+
     def adapt(self, base: Checkpoint, ft: Checkpoint) -> Checkpoint:
         """Map a finetuned checkpoint's keys onto the base's (default: as they are)."""
         return ft
@@ -103,11 +119,16 @@ class ModelFamily:
         """The skill's head from its drop, if the family has heads."""
         return None
 
-    def objective(self, base: Checkpoint, ft: Checkpoint, head: Head | None, sidecar: Mapping[str, Any]) -> Any:
-        """The few-shot :class:`~skillhub.localize.TaskObjective` for data-driven strategies, built from the examples
-        that came with the drop. Families without one raise :class:`~skillhub.errors.LocalizeError`."""
-        from skillhub.errors import LocalizeError
+    def examples(self, ft: Checkpoint, classes: Sequence[str] | None = None) -> Examples:
+        """The few-shot examples that came with the drop (``classes``: the head's class names). Families without a task objective raise
+        :class:`~skillhub.errors.LocalizeError`."""
+        raise LocalizeError(f"family {self.name!r} has no task objective for data-driven localization",
+                            hint="use the dataless strategy for this model family")
 
+    def objective(self, base: Checkpoint, head: Head | None, examples: Examples) -> TaskObjective:
+        """The few-shot :class:`~skillhub.localize.TaskObjective` for data-driven strategies: the task loss of the
+        base with its included tensors replaced, on ``examples``. The one objective of the family: the service,
+        the CLI and the benchmarks all localize through it."""
         raise LocalizeError(f"family {self.name!r} has no task objective for data-driven localization",
                             hint="use the dataless strategy for this model family")
 

@@ -27,13 +27,12 @@ import torch
 
 from skillhub.checkpoint import Checkpoint, validate_against
 from skillhub.errors import CheckpointError, ConfigError, LocalizeError
-from skillhub.families import Head, ModelFamily, Runtime
+from skillhub.families import Examples, ModelFamily, Runtime
+from skillhub.families.fewshot import EX_LABELS, ImageObjective, read_examples
+from skillhub.head import Head, read_drop_head
 from skillhub.hookspecs import hookimpl
 
-HEAD_WEIGHT, HEAD_BIAS = "skillhub.head.weight", "skillhub.head.bias"
-EX_IMAGES, EX_LABELS = "skillhub.examples.images", "skillhub.examples.labels"
 MAX_PER_CLASS, MAX_EXAMPLES = 64, 1024
-MAX_EXAMPLE_SIDE = 4096  # pixels; example images are resized to the model's input, which no CLIP has this large
 DEFAULT_TEMPLATES = ("a photo of a {}.", "an image of a {}.")
 _REGISTER_LOCK = threading.Lock()
 
@@ -115,35 +114,14 @@ class OpenClipFamily(ModelFamily):
         validate_against(base.renamed({k: k for k in base if k.startswith("visual.") or k in ft}), ft)
 
     def head(self, base: Checkpoint, ft: Checkpoint, sidecar: Mapping[str, Any] | None) -> Head | None:
-        side = dict(sidecar or {})
-        classes = side.get("classes")
-        if classes is None and "skillhub.classes" in ft.metadata:
-            try:
-                classes = json.loads(ft.metadata["skillhub.classes"])
-            except ValueError:
-                raise CheckpointError("header metadata skillhub.classes is not a JSON list", path=ft.path) from None
-        if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
-            raise CheckpointError("classes must be a list of strings", path=ft.path, key="classes")
-        raw_keys = {k for k in ft.raw_keys()}
-        if HEAD_WEIGHT in raw_keys:
-            weight = ft.raw_tensor(HEAD_WEIGHT).float().clone()
-            bias = ft.raw_tensor(HEAD_BIAS).float().clone() if HEAD_BIAS in raw_keys else None
-            if weight.ndim != 2 or (bias is not None and bias.shape != (weight.shape[0],)):
-                raise CheckpointError(f"{HEAD_WEIGHT} must be [classes, dim] (and {HEAD_BIAS} [classes])",
-                                      path=ft.path, key=HEAD_WEIGHT)
-            classes = classes or [str(i) for i in range(weight.shape[0])]
-            if len(classes) != weight.shape[0]:
-                raise CheckpointError(f"{len(classes)} class names for a head of {weight.shape[0]} rows",
-                                      path=ft.path, key="classes")
-            try:
-                scale = float(side.get("head_scale", ft.metadata.get("skillhub.head_scale", "1.0")))
-            except ValueError:
-                raise CheckpointError("head_scale must be a number", path=ft.path, key="head_scale") from None
-            return Head(weight, bias, list(classes), scale)
-        if classes:
-            templates = side.get("templates") or list(DEFAULT_TEMPLATES)
+        head, classes = read_drop_head(ft, sidecar)
+        if head is None and classes:
+            templates = (sidecar or {}).get("templates") or list(DEFAULT_TEMPLATES)
             return self.zero_shot_head(base, classes, templates)
-        return None
+        return head
+
+    def examples(self, ft: Checkpoint, classes: Sequence[str] | None = None) -> Examples:
+        return read_examples(ft, classes)
 
     def zero_shot_head(self, base: Checkpoint, classes: Sequence[str], templates: Sequence[str]) -> Head:
         import open_clip
@@ -165,25 +143,25 @@ class OpenClipFamily(ModelFamily):
     def runtime(self, tensors: Mapping[str, torch.Tensor]) -> Runtime:
         return ClipRuntime(self.build(tensors))
 
-    def objective(self, base: Checkpoint, ft: Checkpoint, head: Head | None, sidecar: Mapping[str, Any]) -> Any:
-        """Few-shot cross-entropy of the skill's head on the image tower θ₀ + σ(S)⊙τ (at most 64 examples per class
-        and 1024 in all, the first ones of each class in file order)."""
+    def objective(self, base: Checkpoint, head: Head | None, examples: Examples, *,
+                  max_per_class: int = MAX_PER_CLASS, seed: int = 0) -> ImageObjective:
+        """Few-shot cross-entropy of the skill's head on the image tower θ₀ + σ(S)⊙τ (at most ``max_per_class``
+        examples per class and 1024 in all, the first ones of each class in file order)."""
         if head is None:
             raise LocalizeError("the trained strategy needs the skill's head (a head tensor or class names)",
-                                path=ft.path, hint="add skillhub.head.weight or `classes = [...]` to the drop")
-        images, labels = _examples(ft)
+                                hint="add skillhub.head.weight or `classes = [...]` to the drop")
+        images, labels = examples.images, examples.labels
         n_cls = head.weight.shape[0]
         if labels.numel() == 0:
-            raise LocalizeError("the examples are empty", path=ft.path, key=EX_LABELS)
+            raise LocalizeError("the examples are empty", key=EX_LABELS)
         if int(labels.min()) < 0 or int(labels.max()) >= n_cls:
             raise LocalizeError(f"example labels must lie in [0, {n_cls}) for a head of {n_cls} classes; found "
-                                f"[{int(labels.min())}, {int(labels.max())}]", path=ft.path, key=EX_LABELS)
-        per_class = int(sidecar.get("max_per_class", MAX_PER_CLASS))
-        keep = torch.cat([(labels == c).nonzero().squeeze(1)[:per_class] for c in range(n_cls)]).sort().values
+                                f"[{int(labels.min())}, {int(labels.max())}]", key=EX_LABELS)
+        keep = torch.cat([(labels == c).nonzero().squeeze(1)[:max_per_class] for c in range(n_cls)]).sort().values
         keep = keep[:MAX_EXAMPLES]
         runtime = self.runtime({k: base.tensor(k) for k in base})
-        assert isinstance(runtime, ClipRuntime)
-        return ClipObjective(runtime, head, runtime.normalise(images[keep]), labels[keep])
+        return ImageObjective(runtime.model.visual, head, runtime.normalise(images[keep]), labels[keep], prefix="visual.",
+                              seed=seed)
 
 
 class ClipRuntime(Runtime):
@@ -219,68 +197,6 @@ class ClipRuntime(Runtime):
     @torch.no_grad()
     def embed(self, batch: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.normalize(self.model.encode_image(batch), dim=-1)
-
-
-class ClipObjective:
-    """:class:`~skillhub.localize.TaskObjective` over a CLIP image tower: the head's cross-entropy on few-shot
-    examples, with the image tower's included tensors replaced (``torch.func.functional_call``)."""
-
-    def __init__(self, runtime: ClipRuntime, head: Head, x: torch.Tensor, y: torch.Tensor, batch: int = 128) -> None:
-        self.visual = runtime.model.visual
-        self.head, self.x, self.y, self.batch = head, x, y, batch
-        self.size = int(y.numel())
-
-    def _logits(self, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        dev = next(iter(params.values())).device if params else x.device
-        local = {k.removeprefix("visual."): v for k, v in params.items()}
-        feats = torch.func.functional_call(self.visual, local, (x.to(dev),))
-        head = Head(self.head.weight.to(dev), None if self.head.bias is None else self.head.bias.to(dev),
-                    self.head.classes, self.head.scale)
-        return head.logits(torch.nn.functional.normalize(feats, dim=-1))
-
-    def loss(self, params: Mapping[str, torch.Tensor], step: int) -> torch.Tensor:
-        n = self.size
-        start = (step * self.batch) % n if n > self.batch else 0
-        idx = torch.arange(start, start + min(self.batch, n)) % n
-        logits = self._logits(params, self.x[idx])
-        return torch.nn.functional.cross_entropy(logits, self.y[idx].to(logits.device))
-
-    @torch.no_grad()
-    def accuracy(self, params: Mapping[str, torch.Tensor]) -> float:
-        right = 0
-        for i in range(0, self.size, self.batch):
-            pred = self._logits(params, self.x[i:i + self.batch]).argmax(-1).cpu()
-            right += int((pred == self.y[i:i + self.batch]).sum())
-        return right / max(self.size, 1)
-
-
-def _examples(ft: Checkpoint) -> tuple[torch.Tensor, torch.Tensor]:
-    """Few-shot examples shipped in the drop: tensors in the checkpoint, or ``examples.safetensors`` in a folder."""
-    from skillhub.checkpoint import read_tensors
-
-    raw = set(ft.raw_keys())
-    if EX_IMAGES in raw and EX_LABELS in raw:
-        images, labels = ft.raw_tensor(EX_IMAGES).clone(), ft.raw_tensor(EX_LABELS).clone()
-    elif ft.path.is_dir() and (ft.path / "examples.safetensors").is_file():
-        tensors, _ = read_tensors(ft.path / "examples.safetensors")
-        if "images" not in tensors or "labels" not in tensors:
-            raise LocalizeError("examples.safetensors needs tensors 'images' and 'labels'", path=ft.path)
-        images, labels = tensors["images"], tensors["labels"]
-    else:
-        raise LocalizeError("no few-shot examples in the drop", path=ft.path,
-                            hint=f"add tensors {EX_IMAGES} [N,3,H,W] and {EX_LABELS} [N], or examples.safetensors "
-                                 "to a folder drop; or use the dataless strategy")
-    if images.ndim != 4 or images.shape[1] != 3 or labels.ndim != 1 or labels.shape[0] != images.shape[0]:
-        raise LocalizeError(f"examples must be images [N,3,H,W] and labels [N]; got {list(images.shape)} and "
-                            f"{list(labels.shape)}", path=ft.path, key=EX_IMAGES)
-    if labels.is_floating_point() or labels.dtype == torch.bool:
-        raise LocalizeError("example labels must be integers", path=ft.path, key=EX_LABELS)
-    if images.shape[0] and not (0 < min(images.shape[-2:]) and max(images.shape[-2:]) <= MAX_EXAMPLE_SIDE):
-        # Other sizes are resized to the model's input; these cannot be (empty) or should not be (memory).
-        raise LocalizeError(f"example images are {images.shape[-2]}x{images.shape[-1]} pixels; each side must be "
-                            f"1 to {MAX_EXAMPLE_SIDE}", path=ft.path, key=EX_IMAGES,
-                            hint="they are resized to the model's input size; store them at about that size")
-    return images, labels.long()
 
 
 @hookimpl

