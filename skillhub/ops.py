@@ -3,22 +3,30 @@ base, and stitch mask files offline. The CLI is a thin layer over these."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from skillhub.checkpoint import Checkpoint, fingerprint, open_checkpoint, write_safetensors
+from skillhub.checkpoint import (
+    Checkpoint,
+    fingerprint,
+    open_checkpoint,
+    write_safetensors,
+)
 from skillhub.delta import Provenance, SparseDelta, TaskVector
 from skillhub.errors import CheckpointError, StitchError
 from skillhub.families import ModelFamily, Prepared
 from skillhub.localize import LocalizeContext, run_localizer
 from skillhub.plugins import Plugins
 from skillhub.stitch import Stitcher, StitchPolicy
+
 
 @dataclass(frozen=True)
 class LocalizeResult:
@@ -49,6 +57,11 @@ def localize_checkpoint(
     """
     t0 = time.perf_counter()
     finetuned = prepared.checkpoint
+    # Provenance hashes of files not hashed before run beside the localization (hashlib releases the GIL): on two
+    # cores they cost almost nothing, where hashing first would read both files again before any work.
+    hashing = ThreadPoolExecutor(1, thread_name_prefix="skillhub-fingerprint")
+    shas = hashing.submit(lambda: (base_sha or fingerprint(base), source_sha or fingerprint(finetuned)))
+    hashing.shutdown(wait=False)
     keys = family.included_keys(base)
     task = TaskVector(base, finetuned, keys)
     if max_relative_delta is not None:
@@ -60,8 +73,10 @@ def localize_checkpoint(
                 "same shapes, or a damaged file", path=finetuned.path,
                 hint="drop a finetune of the configured base; if it really is one, raise [localize] "
                      "max_relative_delta")
-    prov = Provenance(skill=skill, base=base_sha or fingerprint(base), source=source_sha or fingerprint(finetuned))
-    delta = run_localizer(plugins.localizer(localizer), task, params, ctx or LocalizeContext(), prov)
+    delta = run_localizer(plugins.localizer(localizer), task, params, ctx or LocalizeContext(), Provenance(skill=skill))
+    base_fp, source_fp = shas.result()
+    delta = dataclasses.replace(delta, provenance=dataclasses.replace(delta.provenance, base=base_fp,
+                                                                      source=source_fp))
     if delta.nnz == 0:
         raise CheckpointError("the task vector is zero: this checkpoint is the base model itself", path=finetuned.path,
                               hint="drop a finetuned checkpoint, not the base")

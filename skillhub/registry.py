@@ -13,8 +13,9 @@ ordering rule that makes crashes harmless (FAULTS C1, C2): the mask file is writ
 *before* the row says READY, so a READY row never exists without its file; a file without a row is an orphan that
 :meth:`Registry.gc` removes. New content for a known skill name becomes a new version; old versions stay for rollback.
 
-This module owns those versions, the per-skill settings, and the mask and head files; :mod:`skillhub.statedir` opens
-the folder (folders, lock, database) and :mod:`skillhub.records` holds the values the registry returns.
+This module owns those versions, the per-skill settings, and which files may go; :mod:`skillhub.statefiles` reads
+and writes the content-addressed files, :mod:`skillhub.statedir` opens the folder (folders, lock, database) and
+:mod:`skillhub.records` holds the values the registry returns.
 """
 
 from __future__ import annotations
@@ -22,8 +23,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import re
-import shutil
 import sqlite3
 import threading
 import time
@@ -37,20 +36,17 @@ from skillhub.atomic import fsync_dir, sha256_file
 from skillhub.errors import DiskFullError, RegistryError
 from skillhub.records import RecoveryReport, SkillState, VersionRow
 
-if TYPE_CHECKING:  # tensors are imported where masks and heads are read or written: listing skills needs no torch
-    import torch
-
+if TYPE_CHECKING:  # tensors are imported where masks are read or written: listing skills needs no torch
     from skillhub.delta import SparseDelta
 from skillhub.statedir import open_database, prepare_folders, take_lock, transaction
+from skillhub.statefiles import MASK_SUFFIX, SHA_RE, StateFiles
 
 __all__ = ["DB_NAME", "MASK_SUFFIX", "MISSING_MASK_REASON", "STATUSES", "RecoveryReport", "Registry", "SkillState",
            "VersionRow", "canonical_json"]
 
 STATUSES = ("PENDING", "READY", "FAILED")
 DB_NAME = "registry.sqlite3"
-MASK_SUFFIX = ".mask.safetensors"
 MISSING_MASK_REASON = "mask file missing after a crash; drop the checkpoint again"
-_SHA_RE = re.compile(r"[0-9a-f]{64}")
 
 
 def canonical_json(obj: Mapping[str, Any]) -> str:
@@ -75,8 +71,10 @@ def _skill_name(value: str) -> str:
     return value
 
 
-class Registry:
-    """The state folder and its SQLite registry. Thread-safe; one writing process per folder (``flock``).
+class Registry(StateFiles):
+    """The state folder and its SQLite registry. Thread-safe; one writing process per folder (``flock``). The
+    folder's content-addressed files are :class:`~skillhub.statefiles.StateFiles`'; the rows that name them are
+    this class's.
 
     :param state_dir: the state folder; created if missing (unless ``readonly``).
     :param readonly: open the database read-only, without the lock, for inspection next to a running daemon.
@@ -343,68 +341,8 @@ class Registry:
             if row.source_path and row.source_path not in staged:
                 self.discard_staged(Path(row.source_path))
             head = row.meta.get("head")
-            if isinstance(head, str) and head not in heads and _SHA_RE.fullmatch(head):
-                (self.state_dir / "heads" / f"{head}.safetensors").unlink(missing_ok=True)
-
-    def discard_staged(self, path: Path) -> bool:
-        """Delete a staged checkpoint (a file or folder in ``staging/``; nothing outside it). Returns whether it was
-        there."""
-        path = Path(path)
-        if path.resolve().parent != self.staging_dir.resolve() or not path.exists():
-            return False
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-        return True
-
-    def store_head(self, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:
-        """Store a skill's classification head (content-addressed, ``heads/<sha>.safetensors``); return its sha."""
-        heads = self.state_dir / "heads"
-        heads.mkdir(exist_ok=True)
-        tmp = heads / f".incoming-{os.getpid()}-{os.urandom(4).hex()}.tmp"
-        from skillhub.checkpoint import write_safetensors
-
-        sha = write_safetensors(tmp, tensors, metadata)
-        os.replace(tmp, heads / f"{sha}.safetensors")
-        fsync_dir(heads)
-        return sha
-
-    def load_head(self, sha: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        if not _SHA_RE.fullmatch(sha):
-            raise RegistryError(f"not a sha256 hex digest: {sha!r}")
-        path = self.state_dir / "heads" / f"{sha}.safetensors"
-        if not path.is_file():
-            raise RegistryError("head file missing", path=path, hint="drop the skill again")
-        from skillhub.checkpoint import read_tensors
-
-        return read_tensors(path)
-
-    def mask_path(self, mask_sha: str) -> Path:
-        """Where the mask file with this sha256 lives (the hash is checked: it is never a path)."""
-        if not isinstance(mask_sha, str) or not _SHA_RE.fullmatch(mask_sha):
-            raise RegistryError(f"not a sha256 hex digest: {mask_sha!r}")
-        return self.masks_dir / f"{mask_sha}{MASK_SUFFIX}"
-
-    def load_mask(self, mask_sha: str, *, verify: bool = False,
-                  device: torch.device | str = "cpu") -> SparseDelta:
-        """Read a mask file; with ``verify``, first check that its bytes still hash to ``mask_sha``."""
-        path = self.mask_path(mask_sha)
-        if not path.is_file():
-            raise RegistryError("mask file is missing", path=path,
-                                hint="run recovery (restart the daemon) and drop the checkpoint again")
-        if verify and (actual := sha256_file(path)) != mask_sha:
-            raise RegistryError(f"mask file is damaged (sha256 {actual})", path=path,
-                                hint="drop the skill's checkpoint again to rebuild it")
-        from skillhub.delta import SparseDelta
-
-        return SparseDelta.load(path, device=device)
-
-    def _mask_files(self) -> dict[str, Path]:
-        if not self.masks_dir.is_dir():
-            return {}
-        return {p.name.removesuffix(MASK_SUFFIX): p for p in self.masks_dir.iterdir()
-                if p.name.endswith(MASK_SUFFIX) and _SHA_RE.fullmatch(p.name.removesuffix(MASK_SUFFIX))}
+            if isinstance(head, str) and head not in heads and SHA_RE.fullmatch(head):
+                self.head_path(head).unlink(missing_ok=True)
 
     def gc(self) -> int:
         """Remove mask files that no version references; return how many."""
@@ -430,15 +368,7 @@ class Registry:
         """
         with self._lock:
             self._writable()
-            debris = []
-            for folder in (self.masks_dir, self.staging_dir):
-                for entry in sorted(folder.iterdir()):
-                    if entry.name.endswith(".tmp") and not any(n in entry.name for n in self._inflight):
-                        if entry.is_dir() and not entry.is_symlink():
-                            shutil.rmtree(entry, ignore_errors=True)
-                        else:
-                            entry.unlink(missing_ok=True)
-                        debris.append(entry)
+            debris = self._remove_debris(self._inflight)
             failed = [self.mark_failed(r.id, MISSING_MASK_REASON) for r in self.versions(status="READY")
                       if r.mask_sha is None or not self.mask_path(r.mask_sha).is_file()]
             return RecoveryReport(removed_debris=debris, failed=failed, pending=self.versions(status="PENDING"),

@@ -15,3 +15,10 @@ def random_model(seed: int, shapes: dict[str, tuple[int, ...]] | None = None) ->
 @pytest.fixture
 def base_model() -> dict[str, torch.Tensor]:
     return random_model(0)
+
+
+# Fingerprints stay in memory during tests (a test of the on-disk store names its own): the user's cache is left
+# alone, and no test can pass only because an earlier run hashed its file.
+import os  # noqa: E402
+
+os.environ["SKILLHUB_CACHE_DIR"] = ""

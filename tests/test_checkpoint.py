@@ -766,3 +766,24 @@ def test_fingerprint_of_a_sharded_checkpoint(tmp_path: Path) -> None:
     assert fp not in {sha256(s) for s in shards}
     write_safetensors(shards[1], {"dec.w": torch.zeros(3, 4), "dec.b": torch.zeros(3)}, {})
     assert cache.checkpoint(open_checkpoint(tmp_path / "m")) != fp
+
+
+def test_fingerprints_outlive_the_process_in_a_store_and_a_rewrite_is_seen(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[Path] = []
+    real = ckpt_mod.sha256_file
+    monkeypatch.setattr(ckpt_mod, "sha256_file", lambda path, *a, **kw: calls.append(Path(path)) or real(path))
+    p, store = tmp_path / "base.safetensors", tmp_path / "cache" / "fingerprints.json"
+    write_safetensors(p, {"a": torch.arange(5.0)}, {})
+    assert FingerprintCache(store).file(p) == sha256(p) and len(calls) == 1
+    assert FingerprintCache(store).file(p) == sha256(p) and len(calls) == 1  # a new process: read from the store
+    # rewritten in place, same size, mtime set back: the ctime still changes, so the hash is computed again
+    st = p.stat()
+    data = bytearray(p.read_bytes())
+    data[-1] ^= 0xFF
+    p.write_bytes(bytes(data))
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert FingerprintCache(store).file(p) == sha256(p) and len(calls) == 2
+    store.write_text("{not json")  # a damaged store is ignored, never trusted
+    assert FingerprintCache(store).file(p) == sha256(p) and len(calls) == 3
+    assert FingerprintCache(store).file(p, persist=False) == sha256(p)
