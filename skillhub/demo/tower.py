@@ -126,6 +126,9 @@ def build_clip(image_size: int = 64, seed: int = 0) -> nn.Module:
     ``visual.trunk.<timm key>``) and a random text tower seeded by ``seed`` (a placeholder: it knows no words)."""
     import open_clip
 
+    from skillhub.families.open_clip import quiet_no_pretrained_warning
+
+    quiet_no_pretrained_warning()
     _register_clip_config()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

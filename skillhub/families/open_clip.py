@@ -81,13 +81,18 @@ class _NoPretrainedWeights(logging.Filter):
         return not record.getMessage().startswith("No pretrained weights loaded for model")
 
 
+def quiet_no_pretrained_warning() -> None:
+    """Filter open_clip's "no pretrained weights" warning out of the root logger (once per process)."""
+    root = logging.getLogger()
+    if not any(isinstance(f, _NoPretrainedWeights) for f in root.filters):
+        root.addFilter(_NoPretrainedWeights())
+
+
 def create_clip(model: str | None) -> torch.nn.Module:
     """An open_clip model with random weights (no download); callers load weights into it."""
     import open_clip
 
-    root = logging.getLogger()
-    if not any(isinstance(f, _NoPretrainedWeights) for f in root.filters):
-        root.addFilter(_NoPretrainedWeights())
+    quiet_no_pretrained_warning()
     name, preprocess = resolve_model(model)
     return open_clip.create_model(name, pretrained=None, force_preprocess_cfg=preprocess or None)
 
