@@ -26,6 +26,8 @@ from skillhub.errors import CheckpointError
 from skillhub.header import (DTYPE_CODES, FLOAT_DTYPES, MAX_HEADER_BYTES, Header, TensorInfo, read_header,
                              safetensors_header)
 
+#: a folder drop's few-shot examples (tensors ``images`` and ``labels``), never one of the model's files
+EXAMPLES_FILE = "examples.safetensors"
 #: prefixes that training wrappers put in front of every key (DataParallel, Lightning, HF).
 STRIP_PREFIXES = ("module.", "model.")
 
@@ -149,7 +151,8 @@ def _open_folder(folder: Path, max_header_bytes: int) -> Checkpoint:
     if len(indexes) > 1:
         raise CheckpointError(f"several index files: {[i.name for i in indexes]}", path=folder)
     if not indexes:
-        files = sorted(folder.glob("*.safetensors"))
+        # examples.safetensors is a folder drop's few-shot data (README "Service"), not a part of the model
+        files = sorted(f for f in folder.glob("*.safetensors") if f.name != EXAMPLES_FILE)
         if len(files) != 1:
             raise CheckpointError(f"expected one .safetensors file or an index, found {len(files)}", path=folder)
         return Checkpoint(folder, [TensorFile(files[0], read_header(files[0], max_header_bytes=max_header_bytes))])

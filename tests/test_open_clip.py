@@ -135,6 +135,35 @@ def test_bad_examples_are_clear_errors(tiny, tmp_path: Path) -> None:
         fam.prepare(base, open_checkpoint(tmp_path / "ft2.safetensors"), examples=True)
 
 
+def test_a_folder_drop_brings_examples_as_safetensors_or_one_image_folder_per_class(tiny, tmp_path: Path) -> None:
+    cfg, sd = tiny
+    fam, base = OpenClipFamily(model=str(cfg)), open_checkpoint(tmp_path / "base.safetensors")
+    ft = finetune(sd, 4)
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    write_safetensors(drop / "model.safetensors", ft, {"skillhub.classes": json.dumps(["cat", "dog", "eel"])})
+    g = torch.Generator().manual_seed(1)
+    for name, count in (("dog", 2), ("eel", 3)):
+        (drop / "examples" / name).mkdir(parents=True)
+        for i in range(count):
+            pixels = torch.randint(0, 256, (30 + i, 40, 3), generator=g, dtype=torch.uint8).numpy()
+            Image.fromarray(pixels).save(drop / "examples" / name / f"{i}.png")
+    prepared = fam.prepare(base, open_checkpoint(drop), examples=True)
+    assert prepared.examples is not None and prepared.head is not None
+    assert prepared.examples.labels.tolist() == [1, 1, 2, 2, 2]  # numbered by the head's class names
+    assert prepared.examples.images.shape == (5, 3, 256, 256) and prepared.examples.images.dtype == torch.uint8
+    obj = fam.objective(base, prepared.head, prepared.examples)
+    assert obj.size == 5 and obj.x.shape[-1] == TINY["vision_cfg"]["image_size"]
+    # examples.safetensors wins over the folders when both are there
+    write_safetensors(drop / "examples.safetensors", {"images": torch.zeros(4, 3, 8, 8, dtype=torch.uint8),
+                                                      "labels": torch.tensor([0, 1, 2, 0])}, {})
+    assert fam.prepare(base, open_checkpoint(drop), examples=True).examples.labels.tolist() == [0, 1, 2, 0]
+    (drop / "examples.safetensors").unlink()
+    (drop / "examples" / "emu").mkdir()
+    with pytest.raises(LocalizeError, match="'emu' is not a class"):
+        fam.prepare(base, open_checkpoint(drop), examples=True)
+
+
 # --- the real service --------------------------------------------------------------------------------------------
 
 

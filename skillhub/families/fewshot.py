@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from skillhub.checkpoint import Checkpoint, read_tensors
+from skillhub.checkpoint import EXAMPLES_FILE, Checkpoint, read_tensors
 from skillhub.errors import LocalizeError
 from skillhub.families import Examples
 from skillhub.head import Head
@@ -41,11 +41,10 @@ def read_examples(ft: Checkpoint, classes: Sequence[str] | None = None) -> Examp
     folder = ft.path if ft.path.is_dir() else None
     if EX_IMAGES in raw and EX_LABELS in raw:
         images, labels = ft.raw_tensor(EX_IMAGES).clone(), ft.raw_tensor(EX_LABELS).clone()
-    elif folder is not None and (folder / "examples.safetensors").is_file():
-        tensors, _ = read_tensors(folder / "examples.safetensors")
+    elif folder is not None and (folder / EXAMPLES_FILE).is_file():
+        tensors, _ = read_tensors(folder / EXAMPLES_FILE)
         if "images" not in tensors or "labels" not in tensors:
-            raise LocalizeError("examples.safetensors needs tensors 'images' and 'labels'",
-                                path=folder / "examples.safetensors")
+            raise LocalizeError(f"{EXAMPLES_FILE} needs tensors 'images' and 'labels'", path=folder / EXAMPLES_FILE)
         images, labels = tensors["images"], tensors["labels"]
     elif folder is not None and (folder / "examples").is_dir():
         images, labels = _image_folders(folder / "examples", classes)
@@ -81,17 +80,18 @@ def _image_folders(root: Path, classes: Sequence[str] | None) -> tuple[torch.Ten
     if unknown:
         raise LocalizeError(f"example folder {unknown[0]!r} is not a class of the skill", path=root / unknown[0],
                             hint=f"name each folder after one of the classes: {', '.join(list(classes)[:10])}")
-    images, labels = [], []
+    images: list[torch.Tensor] = []
+    labels: list[int] = []
     for folder in folders:
         for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
             if len(images) >= MAX_FOLDER_IMAGES:
                 raise LocalizeError(f"more than {MAX_FOLDER_IMAGES} example images", path=root,
                                     hint="a few dozen per class is what few-shot localization uses")
             try:
-                with Image.open(path) as img:
-                    img = img.convert("RGB")
-                    img = F.center_crop(F.resize(img, FOLDER_IMAGE_SIZE), [FOLDER_IMAGE_SIZE, FOLDER_IMAGE_SIZE])
-                    images.append(F.pil_to_tensor(img))
+                with Image.open(path) as raw:
+                    rgb = raw.convert("RGB")
+                square = F.center_crop(F.resize(rgb, FOLDER_IMAGE_SIZE), [FOLDER_IMAGE_SIZE, FOLDER_IMAGE_SIZE])
+                images.append(F.pil_to_tensor(square))
             except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:
                 raise LocalizeError(f"not a readable image ({type(e).__name__})", path=path) from None
             labels.append(index[folder.name])

@@ -164,9 +164,10 @@ class OpenClipFamily(ModelFamily):
                                 f"[{int(labels.min())}, {int(labels.max())}]", key=EX_LABELS)
         keep = torch.cat([(labels == c).nonzero().squeeze(1)[:max_per_class] for c in range(n_cls)]).sort().values
         keep = keep[:MAX_EXAMPLES]
-        runtime = self.runtime({k: base.tensor(k) for k in base})
-        return ImageObjective(runtime.model.visual, head, runtime.normalise(images[keep]), labels[keep], prefix="visual.",
-                              seed=seed)
+        runtime = ClipRuntime(self.build({k: base.tensor(k) for k in base}))
+        tower = runtime.model.visual
+        assert isinstance(tower, torch.nn.Module)
+        return ImageObjective(tower, head, runtime.normalise(images[keep]), labels[keep], prefix="visual.", seed=seed)
 
 
 class ClipRuntime(Runtime):
