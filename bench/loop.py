@@ -1,8 +1,12 @@
 """Drop-to-served latency of the real service on an 85M-parameter float32 model, next to localizing that checkpoint
-alone, measured in one run.
+alone, measured in one run, against the goal of issue #9: drop to served <= 1.2 x localization + 0.5 s.
 
 A real `skillhub run` subprocess watches a real inbox; each finetuned checkpoint is written under a temp name and
-renamed into place (the moment it is "finished"); the clock stops when `/v1/model` lists the skill.
+renamed into place (the moment it is "finished"); the clock stops when `/v1/model` lists the skill. Before each drop
+the service is left to finish the previous version's background work (its weights file), so that each figure is
+the latency of one drop into an idle service, not of the previous drop's tail; and that drop's checkpoint is
+localized alone in this process (the service idle), so that each drop is compared with a localization timed under
+the same machine load (a shared machine's load drifts between the start and the end of a run).
 
     .venv/bin/python bench/loop.py [--skills 3] [--blocks 12] [--stable-seconds 1.0]
 """
@@ -10,6 +14,7 @@ renamed into place (the moment it is "finished"); the clock stops when `/v1/mode
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -18,7 +23,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
+from statistics import median
+from typing import Any
 
 import httpx
 
@@ -31,6 +39,7 @@ from skillhub.localize import LocalizeContext, run_localizer  # noqa: E402
 from skillhub.strategies.dataless import Dataless  # noqa: E402
 
 TOKEN = "bench-token"
+GOAL_FACTOR, GOAL_SECONDS = 1.2, 0.5  # issue #9: drop to served <= 1.2 x localization + 0.5 s
 
 
 def main() -> None:
@@ -38,6 +47,8 @@ def main() -> None:
     ap.add_argument("--skills", type=int, default=3)
     ap.add_argument("--blocks", type=int, default=12)
     ap.add_argument("--stable-seconds", type=float, default=1.0)
+    ap.add_argument("--poll-ms", type=float, default=5.0, help="how often the client asks GET /v1/model (each ask "
+                    "costs the service some CPU: on a 2-core machine, 5 ms polling is felt)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -49,15 +60,9 @@ def main() -> None:
             write_safetensors(p, make_finetune(base, seed=200 + i), {})
             srcs.append(p)
         del base
-        # Localization alone, on the same files, for the ratio.
         b = open_checkpoint(root / "base.safetensors")
-        times = []
-        for p in srcs:
-            tv = TaskVector(b, open_checkpoint(p), sorted(b))
-            t0 = time.perf_counter()
-            run_localizer(Dataless, tv, {"sparsity": 0.01}, LocalizeContext(), Provenance())
-            times.append(time.perf_counter() - t0)
-        t_localize = min(times)
+        _localize_alone(b, srcs[0])  # warm-up: first-call costs are no part of either figure
+        times: list[float] = []
 
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -77,51 +82,94 @@ def main() -> None:
             (root / "inbox").mkdir(exist_ok=True)
             latencies: list[float] = []
             renamed_at: list[float] = []
+            seen_at: list[float] = []
             for i, p in enumerate(srcs):
+                _wait_quiet(client, root / "state", proc)
+                times.append(_localize_alone(b, p))  # this drop's localization alone, for its ratio
                 tmp_name = root / "inbox" / f".skill{i}.safetensors.part"
                 shutil.copyfile(p, tmp_name)
                 t0 = time.perf_counter()
                 renamed_at.append(time.time())
                 os.rename(tmp_name, root / "inbox" / f"skill{i}.safetensors")
                 _until(lambda i=i: f"skill{i}" in (client.get("/v1/model").json().get("skills") or {}), proc, 300,
-                       every=0.005)
+                       every=args.poll_ms / 1000)
                 latencies.append(time.perf_counter() - t0)
+                seen_at.append(time.time())
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
             client.close()
             log.close()
-            phases = _phases(root / "daemon.log", renamed_at)
-        best = min(latencies)
-        print(f"model {sum(1 for _ in [0])and ''}{len(srcs)} drops of {srcs[0].stat().st_size / 2**20:.0f} MiB; "
+            phases = _phases(root / "daemon.log", renamed_at, seen_at)
+        goals = [GOAL_FACTOR * t + GOAL_SECONDS for t in times]
+        met = sum(lat <= g for lat, g in zip(latencies, goals))
+        print(f"model {len(srcs)} drops of {srcs[0].stat().st_size / 2**20:.0f} MiB; "
               f"stable_seconds = {args.stable_seconds} (a rename into place skips it)")
         print(f"service start to ready (85M base, demo-free): {t_ready:.2f} s")
-        print(f"localize alone (best of {len(times)}):          {t_localize:.3f} s")
+        print(f"localize alone, before each drop:          {', '.join(f'{t:.3f}' for t in times)} s")
         print(f"drop to served, each drop:                 {', '.join(f'{t:.3f}' for t in latencies)} s")
-        print(f"drop to served / localize alone (best):    {best / t_localize:.1f}x")
-        print("where the time goes, per drop (from the daemon's log):")
-        print(f"{'drop':>6}{'watch+settle+stage':>20}{'validate+localize+register':>28}{'stitch+publish':>16}")
-        for i, (a, b, c) in enumerate(phases):
-            print(f"{i:>6}{a:>20.3f}{b:>28.3f}{c:>16.3f}")
-        print("stage = copy the drop out of the inbox while hashing it (sha256) and fsync (FAULTS A6)")
+        print(f"drop to served / localize alone:           "
+              f"{', '.join(f'{lat / t:.1f}x' for lat, t in zip(latencies, times))} "
+              f"(median {median(lat / t for lat, t in zip(latencies, times)):.1f}x)")
+        print(f"goal {GOAL_FACTOR} x localize + {GOAL_SECONDS} s:              {', '.join(f'{g:.3f}' for g in goals)} s: "
+              f"{'MET' if met == len(goals) else 'MISSED'} ({met} of {len(goals)} drops within it; median drop "
+              f"{median(lat - g for lat, g in zip(latencies, goals)):+.3f} s from its goal)")
+        print("where the time goes, per drop (from the daemon's log), s:")
+        widths = (13, 19, 10, 10, 16, 7)
+        print(f"{'drop':>6}" + "".join(f"{h:>{w}}" for h, w in zip(
+            ("watch+stage", "open+validate+reg", "localize*", "consume", "stitch+publish", "seen"), widths)))
+        for i, row in enumerate(phases):
+            print(f"{i:>6}" + "".join(f"{v:>{w}.3f}" for v, w in zip(row, widths)))
+        print("watch+stage: rename -> staged copy checked (copied out of the inbox while hashed, FAULTS A6); "
+              "open+validate+reg: staged -> mask durable, less localize*; localize*: as the daemon logs it "
+              "(ops.localize_checkpoint: the relative-norm check's pass over both models, then the localizer); "
+              "consume: -> the "
+              "drop removed from the inbox; stitch+publish: -> version published; seen: -> GET /v1/model lists it")
 
 
-def _phases(log_path: Path, renamed_at: list[float]) -> list[tuple[float, float, float]]:
-    """(rename → staged, staged → registered, registered → published) per drop, from the JSON log lines."""
-    import json
-    from datetime import datetime
+def _localize_alone(base: Any, path: Path) -> float:
+    """Seconds to localize ``path`` against ``base`` with the service's default strategy, in this process."""
+    task = TaskVector(base, open_checkpoint(path), sorted(base))
+    t0 = time.perf_counter()
+    run_localizer(Dataless, task, {"sparsity": 0.01}, LocalizeContext(), Provenance())
+    return time.perf_counter() - t0
 
-    events: dict[str, list[float]] = {"drop_staged": [], "skill_registered": [], "version_published": []}
+
+def _phases(log_path: Path, renamed_at: list[float], seen_at: list[float]) -> list[tuple[float, ...]]:
+    """Per drop, from the daemon's JSON log lines (wall-clock timestamps): rename -> staged, staged -> registered
+    less the localization, the localization (as logged), registered -> consumed, consumed -> published, published
+    -> seen by the client."""
+    names = ("drop_staged", "skill_registered", "drop_consumed", "version_published")
+    events: dict[str, list[tuple[float, dict]]] = {n: [] for n in names}
     for line in log_path.read_text(errors="replace").splitlines():
         try:
             rec = json.loads(line)
         except ValueError:
             continue
         if rec.get("event") in events:
-            events[rec["event"]].append(datetime.fromisoformat(rec["timestamp"].replace("Z", "+00:00")).timestamp())
+            t = datetime.fromisoformat(rec["timestamp"].replace("Z", "+00:00")).timestamp()
+            events[rec["event"]].append((t, rec))
     published = events["version_published"][1:]  # the first one is the empty base at start-up
-    return [(s - r, g - s, p - g) for r, s, g, p in zip(renamed_at, events["drop_staged"],
-                                                       events["skill_registered"], published)]
+    out = []
+    for r, (st, _), (g, reg), (c, _), (p, _), seen in zip(renamed_at, events["drop_staged"],
+                                                          events["skill_registered"], events["drop_consumed"],
+                                                          published, seen_at):
+        loc = float(reg.get("seconds") or 0.0)
+        out.append((st - r, g - st - loc, loc, max(0.0, c - g), p - max(c, g), seen - p))
+    return out
+
+
+def _wait_quiet(client: httpx.Client, state: Path, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    """Wait until the served version's weights file is written (the publisher's background work is done), at most
+    ``timeout`` seconds (a service configured not to write weights files is quiet at once)."""
+    def written() -> bool:
+        version = client.get("/v1/model").json().get("version")
+        return version is None or (state / "models" / str(version) / "model.safetensors").exists()
+
+    try:
+        _until(written, proc, timeout)
+    except TimeoutError:
+        pass
 
 
 def _ok(client: httpx.Client, route: str) -> bool:
@@ -142,7 +190,7 @@ def _until(cond, proc: subprocess.Popen[bytes], timeout: float, every: float = 0
         except httpx.HTTPError:
             pass
         time.sleep(every)
-    raise SystemExit("timed out")
+    raise TimeoutError(f"timed out after {timeout} s")
 
 
 if __name__ == "__main__":

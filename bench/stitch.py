@@ -1,7 +1,10 @@
 """Incremental stitching on an 85M-parameter float32 model: the cost of adding the 1st and the 16th skill (and of
 removing one) next to a full rebuild of 16 skills, measured in one run.
 
-    .venv/bin/python bench/stitch.py [--skills 16] [--density 0.01] [--blocks 12]
+    .venv/bin/python bench/stitch.py [--skills 16] [--density 0.01] [--blocks 12] [--dense]
+
+``--dense`` gives every mask in the dense form (values for every entry, 0 outside the mask, no indices), what
+``localize --sparsity 1.0`` makes: ``--density 1 --dense --policy sum`` is task arithmetic.
 """
 
 from __future__ import annotations
@@ -14,22 +17,30 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import make_base, vit_b_shapes  # noqa: E402
+from common import make_base, vit_b_shapes
 
-from skillhub.delta import SparseDelta  # noqa: E402
-from skillhub.plugins import load_plugins  # noqa: E402
-from skillhub.stitch import Stitcher  # noqa: E402
+from skillhub.delta import SparseDelta
+from skillhub.plugins import load_plugins
+from skillhub.stitch import Stitcher
 
 
-def random_delta(shapes: dict[str, tuple[int, ...]], density: float, seed: int) -> SparseDelta:
-    """A 1%-dense mask at random positions with random values (stitch cost does not depend on where)."""
+def random_delta(shapes: dict[str, tuple[int, ...]], density: float, seed: int, dense: bool = False) -> SparseDelta:
+    """A mask of ``density`` at random positions with random values (stitch cost does not depend on where); in the
+    dense form when ``dense``."""
     g = torch.Generator().manual_seed(seed)
     idx, val = {}, {}
     for k, s in shapes.items():
         n = torch.Size(s).numel()
         m = max(1, int(n * density))
+        v = torch.randn(m, generator=g) * 1e-3
+        if dense and m == n:
+            val[k] = v
+            continue
         i = torch.randperm(n, generator=g)[:m].sort().values
-        idx[k], val[k] = i.to(torch.int32), torch.randn(m, generator=g) * 1e-3
+        if dense:
+            val[k] = torch.zeros(n).index_put_((i,), v)
+        else:
+            idx[k], val[k] = i.to(torch.int32), v
     return SparseDelta(idx, val, dict(shapes), {k: torch.float32 for k in shapes})
 
 
@@ -45,10 +56,11 @@ def main() -> None:
     ap.add_argument("--density", type=float, default=0.01)
     ap.add_argument("--blocks", type=int, default=12)
     ap.add_argument("--policy", default="average")
+    ap.add_argument("--dense", action="store_true", help="masks in the dense form (no indices)")
     args = ap.parse_args()
     shapes = vit_b_shapes(args.blocks)
     base = make_base(shapes)
-    deltas = [random_delta(shapes, args.density, s) for s in range(args.skills + 1)]
+    deltas = [random_delta(shapes, args.density, s, args.dense) for s in range(args.skills + 1)]
     policy = load_plugins([], entry_points=False).make_policy(args.policy)
     n = sum(t.numel() for t in base.values())
     print(f"model {n / 1e6:.1f}M params, {args.skills} skills of {deltas[0].nnz} entries ({args.density:.1%}), "
@@ -56,20 +68,28 @@ def main() -> None:
 
     t_init = timed(lambda: Stitcher(base, policy, device="auto"))
     s = Stitcher(base, policy, device="auto")
-    t_first = timed(lambda: s.add("0", deltas[0]))
+    # A dense add leaves its merged tensors to be recomputed when next read: each change is timed with that read
+    # (free after a sparse add), not with a copy.
+    def read(st: Stitcher) -> None:
+        for k in st.keys:
+            st.tensor(k)
+
+    t_first = timed(lambda: (s.add("0", deltas[0]), read(s)))
     for i in range(1, args.skills - 1):
         s.add(str(i), deltas[i])
-    t_nth = timed(lambda: s.add(str(args.skills - 1), deltas[args.skills - 1]))
-    t_remove = timed(lambda: s.remove("3"))
+    read(s)
+    t_nth = timed(lambda: (s.add(str(args.skills - 1), deltas[args.skills - 1]), read(s)))
+    t_remove = timed(lambda: (s.remove("3"), read(s)))
     t_snapshot = timed(lambda: s.snapshot())
 
     def rebuild() -> None:
         r = Stitcher(base, policy, device="auto")
         for i in range(args.skills):
             r.add(str(i), deltas[i])
+        read(r)
     t_rebuild = timed(rebuild)
     print(f"{'operation':<36}{'seconds':>10}{'x first add':>13}")
-    for name, t in ((f"stitcher init (θ₀ to device)", t_init), ("add 1st skill", t_first),
+    for name, t in (("stitcher init (θ₀ to device)", t_init), ("add 1st skill", t_first),
                     (f"add {args.skills}th skill ({args.skills - 1} already in)", t_nth),
                     ("remove a skill", t_remove), ("snapshot (copy merged weights)", t_snapshot),
                     (f"full rebuild of {args.skills} skills", t_rebuild)):

@@ -103,7 +103,8 @@ class Daemon:
         self.intake = Intake(inbox, Path(cfg.state.dir) / "staging", self._on_arrival,
                              stable_seconds=cfg.watch.stable_seconds, rescan_seconds=cfg.watch.rescan_seconds,
                              poll=cfg.watch.poll, shard_timeout_seconds=cfg.watch.shard_timeout_seconds,
-                             max_bytes=max(4 * hub.base.nbytes, 1 << 20))
+                             max_bytes=max(4 * hub.base.nbytes, 1 << 20),
+                             on_reject=lambda reason: hub.metrics.rejected.inc())
         self.intake.start()
         log.info("daemon_ready", inbox=str(inbox), version=hub.current.number if hub.current else None, pid=os.getpid())
 

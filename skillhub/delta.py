@@ -1,17 +1,22 @@
 """Task vectors and sparse deltas: what one localized skill is.
 
 A task vector is τₜ = θₜ − θ₀ (He et al., arXiv 2408.13656, after Ilharco et al.'s task arithmetic). Localization
-keeps a binary mask γₜ over it; a :class:`SparseDelta` is (γₜ, γₜ⊙τₜ) stored sparsely: per included tensor the
-sorted flat row-major indices of the mask and τ at those indices. It is all a skill needs once localized; the
-finetuned checkpoint can go.
+keeps a binary mask γₜ over it; a :class:`SparseDelta` is (γₜ, γₜ⊙τₜ): per included tensor either the sorted flat
+row-major indices of the mask and τ at those indices (*sparse*), or one value per entry of the tensor, zero outside
+the mask (*dense*, for masks that cover most of a tensor: no index array, and the stitcher adds it with whole-tensor
+operations). It is all a skill needs once localized; the finetuned checkpoint can go.
 
-On disk it is the mask file of DESIGN §8 (``*.mask.safetensors``):
+On disk it is the mask file of DESIGN §8 (``*.mask.safetensors``), format ``sparse-delta/1``. Per tensor ``KEY``:
 
-- ``KEY::indices``: int32 (int64 when the tensor has more than 2³¹−1 elements), strictly increasing;
-- ``KEY::values``: τ at those indices, in the base tensor's dtype;
+- sparse: ``KEY::indices`` (int32; int64 when the tensor has more than 2³¹−1 elements; strictly increasing) and
+  ``KEY::values`` (τ at those indices, in the base tensor's dtype);
+- dense: ``KEY::values`` alone, with the tensor's full shape (no ``KEY::indices``): τ at every entry of the mask and
+  0 elsewhere, so the mask is the non-zero values. The writer stores a tensor densely when that is no larger than
+  indices plus values (a mask over at least half of a float32 tensor, a third of a float16 one; :meth:`encoding`)
+  and every masked value is non-zero. Files written before the dense form existed load unchanged.
 - header metadata ``skillhub.format`` = ``sparse-delta/1``, ``skillhub.skill``, ``skillhub.base``,
   ``skillhub.source``, ``skillhub.strategy``, ``skillhub.params`` (JSON), ``skillhub.shapes`` (JSON, every included
-  tensor, masks empty or not).
+  tensor, masks empty or not), ``skillhub.dtypes``.
 """
 
 from __future__ import annotations
@@ -26,8 +31,8 @@ from typing import Protocol
 import torch
 
 from skillhub.checkpoint import TensorFile, write_safetensors
-from skillhub.header import DTYPES
 from skillhub.errors import CheckpointError
+from skillhub.header import DTYPES
 
 FORMAT = "sparse-delta/1"
 INT32_LIMIT = 2**31 - 1
@@ -125,14 +130,22 @@ class TaskVector:
             base += float(torch.linalg.vector_norm(self.base.tensor(key), dtype=torch.float64)) ** 2
         return math.sqrt(tau) / math.sqrt(base) if base > 0 else (math.inf if tau > 0 else 0.0)
 
-    def sparse(self, entries: Mapping[str, torch.Tensor | tuple[torch.Tensor, torch.Tensor]],
+    def sparse(self, entries: Mapping[str, torch.Tensor | tuple[torch.Tensor | None, torch.Tensor]],
                provenance: Provenance | None = None) -> SparseDelta:
-        """The :class:`SparseDelta` of this task vector on a mask given per tensor as sorted flat indices, or as
-        (indices, τ values) when the strategy already has the values (saves a pass over the tensor)."""
+        """The :class:`SparseDelta` of this task vector on a mask given per tensor as sorted flat indices, as
+        (indices, τ values) when the strategy already has the values (saves a pass over the tensor), or as
+        (``None``, values): the dense form, one value per entry of the tensor and 0 outside the mask."""
         idx_out: dict[str, torch.Tensor] = {}
         val_out: dict[str, torch.Tensor] = {}
         for key, entry in entries.items():
             idx, vals = entry if isinstance(entry, tuple) else (entry, None)
+            if idx is None:  # dense: no index array at all
+                if vals is None or vals.numel() != math.prod(self.shapes[key]):
+                    raise CheckpointError(f"a dense entry for {key!r} needs one value per entry", key=key)
+                vals = vals.reshape(-1).to(self.dtypes[key])
+                if bool(vals.any()):
+                    val_out[key] = vals
+                continue
             if idx.numel() == 0:
                 continue
             idx = idx.to(torch.int64)
@@ -161,7 +174,11 @@ class Provenance:
 
 @dataclass(frozen=True)
 class SparseDelta:
-    """γ⊙τ for one skill: per included tensor, sorted flat indices and the τ values there.
+    """γ⊙τ for one skill, per included tensor in one of two forms.
+
+    - *sparse*: ``indices[key]`` (sorted flat row-major indices of the mask) and ``values[key]`` (τ there);
+    - *dense*: ``values[key]`` alone (the key is not in ``indices``), flat, one value per entry of the tensor: τ on
+      the mask and 0 elsewhere, so the mask is the non-zero values. No index array exists, not even a lazy one.
 
     ``shapes`` names every included tensor (empty masks too), so the delta describes the model it applies to.
     ``dtypes`` is each tensor's base dtype: values are stored in it.
@@ -174,16 +191,40 @@ class SparseDelta:
     provenance: Provenance = Provenance()
 
     def __post_init__(self) -> None:
-        for key, idx in self.indices.items():
+        for key in self.indices.keys() | self.values.keys():
             if key not in self.shapes:
                 raise CheckpointError(f"mask for {key!r} but no shape for it", key=key)
-            if idx.ndim != 1 or idx.shape != self.values[key].shape:
+        for key, idx in self.indices.items():
+            if key not in self.values or idx.ndim != 1 or idx.shape != self.values[key].shape:
                 raise CheckpointError(f"indices and values of {key!r} differ in shape", key=key)
+        for key in self.dense_keys:
+            if self.values[key].ndim != 1 or self.values[key].numel() != math.prod(self.shapes[key]):
+                raise CheckpointError(f"dense values of {key!r} must hold one value per entry of shape "
+                                      f"{list(self.shapes[key])}", key=key)
+        object.__setattr__(self, "_nnz", {})  # per-key mask sizes, counted once (a dense one costs a pass)
+
+    @property
+    def dense_keys(self) -> list[str]:
+        """Keys stored in the dense form (values for every entry, no indices)."""
+        return [k for k in self.values if k not in self.indices]
+
+    def is_dense(self, key: str) -> bool:
+        return key in self.values and key not in self.indices
+
+    def nnz_of(self, key: str) -> int:
+        """Mask size of one tensor (0 when it has no mask)."""
+        cache: dict[str, int] = self._nnz  # type: ignore[attr-defined]
+        if key not in cache:
+            if key in self.indices:
+                cache[key] = int(self.indices[key].numel())
+            else:
+                cache[key] = int(torch.count_nonzero(self.values[key])) if key in self.values else 0
+        return cache[key]
 
     @property
     def nnz(self) -> int:
         """Number of masked entries over all tensors."""
-        return sum(int(i.numel()) for i in self.indices.values())
+        return sum(self.nnz_of(k) for k in self.values)
 
     @property
     def numel(self) -> int:
@@ -194,11 +235,32 @@ class SparseDelta:
     def density(self) -> float:
         return self.nnz / max(self.numel, 1)
 
+    def flat_indices(self, key: str) -> torch.Tensor:
+        """Sorted flat indices of the mask of ``key`` (computed for a dense tensor: for tests and fallbacks)."""
+        if key in self.indices:
+            return self.indices[key]
+        if key in self.values:
+            return self.values[key].nonzero().reshape(-1)
+        return torch.zeros(0, dtype=torch.int64)
+
+    def encoding(self, key: str) -> str:
+        """How the mask file stores ``key``: ``"dense"`` when the values of every entry take no more bytes than
+        indices plus values and no masked value is 0 (a 0 in the dense form means "not in the mask"), else
+        ``"sparse"``. A function of the mask and its values only, so the file bytes are too."""
+        dense, sparse = self._sizes(key)
+        if dense > sparse or (key in self.indices and bool((self.values[key] == 0).any())):
+            return "sparse"
+        return "dense"
+
+    def _sizes(self, key: str) -> tuple[int, int]:
+        """Bytes of ``key`` in the dense form and in the sparse one."""
+        numel, vsize = math.prod(self.shapes[key]), self.dtypes.get(key, self.values[key].dtype).itemsize
+        return numel * vsize, self.nnz_of(key) * (index_dtype(numel).itemsize + vsize)
+
     @property
     def nbytes(self) -> int:
         """Bytes of index and value data (what the mask file holds, less its header)."""
-        return sum(i.numel() * i.element_size() + self.values[k].numel() * self.values[k].element_size()
-                   for k, i in self.indices.items())
+        return sum(self._sizes(k)[self.encoding(k) == "sparse"] for k in self.values)
 
     def fraction_of(self, checkpoint_bytes: int) -> float:
         """Size of this delta's data as a fraction of a checkpoint's size on disk."""
@@ -206,9 +268,20 @@ class SparseDelta:
 
     def dense(self, key: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """γ⊙τ for one tensor as a dense tensor (for tests and small models)."""
+        if self.is_dense(key):
+            return self.values[key].to(dtype, copy=True).reshape(self.shapes[key])
         out = torch.zeros(math.prod(self.shapes[key]), dtype=dtype)
         if key in self.indices:
             out[self.indices[key].long()] = self.values[key].to(dtype)
+        return out.reshape(self.shapes[key])
+
+    def mask(self, key: str) -> torch.Tensor:
+        """γ for one tensor as a bool tensor of its shape."""
+        if self.is_dense(key):
+            return (self.values[key] != 0).reshape(self.shapes[key])
+        out = torch.zeros(math.prod(self.shapes[key]), dtype=torch.bool)
+        if key in self.indices:
+            out[self.indices[key].long()] = True
         return out.reshape(self.shapes[key])
 
     def metadata(self) -> dict[str, str]:
@@ -227,36 +300,37 @@ class SparseDelta:
     def save(self, path: str | Path, *, faultpoint: str | None = None) -> str:
         """Write the mask file atomically; return its sha256 (its content address in the registry)."""
         tensors: dict[str, torch.Tensor] = {}
-        for key, idx in self.indices.items():
-            if idx.numel() == 0:
+        for key, vals in self.values.items():
+            if self.nnz_of(key) == 0:
                 continue
+            dtype = self.dtypes.get(key, vals.dtype)
+            if self.encoding(key) == "dense":
+                tensors[f"{key}::values"] = self.dense(key, dtype) if key in self.indices else \
+                    vals.to(dtype).reshape(self.shapes[key])
+                continue
+            idx = self.flat_indices(key)
+            if key not in self.indices:
+                vals = vals[idx]
             tensors[f"{key}::indices"] = idx.to(index_dtype(math.prod(self.shapes[key])))
-            tensors[f"{key}::values"] = self.values[key].to(self.dtypes[key])
+            tensors[f"{key}::values"] = vals.to(dtype)
         return write_safetensors(path, tensors, self.metadata(), faultpoint=faultpoint)
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str = "cpu") -> SparseDelta:
-        """Read and check a mask file: format tag, shapes, strictly increasing in-range indices."""
+        """Read and check a mask file: format tag, shapes, strictly increasing in-range indices, dense values of
+        the full shape. A sparse tensor whose indices cover every entry loads in the dense form."""
         tf = TensorFile(path)
+        names = tf.header.tensors
+        # A file with dense tensors (model-sized) stays mapped on the CPU and its arrays are views of the private
+        # mapping (mask files are immutable, written by rename): no copy, no fresh memory to fault in. Sparse-only
+        # files, small, are copied, so that a service holding many skills does not hold a mapping (and a file
+        # descriptor) per skill.
+        dense_file = any(n.endswith("::values") and n[: -len("values")] + "indices" not in names for n in names)
+        copy = torch.device(device).type != "cpu" or not dense_file
         meta = tf.header.metadata
         if meta.get("skillhub.format") != FORMAT:
             raise CheckpointError(f"not a skillhub mask file (format {meta.get('skillhub.format')!r})", path=path)
-        try:
-            raw_shapes = json.loads(meta["skillhub.shapes"])
-            params = json.loads(meta.get("skillhub.params", "{}"))
-            dtype_names = json.loads(meta.get("skillhub.dtypes", "{}"))
-            if not (isinstance(raw_shapes, dict) and isinstance(params, dict) and isinstance(dtype_names, dict)):
-                raise TypeError("skillhub.shapes, .params and .dtypes must be JSON objects")
-            if not all(isinstance(v, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                                  for d in v) for v in raw_shapes.values()):
-                raise TypeError("every shape in skillhub.shapes must be a list of non-negative integers")
-            shapes = {k: tuple(v) for k, v in raw_shapes.items()}
-            dtypes_known = {str(d).removeprefix("torch."): d for d in DTYPES.values()}
-            bad = [n for n in dtype_names.values() if n not in dtypes_known]
-            if bad:
-                raise TypeError(f"unknown dtype names {bad[:3]}")
-        except (KeyError, ValueError, TypeError) as e:
-            raise CheckpointError(f"mask file metadata is malformed ({e})", path=path) from None
+        shapes, params, dtype_names, dtypes_known = _parse_metadata(meta, path)
         indices: dict[str, torch.Tensor] = {}
         values: dict[str, torch.Tensor] = {}
         dtypes: dict[str, torch.dtype] = {}
@@ -268,20 +342,30 @@ class SparseDelta:
             numel = math.prod(shape)
             dtypes[key] = dtypes_known[dtype_names[key]] if key in dtype_names else torch.float32
             has_idx, has_val = f"{key}::indices" in tf.header.tensors, f"{key}::values" in tf.header.tensors
-            if has_idx != has_val:
-                raise CheckpointError(f"mask file has {'indices' if has_idx else 'values'} for {key!r} but not "
-                                      f"{'values' if has_idx else 'indices'}", path=path, key=key)
-            if not has_idx:
+            if has_idx and not has_val:
+                raise CheckpointError(f"mask file has indices for {key!r} but not values", path=path, key=key)
+            if not has_val:
                 continue
-            idx = tf.tensor(f"{key}::indices").to(device, copy=True)
-            val = tf.tensor(f"{key}::values").to(device, copy=True)
+            val = tf.tensor(f"{key}::values").to(device, copy=copy)
+            if key not in dtype_names:
+                dtypes[key] = val.dtype
+            if not has_idx:  # the dense form: one value per entry, in the tensor's own shape
+                if tuple(val.shape) != tuple(shape) or not val.is_floating_point():
+                    raise CheckpointError(
+                        f"values of {key!r} without indices must be floats of the tensor's full shape {list(shape)}, "
+                        f"not {list(val.shape)}", path=path, key=key,
+                        hint="a sparse tensor needs KEY::indices next to KEY::values")
+                values[key] = val.reshape(-1)
+                continue
+            idx = tf.tensor(f"{key}::indices").to(device, copy=copy)
             if idx.dtype not in (torch.int32, torch.int64) or idx.ndim != 1 or val.shape != idx.shape:
                 raise CheckpointError(f"bad indices/values for {key!r}", path=path, key=key)
             if idx.numel() and (int(idx[0]) < 0 or int(idx[-1]) >= numel or bool((idx[1:] <= idx[:-1]).any())):
                 raise CheckpointError(f"indices of {key!r} are not strictly increasing within [0, {numel})",
                                       path=path, key=key)
-            if key not in dtype_names:
-                dtypes[key] = val.dtype
+            if idx.numel() == numel and numel and bool(val.all()):
+                values[key] = val  # strictly increasing over every entry: 0..n-1, i.e. dense (files from before it)
+                continue
             indices[key], values[key] = idx, val
         prov = Provenance(skill=meta.get("skillhub.skill", ""), base=meta.get("skillhub.base", ""),
                           source=meta.get("skillhub.source", ""), strategy=meta.get("skillhub.strategy", ""),
@@ -289,7 +373,32 @@ class SparseDelta:
         return cls(indices=indices, values=values, shapes=shapes, dtypes=dtypes, provenance=prov)
 
     def to(self, device: torch.device | str) -> SparseDelta:
-        return SparseDelta({k: v.to(device) for k, v in self.indices.items()},
-                           {k: v.to(device) for k, v in self.values.items()},
-                           self.shapes, self.dtypes, self.provenance)
+        """This delta on ``device`` (itself when it is there already, keeping its counted mask sizes)."""
+        dev = torch.device(device)
+        if all(t.device == dev for t in (*self.indices.values(), *self.values.values())):
+            return self
+        out = SparseDelta({k: v.to(dev) for k, v in self.indices.items()}, {k: v.to(dev) for k, v in self.values.items()},
+                          self.shapes, self.dtypes, self.provenance)
+        out._nnz.update(self._nnz)  # type: ignore[attr-defined]
+        return out
 
+
+def _parse_metadata(meta: Mapping[str, str], path: str | Path
+                    ) -> tuple[dict[str, tuple[int, ...]], dict, dict, dict[str, torch.dtype]]:
+    """``skillhub.shapes``, ``.params`` and ``.dtypes`` of a mask file, checked."""
+    try:
+        raw_shapes = json.loads(meta["skillhub.shapes"])
+        params = json.loads(meta.get("skillhub.params", "{}"))
+        dtype_names = json.loads(meta.get("skillhub.dtypes", "{}"))
+        if not (isinstance(raw_shapes, dict) and isinstance(params, dict) and isinstance(dtype_names, dict)):
+            raise TypeError("skillhub.shapes, .params and .dtypes must be JSON objects")
+        if not all(isinstance(v, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                              for d in v) for v in raw_shapes.values()):
+            raise TypeError("every shape in skillhub.shapes must be a list of non-negative integers")
+        dtypes_known = {str(d).removeprefix("torch."): d for d in DTYPES.values()}
+        bad = [n for n in dtype_names.values() if n not in dtypes_known]
+        if bad:
+            raise TypeError(f"unknown dtype names {bad[:3]}")
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"mask file metadata is malformed ({e})", path=path) from None
+    return {k: tuple(v) for k, v in raw_shapes.items()}, params, dtype_names, dtypes_known

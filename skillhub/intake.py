@@ -9,19 +9,21 @@ checked on the copy, and the copy is handed to the caller's ``on_arrival``. The 
 This module owns the worker, the arrival rule and those outcomes; :mod:`skillhub.watcher` keeps the observer on the
 inbox and its health, and :mod:`skillhub.staging` reads a drop's files and makes the checked copy.
 
-Arrival rule (DESIGN §4): a drop is ready once its signature (size, mtime, ctime, inode of every file, and of a
-file's sidecar) has not changed for ``stable_seconds``, or for 0.1 s after a close-write or a rename inside the inbox
-(watchdog reports a move in from another folder as a create, which takes the ``stable_seconds`` path). A staged copy
-whose header promises more bytes than it has sends the drop back to pending; it is rejected as truncated only once it
-has stayed so, unchanged, for max(5 × ``stable_seconds``, 5 s).
+Arrival rule (DESIGN §4): a drop renamed into the inbox (from inside or outside it) is ready at once: a rename is how
+a writer says it is done (FAULTS A2), so no stability window is waited for. Otherwise a drop is ready once its
+signature (size, mtime, ctime, inode of every file, and of a file's sidecar) has not changed for ``stable_seconds``,
+or for 0.1 s after a close-write. A staged copy whose header promises more bytes than it has sends the drop back to
+pending (a writer still at work after all); it is rejected as truncated only once it has stayed so, unchanged, for
+max(5 × ``stable_seconds``, 5 s).
 
-Threading: watchdog's handler only records names and wakes the worker; every filesystem operation runs in the one
+Threading: the watch's thread only records names and wakes the worker; every filesystem operation runs in the one
 worker thread, so a drop is never processed twice at once. Nothing in the inbox is memory-mapped (a truncation would
 be SIGBUS), followed through a symlink, or opened in a way that can block (a FIFO).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import secrets
@@ -39,11 +41,11 @@ import structlog
 from skillhub.errors import CheckpointError, SkillhubError
 from skillhub.staging import (Changed, Stager, Transient, Truncated, drop_signature, folder_plan, read_sidecar,
                               remove_path, show_name, special_file)
-from skillhub.watcher import InboxWatch, inbox_changes
+from skillhub.watcher import CLOSED, MOVED_IN, Change, InboxWatch
 
 IGNORED_SUFFIXES = (".tmp", ".part", ".partial", ".incomplete", ".toml")
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
-SETTLE_SECONDS = 0.1  # quiet time after a close-write or move-in event
+SETTLE_SECONDS = 0.1  # quiet time after a close-write event (a move-in needs none)
 TICK_SECONDS = 0.25  # longest sleep of the worker while something is pending
 HEALTH_SECONDS = 1.0  # how often the worker checks that the inbox is still there
 TODO = ("What to do: fix the problem above, then drop the corrected file or folder into the inbox again "
@@ -80,7 +82,7 @@ class _Entry:
     kind: str = ""
     sig: object = None  # last observed signature of the drop (and its sidecar)
     since: float = 0.0  # monotonic time at which ``sig`` was first observed
-    hinted: bool = False  # a close-write or move-in was the last event: a short settle suffices
+    hint: str | None = None  # the last event, if it says more than "changed": CLOSED or MOVED_IN
     due: float = 0.0
     truncated: object = None  # signature at which the staged copy looked truncated
     error: str | None = None  # last transient error logged, so that each is logged once
@@ -101,29 +103,33 @@ class Intake:
 
     def __init__(self, inbox: Path, staging: Path, on_arrival: Callable[[Arrival], None], *,
                  stable_seconds: float = 1.0, rescan_seconds: float = 30.0, poll: bool = False,
-                 shard_timeout_seconds: float = 600.0, max_bytes: int | None = None, logger: Any = None) -> None:
+                 shard_timeout_seconds: float = 600.0, max_bytes: int | None = None, logger: Any = None,
+                 on_reject: Callable[[str], None] | None = None) -> None:
         self.inbox, self.staging = Path(inbox), Path(staging)
         self.on_arrival = on_arrival
+        self.on_reject = on_reject  # told the reason of every drop moved to .rejected/ (the service counts them)
         self.stable_seconds, self.rescan_seconds = stable_seconds, rescan_seconds
         self.poll, self.shard_timeout_seconds, self.max_bytes = poll, shard_timeout_seconds, max_bytes
         self.log = logger if logger is not None else structlog.get_logger("skillhub.intake")
         self._lock = threading.Lock()
         self._wake, self._stop = threading.Event(), threading.Event()
-        self._events: dict[str, bool | None] = {}  # name -> last hint (None: no hint), from watchdog's thread
+        self._events: dict[str, str | None] = {}  # name -> what its last event said, from the watch's thread
         self._scan_requested, self._check_root, self._idle = True, False, False
         self._working = self._settling = False
         self._entries: dict[str, _Entry] = {}  # worker-only from here on
         self._dead: dict[str, object] = {}  # drops we could neither consume nor move away, by signature
         self._consumed: dict[str, None] = {}  # recently consumed stems, to explain late sidecars
-        self._watch = InboxWatch(self.inbox, self._on_event, poll=poll, logger=self.log, stop=self._stop,
-                                 poll_seconds=min(1.0, max(0.1, stable_seconds)))
+        self._watch = InboxWatch(self.inbox, self._on_changes, on_overflow=self.rescan, poll=poll, logger=self.log,
+                                 stop=self._stop, poll_seconds=min(1.0, max(0.1, stable_seconds)))
         self._stager = Stager(self.inbox, self.staging, self._stop)
         self._worker: threading.Thread | None = None
 
     # ---- public API -------------------------------------------------------------------------------------------
     def start(self) -> None:
-        """Start the observer (inotify, or polling if ``poll`` or inotify fails) and the worker; scan at once."""
+        """Start the watch (inotify, or polling if ``poll`` or inotify fails) and the worker; scan at once. After a
+        restart of the machine, first verify the staged copies (:meth:`Stager.check_after_reboot`)."""
         self._stager.check_writable()
+        self._stager.check_after_reboot(self.log.warning)
         self._check_inbox()
         self._worker = threading.Thread(target=self._run, name="skillhub-intake", daemon=True)
         self._worker.start()
@@ -170,10 +176,7 @@ class Intake:
             time.sleep(0.02)
 
     # ---- watching ---------------------------------------------------------------------------------------------
-    def _on_event(self, event: Any) -> None:
-        changes = inbox_changes(event, os.fspath(self.inbox))
-        if changes is None:
-            return
+    def _on_changes(self, changes: list[Change]) -> None:
         with self._lock:
             for name, hint in changes:
                 if name is None:
@@ -239,7 +242,7 @@ class Intake:
             if not _ignored(name) and name not in self._entries:
                 self._entries[name] = _Entry(name, due=now)
 
-    def _note(self, events: dict[str, bool | None], now: float) -> None:
+    def _note(self, events: dict[str, str | None], now: float) -> None:
         for name, hint in events.items():
             if name.endswith(".toml") and not name.startswith("."):
                 stem, ck = name[:-5], name[:-5] + ".safetensors"
@@ -251,7 +254,7 @@ class Intake:
             if _ignored(name):
                 continue
             e = self._entries.setdefault(name, _Entry(name))
-            e.hinted = e.hinted if hint is None else hint
+            e.hint = e.hint if hint is None else hint
             e.due = now
 
     def _step(self, e: _Entry) -> None:
@@ -274,7 +277,7 @@ class Intake:
                 self._drop_held(e)
                 e.sig, e.since = sig, now
             trunc_quiet = max(5 * self.stable_seconds, 5.0)
-            quiet = trunc_quiet if e.truncated == sig else SETTLE_SECONDS if e.hinted else self.stable_seconds
+            quiet = trunc_quiet if e.truncated == sig else self._quiet(e.hint)
             if now - e.since < quiet:
                 raise _Wait(now + min(TICK_SECONDS, e.since + quiet - now))
             if e.kind == "file" and not e.name.lower().endswith(".safetensors"):
@@ -291,10 +294,10 @@ class Intake:
                 self.log.debug("drop_vanished", name=show_name(e.name))
                 self._dead.pop(e.name, None)
                 return self._forget(e)
-            e.sig, e.hinted, e.truncated, e.due = None, False, None, now + TICK_SECONDS  # a part of it went away
+            e.sig, e.hint, e.truncated, e.due = None, None, None, now + TICK_SECONDS  # a part of it went away
             return
         except Changed:
-            e.sig, e.hinted, e.truncated, e.due = None, False, None, now + TICK_SECONDS
+            e.sig, e.hint, e.truncated, e.due = None, None, None, now + TICK_SECONDS
             self.log.info("drop_changed_while_reading", name=show_name(e.name))
             return
         except (Transient, OSError) as x:
@@ -308,12 +311,16 @@ class Intake:
             if time.monotonic() - e.since >= max(5 * self.stable_seconds, 5.0):
                 return self._reject(e, f"{show_name(e.name)}: the file is truncated ({t}): the copy or download did "
                                        "not finish. Hint: drop the complete file again")
-            e.truncated, e.hinted, e.due = e.sig, False, now + TICK_SECONDS
+            e.truncated, e.hint, e.due = e.sig, None, now + TICK_SECONDS
             self.log.info("drop_incomplete", name=show_name(e.name), detail=str(t))
             return
         except CheckpointError as x:
             return self._reject(e, str(x))
         self._deliver(e, path, arrival)
+
+    def _quiet(self, hint: str | None) -> float:
+        """How long a drop must stay unchanged after the event ``hint`` before it is read."""
+        return 0.0 if hint == MOVED_IN else SETTLE_SECONDS if hint == CLOSED else self.stable_seconds
 
     def _plan(self, e: _Entry, tree: dict[str, os.stat_result], now: float) -> list[str]:
         """The checkpoint files of a folder drop (index first); waits while shards are missing (FAULTS A3)."""
@@ -340,7 +347,7 @@ class Intake:
                                   hint="drop a finetune of the configured base model (same size as the base)")
         sidecar = read_sidecar(side, e.name, e.kind) if side is not None else None
         final, sha = self._stager.stage(e.name, e.kind, path, st, tree, files, size, e.sig)
-        self.log.info("drop_staged", name=show_name(e.name), sha256=sha, size=size)
+        self.log.info("drop_staged", name=show_name(e.name), sha256=sha, size=size, ready_by=e.hint or "stable")
         return Arrival(e.name, stem, path, final, sha, size, sidecar)
 
     # ---- outcomes ---------------------------------------------------------------------------------------------
@@ -416,6 +423,9 @@ class Intake:
             self._dead[e.name] = e.sig
         else:
             self.log.warning("drop_rejected", name=show_name(e.name), reason=reason)
+            if self.on_reject is not None:
+                with contextlib.suppress(Exception):  # a counter never stops the intake
+                    self.on_reject(reason)
         self._forget(e)
 
     def _drop_held(self, e: _Entry, arrival: Arrival | None = None) -> None:

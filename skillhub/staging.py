@@ -8,31 +8,48 @@ copy it made until the copy is handed over to the caller or released.
 
 Nothing in the inbox is memory-mapped (a truncation would be SIGBUS), followed through a symlink, or opened in a way
 that can block (a FIFO). Drop names may hold anything (FAULTS A11): :func:`show_name` makes them safe to log.
+
+The copy reads each byte of the drop once: a reflink clone where the file system has them (FICLONE: no data moves),
+else ``copy_file_range`` (the kernel copies page cache to page cache), else ``read``/``write``; the sha256 is taken
+of the staged copy (our own file, which nobody else can truncate) in a second thread while the next chunk is copied.
+Staged copies are not fsynced (see :meth:`Stager.check_after_reboot` for why that is safe).
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import stat
 import struct
 import threading
 import tomllib
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from skillhub import faultpoints
 from skillhub.atomic import fsync_dir
-from skillhub.header import MAX_HEADER_BYTES, read_header
 from skillhub.errors import CheckpointError, SkillhubError, printable
+from skillhub.header import MAX_HEADER_BYTES, read_header
 
 MAX_SIDECAR_BYTES = 1 << 20
 MAX_INDEX_BYTES = 64 << 20
 GIB = 1 << 30
+CHUNK = 8 << 20  # bytes per copy step: amortises the syscalls, small enough to overlap with hashing
+FICLONE = 0x40049409  # _IOW(0x94, 9, int), <linux/fs.h>: share the source's blocks copy-on-write (a reflink)
+# What a file system without reflinks or in-kernel copy answers: then the next, more general way is tried.
+NO_FAST_COPY = {errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EBADF, errno.EPERM,
+                errno.ETXTBSY, errno.EISDIR}
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")  # changes at every boot (Linux)
+BOOT_MARK = ".boot-id"  # in the staging folder: the boot in which its copies were last known good
+_STAGED_NAME = re.compile(r"[0-9a-f]{64}(\.safetensors)?")
 
 
 class Transient(Exception):
@@ -59,17 +76,98 @@ def _open_source(path: Path) -> int:
     return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
 
 
-def _copy_stream(src: int, out: Any, digest: Any, stop: threading.Event) -> int:
-    """Copy the open file ``src`` into ``out`` while hashing it; abandon on ``stop``. Returns the bytes copied."""
-    total = 0
-    while block := os.read(src, 1 << 22):
-        if stop.is_set():
+def _copy_stream(src: int, dst: int, stop: threading.Event) -> str:
+    """Copy the open file ``src`` into the empty file ``dst`` (opened for reading and writing) and return the sha256
+    of what ``dst`` then holds; abandon on ``stop``.
+
+    Hashing the copy, not the source, keeps the digest true to the staged bytes even if the dropper rewrites the
+    source meanwhile (the caller then sees the source's signature change, FAULTS A6). Chunk k is hashed in a helper
+    thread (hashlib and the copy calls release the GIL) while chunk k+1 is copied: sha256 (~1.6 GB/s) is the floor.
+    """
+    digest = hashlib.sha256()
+    try:
+        fcntl.ioctl(dst, FICLONE, src)
+    except OSError as x:
+        if x.errno not in NO_FAST_COPY:
+            raise
+    else:  # a reflink: the blocks are shared copy-on-write, so a later write to the source leaves ours alone
+        _hash_range(dst, 0, os.fstat(dst).st_size, digest, bytearray(CHUNK), stop)
+        return digest.hexdigest()
+    buffers = [bytearray(CHUNK) for _ in range(3)]
+    pending: list[Future[None]] = []
+    kernel, off, i = True, 0, 0
+    with ThreadPoolExecutor(1, thread_name_prefix="skillhub-sha256") as pool:  # one worker: chunks hash in order
+        try:
+            while not stop.is_set():
+                if len(pending) == len(buffers):
+                    pending.pop(0).result()  # the task of three chunks ago is done: its buffer is free
+                buf, i = buffers[i % len(buffers)], i + 1
+                n = _copy_chunk_kernel(src, dst, off) if kernel else None
+                if n:  # hash our copy: a read from the page cache the kernel just filled
+                    pending.append(pool.submit(_hash_range, dst, off, n, digest, buf, stop))
+                else:
+                    # No in-kernel copy here, or it reports the end: read(2) is the judge of where the file ends
+                    # (some file systems answer 0 to copy_file_range for data they cannot copy in the kernel).
+                    kernel = False
+                    if not (n := os.preadv(src, [buf], off)):
+                        break
+                    _write_all(dst, memoryview(buf)[:n], off)
+                    pending.append(pool.submit(digest.update, memoryview(buf)[:n]))
+                off += n
+                faultpoints.reach("staging_copy")
+            else:
+                raise Transient("stopping")
+        finally:
+            wait(pending)  # never leave the helper reading a buffer or a file we are about to drop
+        for f in pending:
+            f.result()
+    return digest.hexdigest()
+
+
+def _copy_chunk_kernel(src: int, dst: int, off: int) -> int | None:
+    """Copy up to :data:`CHUNK` bytes at ``off`` inside the kernel; ``None`` when it cannot do that here."""
+    try:
+        return os.copy_file_range(src, dst, CHUNK, off, off)
+    except OSError as x:
+        if x.errno in NO_FAST_COPY:
+            return None
+        raise
+
+
+def _write_all(fd: int, view: memoryview, off: int) -> None:
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], off + done)
+
+
+def _hash_range(fd: int, off: int, n: int, digest: Any, buf: bytearray, stop: threading.Event | None = None) -> None:
+    """Feed ``n`` bytes of ``fd`` from ``off`` to ``digest``, reading them into ``buf``."""
+    end = off + n
+    while off < end:
+        if stop is not None and stop.is_set():
             raise Transient("stopping")
-        digest.update(block)
-        out.write(block)
-        total += len(block)
-        faultpoints.reach("staging_copy")
-    return total
+        got = os.preadv(fd, [memoryview(buf)[:min(len(buf), end - off)]], off)
+        if got == 0:
+            raise Changed()  # our own copy shrank: only a bug of ours could do that, so read the drop again
+        digest.update(memoryview(buf)[:got])
+        off += got
+
+
+def staged_sha256(path: Path) -> str:
+    """The content address of a staged copy, computed again from its bytes (a file, or a folder as :class:`Stager`
+    names it: sha256 over sorted "relative name\\0file sha256\\n" lines of the files under it)."""
+    def one(p: Path) -> str:
+        digest, fd = hashlib.sha256(), os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            _hash_range(fd, 0, os.fstat(fd).st_size, digest, bytearray(CHUNK))
+        finally:
+            os.close(fd)
+        return digest.hexdigest()
+
+    if not path.is_dir():
+        return one(path)
+    lines = sorted(f"{r}\0{one(path / r)}\n" for r, st in _walk(path).items() if stat.S_ISREG(st.st_mode))
+    return hashlib.sha256("".join(lines).encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def _read_small(path: Path, limit: int) -> bytes:
@@ -197,7 +295,23 @@ def folder_plan(folder: Path, name: str, tree: dict[str, os.stat_result]) -> tup
     else:
         files, waiting = [], ("no model.safetensors or *.index.json in the folder" if not singles else
                               "several .safetensors files but no *.index.json naming them")
-    return files, waiting
+    return (files + example_files(tree) if files else files), waiting
+
+
+#: a folder drop's few-shot examples (README "Service"): copied with the model, never read as part of it
+EXAMPLES_FILE, EXAMPLES_DIR, EXAMPLE_SUFFIXES = "examples.safetensors", "examples", (".png", ".jpg", ".jpeg")
+
+
+def example_files(tree: dict[str, os.stat_result]) -> list[str]:
+    """The few-shot example files of a folder drop: ``examples.safetensors`` and ``examples/<class>/*.png|jpg``
+    (regular files only; links and anything else are left behind)."""
+    out = [EXAMPLES_FILE] if EXAMPLES_FILE in tree and stat.S_ISREG(tree[EXAMPLES_FILE].st_mode) else []
+    for r, st in sorted(tree.items()):
+        parts = PurePosixPath(r).parts
+        if (len(parts) == 3 and parts[0] == EXAMPLES_DIR and stat.S_ISREG(st.st_mode)
+                and r.lower().endswith(EXAMPLE_SUFFIXES) and not any(p.startswith(".") for p in parts)):
+            out.append(r)
+    return out
 
 
 def read_sidecar(side: Path, name: str, kind: str) -> dict[str, Any] | None:
@@ -218,6 +332,13 @@ def read_sidecar(side: Path, name: str, kind: str) -> dict[str, Any] | None:
                               hint="fix the TOML at that line and drop the sidecar again") from None
 
 
+def _boot_id() -> str | None:
+    try:
+        return BOOT_ID.read_text().strip() or None
+    except OSError:
+        return None
+
+
 class Stager:
     """Copies drops from ``inbox`` into the private ``staging`` folder, and keeps count of the copies it made.
 
@@ -228,6 +349,8 @@ class Stager:
     def __init__(self, inbox: Path, staging: Path, stop: threading.Event) -> None:
         self.inbox, self.staging, self._stop = inbox, staging, stop
         self._owned: dict[Path, int] = {}  # staged copies we made and have not handed over, with holders
+        # Without a boot id nothing tells a copy that may have been lost in a crash from a good one: fsync then.
+        self.fsync = _boot_id() is None
 
     def check_writable(self) -> None:
         """Create the staging folder and prove it writable by writing to it.
@@ -242,6 +365,46 @@ class Stager:
         except OSError as e:
             raise SkillhubError(f"staging folder is not writable ({e.strerror or e})", path=self.staging,
                                 hint="fix its permissions or free space, or point the state folder elsewhere") from e
+
+    def check_after_reboot(self, log: Callable[..., None] | None = None) -> list[Path]:
+        """After the machine restarted, hash every staged copy again and delete those whose bytes no longer match
+        their name (returned). On any other start this reads one small file.
+
+        Why staged copies are not fsynced: a drop leaves the inbox only once its mask is durable in the registry;
+        the staged copy then only serves a later re-localization (a config edit) and the "same bytes already
+        staged" shortcut. Within one boot every process reads it from the page cache exactly as written, whatever
+        became of the daemon; only a crash of the machine can lose unwritten pages (a short, zero-filled or absent
+        file). A boot id in ``staging/.boot-id`` other than the kernel's says that may have happened, and then every
+        copy is verified before anything uses it. Without boot ids (not Linux), copies are fsynced as before.
+        """
+        boot = _boot_id()
+        if boot is None:
+            return []
+        mark = self.staging / BOOT_MARK
+        try:
+            seen: str | None = mark.read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            seen = None  # first start here, or unreadable: verify
+        if seen == boot:
+            return []
+        bad = []
+        for entry in sorted(self.staging.iterdir()):
+            if not _STAGED_NAME.fullmatch(entry.name):
+                continue
+            try:
+                good = staged_sha256(entry) == entry.name.removesuffix(".safetensors")
+            except (OSError, Changed):
+                good = False
+            if not good:
+                remove_path(entry)
+                bad.append(entry)
+                if log is not None:
+                    log("staged_copy_lost", path=show_name(str(entry)),
+                        why="unwritten when the machine stopped; re-localizing this skill needs the drop again")
+        tmp = self.staging / f".boot-id-{secrets.token_hex(4)}.tmp"
+        tmp.write_text(boot + "\n")
+        os.replace(tmp, mark)  # not fsynced: if it is lost, the next start only verifies again
+        return bad
 
     def stage(self, name: str, kind: str, path: Path, st: os.stat_result, tree: dict[str, os.stat_result],
               files: list[str], size: int, sig: object) -> tuple[Path, str]:
@@ -269,15 +432,15 @@ class Stager:
                     (tmp / r).parent.mkdir(parents=True, exist_ok=True)
                     lines.append(f"{r}\0{self._copy_one(path / r, tree[r], tmp / r)}\n")
                 sha = hashlib.sha256("".join(sorted(lines)).encode("utf-8", "surrogateescape")).hexdigest()
-                for d in {(tmp / r).parent for r in files}:
+                for d in {(tmp / r).parent for r in files} if self.fsync else ():
                     fsync_dir(d)
             else:
                 sha = self._copy_one(path, st, tmp)
             if drop_signature(self.inbox, path, os.lstat(path), kind)[0] != sig:
                 raise Changed()  # FAULTS A6: rewritten while we copied
             for r in files:
-                if r.endswith(".index.json"):
-                    continue
+                if r.endswith(".index.json") or r.startswith(EXAMPLES_DIR + "/"):
+                    continue  # an index is JSON, example images are images: the family reads those
                 staged = tmp / r if r else tmp
                 try:
                     read_header(staged)
@@ -292,7 +455,8 @@ class Stager:
                     self._owned[final] += 1
             else:
                 os.rename(tmp, final)
-                fsync_dir(self.staging)
+                if self.fsync:
+                    fsync_dir(self.staging)
                 self._owned[final] = 1
         except BaseException:
             remove_path(tmp)
@@ -310,17 +474,19 @@ class Stager:
             got = os.fstat(fd)
             if not stat.S_ISREG(got.st_mode) or (got.st_ino, got.st_dev) != (expect.st_ino, expect.st_dev):
                 raise Changed()
-            digest = hashlib.sha256()
             try:
-                with open(dst, "xb") as out:
-                    _copy_stream(fd, out, digest, self._stop)
-                    out.flush()
-                    os.fsync(out.fileno())
+                out = os.open(dst, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+                try:
+                    digest = _copy_stream(fd, out, self._stop)
+                    if self.fsync:
+                        os.fsync(out)
+                finally:
+                    os.close(out)
             except OSError as x:
                 raise Transient(f"copy to staging failed: {x.strerror or x}") from x
         finally:
             os.close(fd)
-        return digest.hexdigest()
+        return digest
 
     def hand_over(self, staged: Path) -> None:
         """The caller owns the staged copy now: never delete it."""

@@ -8,6 +8,13 @@ C = Σₜ γₜ, and the policy's accumulators (for ``average``, Σ = Σₜ γ�
 accumulators at that skill's indices and recomputes the merged entries there only, so its cost is proportional to
 the mask, not to the model or the number of skills (DESIGN §2).
 
+A tensor in the *dense* form (:class:`~skillhub.delta.SparseDelta`: values for every entry, no indices; what
+``localize --sparsity 1`` makes) is added with whole-tensor operations instead of gather/scatter, when the policy
+supports it (``whole_tensor``; every built-in one does). Its merged tensor is then marked stale and recomputed in
+full, in cache-sized chunks, when it is next read (:meth:`Stitcher.tensor`, :meth:`Stitcher.snapshot`): n dense adds
+in a row cost one recomputation, not n. The arithmetic is the same as on the sparse path, entry for entry, so the
+result does not depend on the form or the order of the adds.
+
 Accumulators are float64 by default. Masked τ values are stored in the base dtype (float32 at most for usual
 models), and sums of a few float32 values are exact in float64, so an add followed by a remove restores the
 accumulators bit for bit: no drift, however many cycles. Where the count returns to 0 the accumulators are reset to
@@ -28,6 +35,21 @@ from skillhub.localize import NoParams
 
 COUNT_DTYPE = torch.int16
 COUNT_MAX = torch.iinfo(COUNT_DTYPE).max
+#: Entries per step when a whole tensor is recomputed: float64 temporaries of this size stay in the CPU cache
+#: (about 4× faster than one pass over a 2M-entry tensor, which streams every temporary through memory).
+CHUNK = 1 << 18
+
+#: What policies get as ``idx``: int64 indices, or (``whole_tensor`` policies) a slice of the flat tensor, or a bool
+#: mask over it (``reset`` only).
+Index = torch.Tensor | slice
+
+
+def zero_at(t: torch.Tensor, idx: Index) -> None:
+    """``t[idx] = 0``, in place and without a temporary index array for a bool mask."""
+    if isinstance(idx, torch.Tensor) and idx.dtype == torch.bool:
+        t.masked_fill_(idx, 0)
+    else:
+        t[idx] = 0
 
 
 def resolve_device(spec: str | torch.device = "auto") -> torch.device:
@@ -51,11 +73,18 @@ class ScaleParams(BaseModel):
 class StitchPolicy:
     """Base class of stitch policies. Subclasses set ``name`` and ``Params`` and implement the three methods.
 
-    All tensors passed in are flat (1-D) and on the stitcher's device; ``idx`` is an int64 tensor of unique indices.
+    All tensors passed in are flat (1-D) and on the stitcher's device; ``idx`` is an int64 tensor of unique indices,
+    or, for a policy that sets ``whole_tensor``, possibly a ``slice`` of the flat tensor (``update`` then gets one
+    value per entry of the slice, 0 where the mask does not reach: a zero value must change nothing) or, in
+    ``reset``, a bool mask.
     """
 
     name: ClassVar[str] = ""
     Params: ClassVar[type[BaseModel]] = NoParams
+    #: True when ``update``, ``delta`` and ``reset`` also take slices (and ``reset`` bool masks) for ``idx``: dense
+    #: masks are then stitched with whole-tensor operations. Without it a dense mask reaches the policy as the
+    #: indices of its non-zero values (the same result, through gather/scatter).
+    whole_tensor: ClassVar[bool] = False
 
     def __init__(self, params: BaseModel | None = None) -> None:
         self.params: Any = params if params is not None else self.Params()
@@ -64,22 +93,28 @@ class StitchPolicy:
         """Fresh, zeroed per-entry accumulators for a tensor of ``numel`` elements."""
         raise NotImplementedError
 
-    def update(self, acc: dict[str, torch.Tensor], idx: torch.Tensor, values: torch.Tensor, sign: int) -> None:
+    def update(self, acc: dict[str, torch.Tensor], idx: Index, values: torch.Tensor, sign: int) -> None:
         """Add (``sign`` = +1) or remove (−1) one skill's values at ``idx``."""
         raise NotImplementedError
 
-    def delta(self, acc: dict[str, torch.Tensor], count: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def delta(self, acc: dict[str, torch.Tensor], count: torch.Tensor, idx: Index) -> torch.Tensor:
         """The merged delta (θ − θ₀) at ``idx``, from the accumulators and the mask count there."""
         raise NotImplementedError
 
-    def reset(self, acc: dict[str, torch.Tensor], idx: torch.Tensor) -> None:
+    def reset(self, acc: dict[str, torch.Tensor], idx: Index) -> None:
         """Zero the accumulators at ``idx`` (called where no mask is active any more)."""
         for t in acc.values():
-            t[idx] = 0
+            zero_at(t, idx)
+
+    def settle(self, accs: Mapping[str, dict[str, torch.Tensor]]) -> list[str]:
+        """Called after every whole add or remove with the accumulators of every tensor; returns the keys whose
+        merged tensors must be recomputed in full because some model-wide quantity changed (TIES's model-wide
+        majority sign). The default policy has none."""
+        return []
 
 
 class _TensorState:
-    __slots__ = ("base", "merged", "count", "acc", "shape")
+    __slots__ = ("acc", "base", "count", "covered", "merged", "overlapping", "shape", "stale")
 
     def __init__(self, base: torch.Tensor, policy: StitchPolicy, device: torch.device, dtype: torch.dtype) -> None:
         self.shape = tuple(base.shape)
@@ -87,6 +122,9 @@ class _TensorState:
         self.merged = self.base.clone()
         self.count = torch.zeros(self.base.numel(), dtype=COUNT_DTYPE, device=device)
         self.acc = policy.accumulators(self.base.numel(), device, dtype)
+        self.stale = False  # merged must be recomputed in full before it is read
+        self.covered = 0  # entries with a count ≥ 1, and ≥ 2: kept so a dense add needs no pass to update them
+        self.overlapping = 0
         # Touch the fresh (lazily zero-mapped) memory now: start-up pays the page faults, not the first add.
         self.count.zero_()
         for t in self.acc.values():
@@ -137,9 +175,12 @@ class Stitcher:
             raise StitchError(f"skill {task_id!r} is already stitched in", key=task_id)
         self.check(delta)
         delta = delta.to(self.device)
-        for key, idx in delta.indices.items():
-            if idx.numel() and int(self._state[key].count[idx.long()].max()) >= COUNT_MAX:
-                raise StitchError(f"more than {COUNT_MAX} masks overlap in {key!r}", key=key)
+        if len(self._tasks) >= COUNT_MAX:  # a count never exceeds the number of skills in: only then look
+            for key in delta.values:
+                count = self._state[key].count
+                top = count[delta.indices[key].long()] if key in delta.indices else count
+                if top.numel() and int(top.max()) >= COUNT_MAX:
+                    raise StitchError(f"more than {COUNT_MAX} masks overlap in {key!r}", key=key)
         done: list[str] = []
         try:
             self._apply(delta, +1, done)
@@ -148,6 +189,7 @@ class Stitcher:
             self._apply(delta, -1, keys=done)
             raise
         self._tasks[task_id] = delta
+        self._settle()
 
     def remove(self, task_id: str) -> SparseDelta:
         """Take one skill out; cost O(its mask). Entries no mask covers any more become exactly θ₀."""
@@ -155,50 +197,118 @@ class Stitcher:
             raise StitchError(f"skill {task_id!r} is not stitched in", key=task_id)
         delta = self._tasks.pop(task_id)
         self._apply(delta, -1)
+        self._settle()
         return delta
+
+    def _settle(self) -> None:
+        for key in self.policy.settle({k: st.acc for k, st in self._state.items()}):
+            self._state[key].stale = True
 
     def _apply(self, delta: SparseDelta, sign: int, done: list[str] | None = None,
                keys: list[str] | None = None) -> None:
         """Add (``sign`` = +1) or take out (-1) one mask's entries, tensor by tensor (only ``keys`` if given),
         appending each finished tensor's key to ``done``."""
-        for key in delta.indices if keys is None else keys:
-            idx = delta.indices[key]
-            if idx.numel() == 0:
-                continue
+        for key in delta.values if keys is None else keys:
             st = self._state[key]
-            # Allocate before the first in-place change, so running out of memory leaves this tensor as it was.
-            idx = idx.long()
-            before = st.count[idx]
-            step = torch.full_like(idx, sign, dtype=COUNT_DTYPE)
-            values = delta.values[key].to(self.accumulate)
-            st.count.index_add_(0, idx, step)
-            try:
-                self.policy.update(st.acc, idx, values, sign)
-            except BaseException:
-                st.count.index_add_(0, idx, step, alpha=-1)
-                raise
-            count = st.count[idx]
-            # Coverage statistics kept incrementally, so reading them is O(1), not a pass over the model.
-            self._covered += int((count > 0).sum()) - int((before > 0).sum())
-            self._overlapping += int((count > 1).sum()) - int((before > 1).sum())
-            idle = idx[count == 0]
-            if idle.numel():
-                self.policy.reset(st.acc, idle)
-            merged = st.base[idx].to(self.accumulate) + self.policy.delta(st.acc, count, idx)
-            st.merged[idx] = merged.to(st.base.dtype)
-            if idle.numel():
-                st.merged[idle] = st.base[idle]
+            if key not in delta.indices and self.policy.whole_tensor:
+                self._apply_dense(st, delta.values[key], delta.nnz_of(key), sign)
+            else:
+                # Sparse, or a dense mask given to a policy that only takes indices: its non-zero entries.
+                idx = delta.flat_indices(key).long()
+                if idx.numel():
+                    values = delta.values[key] if key in delta.indices else delta.values[key][idx]
+                    self._apply_sparse(st, idx, values, sign)
             if done is not None:
                 done.append(key)
+
+    def _apply_sparse(self, st: _TensorState, idx: torch.Tensor, values: torch.Tensor, sign: int) -> None:
+        # Everything is allocated and counted before the first in-place change, so running out of memory leaves
+        # this tensor as it was (FAULTS C8).
+        before = st.count[idx]
+        count = before + sign
+        values = values.to(self.accumulate)
+        # Coverage statistics kept incrementally, so reading them is O(1), not a pass over the model.
+        edge, double = ((before == 0, before == 1) if sign > 0 else (before == 1, before == 2))
+        moved, doubled = int(edge.sum()), int(double.sum())
+        idle = idx[edge] if sign < 0 and moved else None  # entries no mask covers any more
+        st.count[idx] = count  # indices are unique: a plain scatter
+        try:
+            self.policy.update(st.acc, idx, values, sign)
+        except BaseException:
+            st.count[idx] = before
+            raise
+        self._cover(st, sign * moved, sign * doubled)
+        if idle is not None:
+            self.policy.reset(st.acc, idle)
+        if st.stale:  # the whole tensor is recomputed before it is read anyway
+            return
+        merged = st.base[idx].to(self.accumulate) + self.policy.delta(st.acc, count, idx)
+        st.merged[idx] = merged.to(st.base.dtype)
+        if idle is not None:
+            st.merged[idle] = st.base[idle]
+
+    def _apply_dense(self, st: _TensorState, values: torch.Tensor, nnz: int, sign: int) -> None:
+        """One dense mask (the non-zero ``values``) in or out with whole-tensor operations: no index is built, no
+        gather or scatter is done; the merged tensor is recomputed when next read."""
+        numel = values.numel()
+        inside = None if nnz == numel else values != 0
+        # Coverage changes and the entries that become free, from the counts before the change (and allocated
+        # before it, so running out of memory leaves this tensor as it was).
+        free: torch.Tensor | None = None
+        if inside is None and sign > 0:
+            # Every count goes up by one: all entries are covered after, and those covered before overlap after.
+            moved, doubled = numel - st.covered, st.covered - st.overlapping
+        elif inside is None:
+            # Every count goes down by one: what overlapped stays covered; entries at 1 become free.
+            moved, doubled = st.covered - st.overlapping, st.overlapping - int(torch.count_nonzero(st.count > 2))
+            free = st.count == 1 if moved else None
+        else:
+            edge, double = (st.count == 0, st.count == 1) if sign > 0 else (st.count == 1, st.count == 2)
+            edge &= inside
+            double &= inside
+            moved, doubled = int(torch.count_nonzero(edge)), int(torch.count_nonzero(double))
+            free = edge if sign < 0 and moved else None
+        step = sign if inside is None else inside
+        st.count.add_(step, alpha=1 if inside is None else sign)
+        try:
+            # Values go in as they are stored: the accumulator's in-place add widens them, no float64 copy.
+            self.policy.update(st.acc, slice(None), values, sign)
+        except BaseException:
+            st.count.add_(step, alpha=-1 if inside is None else -sign)
+            raise
+        self._cover(st, sign * moved, sign * doubled)
+        if free is not None:
+            self.policy.reset(st.acc, free)
+        st.stale = True
+
+    def _cover(self, st: _TensorState, covered: int, overlapping: int) -> None:
+        st.covered += covered
+        st.overlapping += overlapping
+        self._covered += covered
+        self._overlapping += overlapping
+
+    def _materialise(self, st: _TensorState) -> None:
+        """Recompute a stale merged tensor in full: the sparse path's arithmetic, chunk by chunk, and θ₀ bit for bit
+        wherever the count is 0."""
+        n = st.base.numel()
+        for start in range(0, n, CHUNK):
+            part = slice(start, min(start + CHUNK, n))
+            idx: Index = part if self.policy.whole_tensor else torch.arange(part.start, part.stop, device=self.device)
+            count = st.count[part]
+            merged = (st.base[part].to(self.accumulate) + self.policy.delta(st.acc, count, idx)).to(st.base.dtype)
+            st.merged[part] = torch.where(count == 0, st.base[part], merged)
+        st.stale = False
 
     def tensor(self, key: str) -> torch.Tensor:
         """The live merged tensor (do not modify; use :meth:`snapshot` for a copy that stays fixed)."""
         st = self._state[key]
+        if st.stale:
+            self._materialise(st)
         return st.merged.reshape(st.shape)
 
     def snapshot(self, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
         """An immutable copy of the merged included tensors (what a published version holds)."""
-        return {k: st.merged.reshape(st.shape).to(device, copy=True) for k, st in self._state.items()}
+        return {k: self.tensor(k).to(device, copy=True) for k in self._state}
 
     def count(self, key: str) -> torch.Tensor:
         """Per-entry number of active masks covering ``key`` (a copy)."""

@@ -76,12 +76,14 @@ def test_matches_brute_force(seed: int, sparsity: float, quantize: bool) -> None
     k = math.floor(sparsity * tv.numel)
     delta = run_localizer(Dataless, tv, {"sparsity": sparsity}, LocalizeContext(), Provenance())
     want = brute_force(tv, k)
-    assert {key: i.tolist() for key, i in delta.indices.items()} == want
+    assert {key: delta.flat_indices(key).tolist() for key in delta.values} == want
     nonzero = sum(int((tv.tensor(key) != 0).sum()) for key in tv.keys)
     assert delta.nnz == min(k, nonzero)
     for key, idx in delta.indices.items():
         assert idx.dtype == torch.int32
         assert torch.equal(delta.values[key], tv.tensor(key).reshape(-1)[idx.long()])
+    for key in delta.dense_keys:  # sparsity 1: τ itself
+        assert torch.equal(delta.dense(key), tv.tensor(key))
 
 
 @pytest.mark.parametrize("sample_size", [64, 1 << 18])
@@ -141,3 +143,113 @@ def test_params_validated() -> None:
         run_localizer(Dataless, tv, {"sparsity": 0}, LocalizeContext(), Provenance())
     with pytest.raises(LocalizeError, match="bogus"):
         run_localizer(Dataless, tv, {"bogus": 1}, LocalizeContext(), Provenance())
+
+
+# --- scope = "tensor": the top fraction of every tensor separately (mergekit's TIES trimming) ------------------------
+
+
+def brute_force_per_tensor(tv: TaskVector, sparsity: float) -> dict[str, list[int]]:
+    """Reference: in each tensor alone, sort the non-zero entries by (-|τ|, flat index), take ⌊sparsity × numel⌋."""
+    out: dict[str, list[int]] = {}
+    for key in tv.keys:
+        flat = tv.tensor(key).reshape(-1).tolist()
+        k = math.floor(sparsity * len(flat))
+        ranked = sorted((-abs(v), i) for i, v in enumerate(flat) if v != 0)[:k]
+        if ranked:
+            out[key] = sorted(i for _, i in ranked)
+    return out
+
+
+def test_scope_tensor_takes_the_top_of_every_tensor_not_the_global_top() -> None:
+    # The same model as the global test above: per tensor, "small" gets its own 10 entries despite its tiny τ.
+    base = {"big": torch.zeros(100), "small": torch.zeros(100)}
+    ft = {"big": torch.linspace(1, 2, 100), "small": torch.linspace(0.001, 0.01, 100)}
+    tv = TaskVector.from_state_dicts(base, ft)
+    delta = run_localizer(Dataless, tv, {"sparsity": 0.1, "scope": "tensor"}, LocalizeContext(), Provenance())
+    assert {k: i.tolist() for k, i in delta.indices.items()} == {"big": list(range(90, 100)),
+                                                                  "small": list(range(90, 100))}
+    assert torch.equal(delta.values["small"], ft["small"][90:])
+
+
+def test_scope_tensor_ties_go_to_the_earliest_index_within_the_tensor() -> None:
+    base = {"a": torch.zeros(6), "b": torch.zeros(5)}
+    ft = {"a": torch.tensor([1.0, 2.0, 1.0, -1.0, 0.0, 1.0]), "b": torch.tensor([0.0, 0.0, 3.0, 0.0, 0.0])}
+    tv = TaskVector.from_state_dicts(base, ft)
+    delta = run_localizer(Dataless, tv, {"sparsity": 0.5, "scope": "tensor"}, LocalizeContext(), Provenance())
+    # a: k = 3 → 2.0, then the |τ| = 1 ties at 0 and 2; b: k = 2 but one non-zero entry only (τ = 0 never taken)
+    assert {k: i.tolist() for k, i in delta.indices.items()} == {"a": [0, 1, 2], "b": [2]}
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10_000), sparsity=st.floats(0.01, 0.99), quantize=st.booleans())
+def test_scope_tensor_matches_brute_force(seed: int, sparsity: float, quantize: bool) -> None:
+    g = torch.Generator().manual_seed(seed)
+    base = {"x": torch.randn(7, 5, generator=g), "y": torch.randn(13, generator=g), "z": torch.randn(2, 3, 4, generator=g),
+            "s": torch.randn((), generator=g)}
+    ft = {}
+    for k, v in base.items():
+        d = torch.randn(v.shape, generator=g)
+        ft[k] = v + (torch.round(d * 2) / 2 if quantize else d)
+    tv = TaskVector.from_state_dicts(base, ft)
+    delta = run_localizer(Dataless, tv, {"sparsity": sparsity, "scope": "tensor"}, LocalizeContext(), Provenance())
+    got = {key: delta.flat_indices(key).tolist() for key in delta.values}
+    assert got == brute_force_per_tensor(tv, sparsity)
+    for key in tv.keys:  # exactly k_i = ⌊sparsity × numel_i⌋ per tensor, fewer only when τ has fewer non-zeros
+        numel, nonzero = math.prod(tv.shapes[key]), int((tv.tensor(key) != 0).sum())
+        assert delta.nnz_of(key) == min(math.floor(sparsity * numel), nonzero), key
+        if key in delta.values:
+            assert torch.equal(delta.dense(key)[delta.mask(key)], tv.tensor(key)[delta.mask(key)])
+
+
+def test_scope_is_stamped_only_when_not_the_default() -> None:
+    from skillhub.errors import LocalizeError
+
+    tv = TaskVector.from_state_dicts({"w": torch.zeros(10)}, {"w": torch.arange(10.0)})
+    plain = run_localizer(Dataless, tv, {"sparsity": 0.5}, LocalizeContext(), Provenance())
+    per = run_localizer(Dataless, tv, {"sparsity": 0.5, "scope": "tensor"}, LocalizeContext(), Provenance())
+    # Masks made before the option existed keep their params (and bytes, and content address).
+    assert plain.provenance.params == {"sparsity": 0.5}
+    assert per.provenance.params == {"sparsity": 0.5, "scope": "tensor"}
+    assert Dataless.Params(**plain.provenance.params).scope == "global"
+    with pytest.raises(LocalizeError, match="scope"):
+        run_localizer(Dataless, tv, {"scope": "layer"}, LocalizeContext(), Provenance())
+
+
+# --- sparsity 1: every non-zero entry, in the dense form -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scope", ["global", "tensor"])
+def test_sparsity_one_keeps_every_nonzero_entry_in_the_dense_form(scope: str) -> None:
+    g = torch.Generator().manual_seed(4)
+    base = {"full": torch.randn(8, 6, generator=g), "holes": torch.randn(40, generator=g),
+            "few": torch.randn(30, generator=g), "none": torch.randn(5, generator=g),
+            "half": torch.randn(4, 4, generator=g).half()}
+    ft = {k: v + 0.1 for k, v in base.items()}
+    ft["holes"][[3, 17]] = base["holes"][[3, 17]]  # two untouched entries: left out by being 0
+    ft["few"] = base["few"].clone()
+    ft["few"][[1, 2]] += 1  # 2 non-zeros of 30: indices are smaller than 30 values
+    ft["none"] = base["none"].clone()
+    tv = TaskVector.from_state_dicts(base, ft)
+    delta = run_localizer(Dataless, tv, {"sparsity": 1.0, "scope": scope}, LocalizeContext(), Provenance())
+    assert set(delta.dense_keys) == {"full", "holes", "half"} and set(delta.indices) == {"few"}
+    assert "none" not in delta.values
+    assert delta.values["full"].dtype == torch.float32 and delta.values["half"].dtype == torch.float16
+    for key in tv.keys:
+        tau = tv.tensor(key).to(tv.dtypes[key])
+        assert torch.equal(delta.dense(key, tv.dtypes[key]), tau), key
+        assert torch.equal(delta.mask(key), tau != 0), key
+    assert delta.nnz == sum(int((tv.tensor(k) != 0).sum()) for k in tv.keys) == 48 + 38 + 2 + 16
+    # The same mask as the streaming selection would give, entry for entry.
+    assert {k: delta.flat_indices(k).tolist() for k in delta.values} == brute_force(tv, tv.numel)
+
+
+def test_a_sparsity_one_mask_file_is_the_size_of_the_checkpoint_not_twice_it(tmp_path) -> None:
+    g = torch.Generator().manual_seed(5)
+    base = {f"l{i}.w": torch.randn(64, 32, generator=g) for i in range(3)}
+    ft = {k: v + torch.randn(v.shape, generator=g) * 1e-2 for k, v in base.items()}
+    tv = TaskVector.from_state_dicts(base, ft)
+    delta = run_localizer(Dataless, tv, {"sparsity": 1.0}, LocalizeContext(), Provenance())
+    path = tmp_path / "all.mask.safetensors"
+    delta.save(path)
+    data = 3 * 64 * 32 * 4
+    assert delta.nbytes == data and path.stat().st_size < data + 2048  # values and the header, no indices

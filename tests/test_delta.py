@@ -16,7 +16,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from skillhub.checkpoint import write_safetensors
-from skillhub.delta import FORMAT, INT32_LIMIT, Provenance, SparseDelta, TaskVector, index_dtype
+from skillhub.delta import (
+    FORMAT,
+    INT32_LIMIT,
+    Provenance,
+    SparseDelta,
+    TaskVector,
+    index_dtype,
+)
 from skillhub.errors import CheckpointError
 
 SHAPES = {"a.w": (6, 5), "h.w": (4, 4), "z.b": (7,)}
@@ -159,10 +166,16 @@ def test_round_trip_of_random_masks(data: st.DataObject) -> None:
         path = Path(tmp) / "m.mask.safetensors"
         delta.save(path)
         back = SparseDelta.load(path)
+        assert back.save(Path(tmp) / "again.mask.safetensors") == sha256(path)
     assert back.shapes == shapes
-    assert set(back.indices) == set(indices)
-    for k in indices:
-        assert torch.equal(back.indices[k], indices[k]) and torch.equal(back.values[k], values[k])
+    assert set(back.values) == set(indices)
+    for k, idx in indices.items():
+        # Stored densely exactly when that is no larger and no masked value is 0; the content is the same either way.
+        dense = 4 * math.prod(shapes[k]) <= 8 * len(idx) and bool(values[k].all())
+        assert back.is_dense(k) == dense, k
+        assert torch.equal(back.mask(k), delta.mask(k)) and torch.equal(back.dense(k), delta.dense(k))
+        if not dense:
+            assert torch.equal(back.indices[k], idx) and torch.equal(back.values[k], values[k])
     assert back.nnz == delta.nnz
 
 
@@ -326,3 +339,118 @@ def test_sparse_skips_empty_masks_and_casts_values_to_the_base_dtype() -> None:
     assert delta.values["h.w"].dtype == torch.float16
     assert delta.indices["a.w"].dtype == torch.int32
     assert torch.equal(delta.values["a.w"], task.tensor("a.w").reshape(-1)[torch.tensor([0, 7, 29])])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the dense form: a mask over most of a tensor is stored as values alone, in the tensor's shape
+
+
+def dense_delta() -> tuple[SparseDelta, TaskVector]:
+    """a.w in the dense form with every entry masked, h.w (float16) dense with two entries left out, z.b sparse."""
+    base, ft = models()
+    task = TaskVector.from_state_dicts(base, ft)
+    h = task.tensor("h.w").reshape(-1).clone()
+    h[[2, 9]] = 0
+    delta = task.sparse({"a.w": (None, task.tensor("a.w")), "h.w": (None, h), "z.b": torch.tensor([1, 5])}, PROV)
+    return delta, task
+
+
+def test_dense_form_in_memory_has_no_indices() -> None:
+    delta, task = dense_delta()
+    assert delta.dense_keys == ["a.w", "h.w"] and set(delta.indices) == {"z.b"}
+    assert delta.is_dense("a.w") and not delta.is_dense("z.b") and not delta.is_dense("nope")
+    assert delta.nnz_of("a.w") == 30 and delta.nnz_of("h.w") == 14 and delta.nnz == 30 + 14 + 2
+    assert delta.values["h.w"].dtype == torch.float16 and delta.values["a.w"].shape == (30,)
+    assert torch.equal(delta.dense("a.w"), task.tensor("a.w"))
+    mask = delta.mask("h.w").reshape(-1)
+    assert mask.sum() == 14 and not mask[2] and not mask[9]
+    assert delta.flat_indices("h.w").tolist() == [i for i in range(16) if i not in (2, 9)]
+
+
+def test_dense_form_on_disk_is_values_alone_in_the_full_shape(tmp_path: Path) -> None:
+    delta, task = dense_delta()
+    path = tmp_path / "d.mask.safetensors"
+    assert delta.save(path) == sha256(path)
+    with safetensors.safe_open(path, "pt") as f:  # the reference reader
+        names = set(f.keys())
+        tensors = {n: f.get_tensor(n) for n in names}
+    assert set(tensors) == {"a.w::values", "h.w::values", "z.b::indices", "z.b::values"}
+    assert tensors["a.w::values"].shape == (6, 5) and tensors["h.w::values"].shape == (4, 4)
+    assert tensors["h.w::values"].dtype == torch.float16
+    assert torch.equal(tensors["a.w::values"], task.tensor("a.w"))
+    assert int((tensors["h.w::values"] == 0).sum()) == 2
+    back = SparseDelta.load(path)
+    assert set(back.dense_keys) == {"a.w", "h.w"}
+    assert back.indices["z.b"].tolist() == [1, 5]
+    for k in SHAPES:
+        assert torch.equal(back.dense(k), delta.dense(k)) and torch.equal(back.mask(k), delta.mask(k))
+    assert back.nnz == delta.nnz == 46
+    # the data section is what nbytes says: values only for the dense tensors
+    (header_len,) = struct.unpack("<Q", path.read_bytes()[:8])
+    assert path.stat().st_size - 8 - header_len == delta.nbytes == 30 * 4 + 16 * 2 + 2 * (4 + 4)
+    assert back.save(tmp_path / "again.mask.safetensors") == sha256(path)
+
+
+def test_the_file_form_depends_on_the_mask_not_on_the_form_in_memory(tmp_path: Path) -> None:
+    dense, task = dense_delta()
+    sparse = task.sparse({k: dense.flat_indices(k) for k in SHAPES}, PROV)
+    assert sparse.dense_keys == [] and sparse.nbytes == dense.nbytes
+    assert sparse.save(tmp_path / "s.mask.safetensors") == dense.save(tmp_path / "d.mask.safetensors")
+
+
+def test_the_writer_picks_the_dense_form_only_when_it_is_no_larger(tmp_path: Path) -> None:
+    # float32 a.w (30 entries): 15 masked entries cost 15 × 8 = 120 bytes sparse = 30 × 4 dense: dense; 14: sparse.
+    # float16 h.w (16 entries): dense from 6 entries (6 × 6 = 36 ≥ 32).
+    for masks, dense in (({"a.w": list(range(0, 30, 2))}, {"a.w"}), ({"a.w": list(range(14))}, set()),
+                         ({"h.w": [0, 3, 4, 7, 8, 15]}, {"h.w"}), ({"h.w": [0, 3, 4, 7, 8]}, set())):
+        delta, _ = make_delta(masks)
+        path = tmp_path / "m.mask.safetensors"
+        delta.save(path)
+        with safetensors.safe_open(path, "pt") as f:
+            names = set(f.keys())
+        assert {n.split("::")[0] for n in names if n.endswith("::indices")} == set(masks) - dense
+        back = SparseDelta.load(path)
+        assert set(back.dense_keys) == dense
+        assert all(torch.equal(back.mask(k), delta.mask(k)) for k in SHAPES)
+
+
+def test_a_masked_zero_value_keeps_the_sparse_form(tmp_path: Path) -> None:
+    # In the dense form a 0 means "not in the mask", so a mask that holds a 0 value must stay sparse.
+    delta = SparseDelta({"w": torch.arange(4, dtype=torch.int32)}, {"w": torch.tensor([1.0, 0.0, 2.0, 3.0])},
+                        {"w": (4,)}, {"w": torch.float32}, PROV)
+    assert delta.encoding("w") == "sparse"
+    delta.save(tmp_path / "m.mask.safetensors")
+    back = SparseDelta.load(tmp_path / "m.mask.safetensors")
+    assert back.indices["w"].tolist() == [0, 1, 2, 3] and back.nnz == 4
+
+
+def test_an_old_file_with_every_index_loads_dense_and_others_load_as_they_were(tmp_path: Path) -> None:
+    # Files written before the dense form existed: full index arrays (what `--sparsity 1.0` used to write).
+    full = write_mask(tmp_path / "full", {"w::indices": torch.arange(10, dtype=torch.int32),
+                                          "w::values": torch.arange(1.0, 11.0)})
+    back = SparseDelta.load(full)
+    assert back.is_dense("w") and torch.equal(back.dense("w"), torch.arange(1.0, 11.0)) and back.nnz == 10
+    part = SparseDelta.load(write_mask(tmp_path / "part", good_tensors()))
+    assert not part.is_dense("w") and part.indices["w"].tolist() == [1, 3, 8]
+
+
+@pytest.mark.parametrize(("values", "pattern"), [
+    (torch.ones(2), "full shape [10]"),  # too short
+    (torch.ones(2, 5), "full shape [10]"),  # the right count, the wrong shape
+    (torch.ones(10, dtype=torch.int32), "must be floats"),
+])
+def test_load_rejects_dense_values_that_do_not_fill_the_tensor(tmp_path: Path, values: torch.Tensor,
+                                                             pattern: str) -> None:
+    err = load_rejects(write_mask(tmp_path / "m", {"w::values": values}), pattern)
+    assert err.key == "w" and "KEY::indices" in (err.hint or "")
+
+
+def test_constructor_checks_dense_values() -> None:
+    with pytest.raises(CheckpointError, match="one value per entry"):
+        SparseDelta({}, {"w": torch.ones(5)}, {"w": (2, 3)}, {"w": torch.float32})
+    with pytest.raises(CheckpointError, match="no shape"):
+        SparseDelta({}, {"w": torch.ones(6)}, {}, {})
+    _, task = make_delta()
+    with pytest.raises(CheckpointError, match="one value per entry"):
+        task.sparse({"a.w": (None, torch.ones(3))})
+    assert task.sparse({"a.w": (None, torch.zeros(30))}).values == {}  # an all-zero dense tensor is an empty mask

@@ -115,6 +115,11 @@ def test_b1_impostor_files_rejected_with_a_specific_message(w: World) -> None:
         assert "What to do" in reason
     assert not [r for r in rows(w.state) if r[0] in {n.removesuffix(".safetensors") for n in impostors}]
     assert_kept(w, before)
+    # every refusal is counted where an operator looks (the module's service is shared: at least these six)
+    metrics = w.svc.get("/metrics").text
+    count = next(float(line.split()[-1]) for line in metrics.splitlines()
+                 if line.startswith("skillhub_drops_rejected_total "))
+    assert count >= len(impostors), metrics
 
 
 # --- B2 ------------------------------------------------------------------------------------------------------------

@@ -104,6 +104,10 @@ class Env:
     def reason(self, name: str) -> str:
         return (self.inbox / ".rejected" / f"{name}.reason.txt").read_text()
 
+    def staged(self) -> list[str]:
+        """The staged copies (names in the staging folder, without our bookkeeping dot-files)."""
+        return sorted(p.name for p in self.staging.iterdir() if not p.name.startswith("."))
+
     def rejected(self) -> list[str]:
         d = self.inbox / ".rejected"
         return sorted(os.listdir(d)) if d.exists() else []
@@ -245,6 +249,24 @@ def test_a3_single_model_safetensors_folder(env: Env) -> None:
     assert os.listdir(env.rec.arrivals[0].staged) == ["model.safetensors"]
 
 
+def test_a_folder_drops_examples_are_staged_with_it(env: Env, tmp_path: Path) -> None:
+    # README: a folder drop may bring examples.safetensors or examples/<class>/*.png|jpg; staging copied only the
+    # model files, so the trained strategy never saw them.
+    src = tmp_path / "cats"
+    write_folder(src, {"model.safetensors": st_bytes(11), "examples.safetensors": st_bytes(12)}, None)
+    (src / "examples" / "tabby").mkdir(parents=True)
+    (src / "examples" / "tabby" / "0.png").write_bytes(b"\x89PNG not really")
+    (src / "examples" / "tabby" / "notes.txt").write_text("left behind")
+    it = env.start()
+    os.rename(src, env.inbox / "cats")
+    wait_for(lambda: env.rec.arrivals)
+    env.settle(it)
+    staged = env.rec.arrivals[0].staged
+    assert sorted(str(p.relative_to(staged)) for p in staged.rglob("*") if p.is_file()) == [
+        "examples.safetensors", "examples/tabby/0.png", "model.safetensors"]
+    assert env.rejected() == []
+
+
 @pytest.mark.parametrize("shard", ["../evil.safetensors", "/etc/evil.safetensors"])
 def test_a3_shard_path_leaving_folder_rejected(env: Env, tmp_path: Path, shard: str) -> None:
     env.start()
@@ -293,12 +315,12 @@ def test_a6_rewritten_during_copy(env: Env, monkeypatch: pytest.MonkeyPatch) -> 
     real = staging_mod._copy_stream
     calls: list[int] = []
 
-    def racing(src: int, out: Any, digest: Any, stop: threading.Event) -> int:
-        n = real(src, out, digest, stop)
+    def racing(src: int, dst: int, stop: threading.Event) -> str:
+        digest = real(src, dst, stop)
         if not calls:  # the writer rewrites the file while we are reading it
             (env.inbox / "race.safetensors").write_bytes(second)
-        calls.append(n)
-        return n
+        calls.append(digest)
+        return digest
 
     monkeypatch.setattr(staging_mod, "_copy_stream", racing)
     it = env.start()
@@ -339,7 +361,7 @@ def test_a8_files_present_before_start(env: Env) -> None:
 
 
 def test_a8_rescan_finds_what_a_blind_observer_missed(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(watcher_mod._Handler, "dispatch", lambda self, event: None)
+    monkeypatch.setattr(watcher_mod.InboxWatch, "_deliver", lambda self, changes: None)
     it = env.start(rescan_seconds=3600)
     assert it.wait_idle(5)
     env.drop("missed.safetensors", st_bytes(18))
@@ -482,7 +504,7 @@ def test_on_arrival_error_rejects_with_reason_and_removes_staged(env: Env) -> No
     reason = env.reason("bad.safetensors")
     assert "shape mismatch: w [3] vs base [4]" in reason and "drop a finetune of the base" in reason
     assert set(env.rejected()) == {"bad.safetensors", "bad.toml", "bad.safetensors.reason.txt"}
-    assert list(env.staging.iterdir()) == [] and os.listdir(env.inbox) == [".rejected"]
+    assert env.staged() == [] and os.listdir(env.inbox) == [".rejected"]
 
 
 def test_on_arrival_crash_is_an_internal_error_and_worker_survives(env: Env) -> None:
@@ -526,7 +548,7 @@ def test_retry_later_keeps_pending_then_delivers(env: Env) -> None:
     env.settle(it)
     assert calls[1] - calls[0] >= STABLE * 0.9 and len({a.staged for a in env.rec.arrivals}) == 1
     assert not (env.inbox / "later.safetensors").exists() and env.rejected() == []
-    assert [p.name for p in env.staging.iterdir()] == [f"{sha(data)}.safetensors"]
+    assert env.staged() == [f"{sha(data)}.safetensors"]
 
 
 def test_max_bytes_cap_rejects_before_copying(env: Env) -> None:
@@ -535,7 +557,7 @@ def test_max_bytes_cap_rejects_before_copying(env: Env) -> None:
     wait_for(lambda: "huge.safetensors.reason.txt" in env.rejected())
     env.settle(it)
     assert "larger than the cap of 1000 bytes" in env.reason("huge.safetensors")
-    assert list(env.staging.iterdir()) == []
+    assert env.staged() == []
 
 
 def test_disk_full_keeps_pending_until_space_returns(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -592,17 +614,17 @@ def test_stop_during_copy_leaves_no_temp(env: Env, monkeypatch: pytest.MonkeyPat
     real = staging_mod._copy_stream
     copying = threading.Event()
 
-    def slow(src: int, out: Any, digest: Any, stop: threading.Event) -> int:
+    def slow(src: int, dst: int, stop: threading.Event) -> str:
         copying.set()
         stop.wait(10)
-        return real(src, out, digest, stop)
+        return real(src, dst, stop)
 
     monkeypatch.setattr(staging_mod, "_copy_stream", slow)
     it = env.start()
     env.drop("big.safetensors", st_bytes(69))
     assert copying.wait(10)
     it.stop()
-    assert list(env.staging.iterdir()) == [] and it.health == (False, "stopped")
+    assert env.staged() == [] and it.health == (False, "stopped")
     assert (env.inbox / "big.safetensors").exists() and env.rec.arrivals == []
 
 
@@ -643,9 +665,10 @@ def test_sidecar_after_consumption_is_logged_and_left_alone(env: Env) -> None:
 
 
 def test_inotify_failure_falls_back_to_polling(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
-    def no_inotify() -> Any:
+    def no_inotify(*args: Any) -> Any:
         raise OSError(24, "inotify instance limit reached")
 
+    monkeypatch.setattr(watcher_mod, "_Inotify", no_inotify)
     monkeypatch.setattr(watcher_mod, "Observer", no_inotify)
     log = ListLogger()
     it = env.start(logger=log)

@@ -16,10 +16,9 @@ import pytest
 import torch
 
 from skillhub import LocalizeContext, Provenance, SparseDelta, Stitcher, TaskVector
-from skillhub.stitch import stitch
 from skillhub.localize import Localizer, run_localizer
 from skillhub.plugins import load_plugins
-from skillhub.stitch import StitchPolicy
+from skillhub.stitch import StitchPolicy, stitch
 
 REPO_PLUGINS = Path(__file__).parent.parent / "plugins"
 PLUGINS = load_plugins([REPO_PLUGINS], entry_points=False)
@@ -83,12 +82,17 @@ def run(name: str, task: TaskVector, seed: int = 0) -> SparseDelta:
 
 
 def assert_same_delta(a: SparseDelta, b: SparseDelta) -> None:
-    assert a.indices.keys() == b.indices.keys()
-    for key in a.indices:
-        assert a.indices[key].dtype == b.indices[key].dtype
-        assert torch.equal(a.indices[key], b.indices[key]), key
+    """Same mask and values per tensor; the same arrays too wherever both hold a tensor in the same form (a mask file
+    stores a tensor densely when that is smaller, so a round trip may change the form, never the content)."""
+    assert a.values.keys() == b.values.keys()
+    for key in a.values:
         assert a.values[key].dtype == b.values[key].dtype
-        assert torch.equal(a.values[key], b.values[key]), key
+        assert torch.equal(a.mask(key), b.mask(key)), key
+        assert torch.equal(a.dense(key, a.values[key].dtype), b.dense(key, b.values[key].dtype)), key
+        if key in a.indices and key in b.indices:
+            assert a.indices[key].dtype == b.indices[key].dtype
+            assert torch.equal(a.indices[key], b.indices[key]), key
+            assert torch.equal(a.values[key], b.values[key]), key
     assert a.shapes == b.shapes
     assert a.dtypes == b.dtypes
     assert a.provenance == b.provenance
@@ -107,8 +111,12 @@ def test_strategy_result_fits_the_task_vector(name: str) -> None:
     task, base, _ = synthetic_task()
     delta = run(name, task)
     assert INT_KEY not in task.keys
-    assert set(delta.indices) <= set(task.keys)  # only known keys
-    assert set(delta.values) == set(delta.indices)
+    assert set(delta.values) <= set(task.keys)  # only known keys
+    assert set(delta.indices) <= set(delta.values)
+    for key in delta.dense_keys:  # the dense form: one finite value per entry, 0 outside the mask
+        assert delta.values[key].shape == (math.prod(SHAPES[key]),), key
+        assert delta.values[key].dtype == base[key].dtype and bool(torch.isfinite(delta.values[key]).all()), key
+        assert delta.nnz_of(key) > 0, key
     # Every included tensor is described, mask empty or not, with the base's shape and dtype.
     assert delta.shapes == {k: tuple(SHAPES[k]) for k in task.keys}
     assert delta.dtypes == {k: base[k].dtype for k in task.keys}
@@ -125,13 +133,17 @@ def test_strategy_result_fits_the_task_vector(name: str) -> None:
     assert 0 < delta.nnz <= task.numel
 
 
-def test_dataless_values_are_exactly_tau() -> None:
+@pytest.mark.parametrize("params", [None, {"sparsity": 1.0}, {"sparsity": 0.3, "scope": "tensor"}])
+def test_dataless_values_are_exactly_tau(params: dict | None) -> None:
     task, _, _ = synthetic_task()
-    delta = run("dataless", task)
-    for key, idx in delta.indices.items():
-        tau = task.tensor(key).reshape(-1)[idx.long()]
-        assert torch.equal(delta.values[key], tau.to(task.dtypes[key])), key
+    delta = run_localizer(localizer("dataless"), task, params, LocalizeContext(), Provenance())
+    for key in delta.values:
+        idx = delta.flat_indices(key).long()
+        tau = task.tensor(key).reshape(-1)[idx]
+        assert torch.equal(delta.dense(key, task.dtypes[key]).reshape(-1)[idx], tau.to(task.dtypes[key])), key
         assert bool((tau != 0).all()), key
+    if params == {"sparsity": 1.0}:  # every non-zero entry, the large tensors in the dense form
+        assert delta.nnz == sum(int((task.tensor(k) != 0).sum()) for k in task.keys) and delta.dense_keys
 
 
 @pytest.mark.parametrize("name", LOCALIZERS)
@@ -196,7 +208,8 @@ def policy_base(seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def random_delta(seed: int, density: float = 0.35) -> SparseDelta:
-    """A random sparse delta over POLICY_SHAPES: values of both signs and varied magnitude, some exactly equal."""
+    """A random delta over POLICY_SHAPES: values of both signs and varied magnitude, some exactly equal; for odd
+    seeds the tensors "a" and "d" in the dense form (values for every entry, 0 outside the mask, no indices)."""
     g = torch.Generator().manual_seed(seed)
     idx: dict[str, torch.Tensor] = {}
     val: dict[str, torch.Tensor] = {}
@@ -205,17 +218,19 @@ def random_delta(seed: int, density: float = 0.35) -> SparseDelta:
         if keep.numel():
             v = torch.randn(keep.numel(), generator=g) * 10 ** torch.randint(-3, 2, (keep.numel(),), generator=g)
             v[: keep.numel() // 4] = 0.5  # shared values make ties for sign-based policies
+            if seed % 2 and key in ("a", "d"):
+                val[key] = torch.zeros(math.prod(shape)).index_put_((keep,), v)
+                continue
             idx[key], val[key] = keep.to(torch.int32), v
     return SparseDelta(idx, val, dict(POLICY_SHAPES), {k: torch.float32 for k in POLICY_SHAPES},
                        Provenance(skill=f"skill{seed}"))
 
 
 def covered(deltas: list[SparseDelta], key: str) -> torch.Tensor:
-    mask = torch.zeros(math.prod(POLICY_SHAPES[key]), dtype=torch.bool)
+    mask = torch.zeros(POLICY_SHAPES[key], dtype=torch.bool)
     for d in deltas:
-        if key in d.indices:
-            mask[d.indices[key].long()] = True
-    return mask.reshape(POLICY_SHAPES[key])
+        mask |= d.mask(key)
+    return mask
 
 
 @pytest.mark.parametrize("accumulate", [torch.float64, torch.float32])

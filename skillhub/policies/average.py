@@ -8,21 +8,25 @@ from __future__ import annotations
 import torch
 
 from skillhub.hookspecs import hookimpl
-from skillhub.stitch import StitchPolicy
+from skillhub.stitch import Index, StitchPolicy
 
 
 class Average(StitchPolicy):
     """Mean of the masked task-vector values at every entry (Localize-and-Stitch)."""
 
     name = "average"
+    whole_tensor = True
 
     def accumulators(self, numel: int, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         return {"sum": torch.zeros(numel, dtype=dtype, device=device)}
 
-    def update(self, acc: dict[str, torch.Tensor], idx: torch.Tensor, values: torch.Tensor, sign: int) -> None:
-        acc["sum"].index_add_(0, idx, values, alpha=sign)
+    def update(self, acc: dict[str, torch.Tensor], idx: Index, values: torch.Tensor, sign: int) -> None:
+        if isinstance(idx, slice):  # a dense mask: zeros outside it add nothing
+            acc["sum"][idx].add_(values, alpha=sign)
+        else:
+            acc["sum"].index_add_(0, idx, values, alpha=sign)
 
-    def delta(self, acc: dict[str, torch.Tensor], count: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def delta(self, acc: dict[str, torch.Tensor], count: torch.Tensor, idx: Index) -> torch.Tensor:
         return acc["sum"][idx] / count.clamp(min=1).to(acc["sum"].dtype)
 
 

@@ -10,7 +10,7 @@ import torch
 
 from skillhub.hookspecs import hookimpl
 from skillhub.policies.average import Average
-from skillhub.stitch import ScaleParams, StitchPolicy
+from skillhub.stitch import Index, ScaleParams, StitchPolicy
 
 
 class Sum(Average):
@@ -19,7 +19,7 @@ class Sum(Average):
     name = "sum"
     Params = ScaleParams
 
-    def delta(self, acc: dict[str, torch.Tensor], count: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def delta(self, acc: dict[str, torch.Tensor], count: torch.Tensor, idx: Index) -> torch.Tensor:
         return acc["sum"][idx] * self.params.scale
 
 

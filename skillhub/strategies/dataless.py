@@ -14,6 +14,14 @@ in proportion to its size) gives a threshold t that, with a wide statistical mar
 value. One pass over the tensors keeps the candidates |τ| ≥ t (about 1.05 k of them); an exact selection among
 the candidates finishes the job. If the sample was unlucky and fewer than k candidates pass, the threshold is
 lowered and the pass repeated, so the result is always exact; only the time depends on the sample.
+
+**Sparsity 1** keeps every non-zero entry, so there is nothing to select: one pass computes τ per tensor and keeps
+it whole, in the dense form of :class:`~skillhub.delta.SparseDelta` (zeros mark the entries left out) wherever that is
+no larger than indices plus values, with no index array, no |τ| copy and no float64 anywhere.
+
+**scope = "tensor"** takes k_i = ⌊sparsity × numel_i⌋ entries from every tensor separately (the same tie rule within
+the tensor: earliest flat index first; τ = 0 never): TIES-merging as mergekit implements it (which keeps at least one
+entry of a non-empty tensor). The default, ``"global"``, is the papers' rule (TIES and Localize-and-Stitch alike).
 """
 
 from __future__ import annotations
@@ -23,12 +31,19 @@ import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+)
 
-from skillhub.delta import SparseDelta, TaskVector
+from skillhub.delta import SparseDelta, TaskVector, index_dtype
 from skillhub.hookspecs import hookimpl
 from skillhub.localize import LocalizeContext, Localizer
 
@@ -43,17 +58,96 @@ class Dataless(Localizer):
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid", frozen=True)
         sparsity: float = Field(0.01, gt=0, le=1, description="fraction of included parameters kept in the mask")
+        scope: Literal["global", "tensor"] = Field(
+            "global", description="'global': one threshold over all included tensors (the papers); 'tensor': the "
+                                  "top sparsity of every tensor separately (mergekit's TIES trimming)")
+
+        @model_serializer(mode="wrap")
+        def _dump(self, handler: SerializerFunctionWrapHandler) -> dict:
+            # The default scope is left out of the dump, which is stamped into every mask file: masks made before
+            # the option existed keep their params, bytes and content address (and match their config again).
+            data = handler(self)
+            if self.scope == "global":
+                data.pop("scope", None)
+            return data
 
     def localize(self, task: TaskVector, params: Params, ctx: LocalizeContext) -> SparseDelta:
+        if params.sparsity >= 1:
+            return task.sparse(every_nonzero(task, progress=ctx.report))
+        if params.scope == "tensor":
+            return task.sparse(per_tensor_topk(task, params.sparsity, progress=ctx.report))
         k = math.floor(params.sparsity * task.numel)
         return task.sparse(global_topk(task, k, seed=ctx.seed, progress=ctx.report))
 
 
-Entries = dict[str, tuple[torch.Tensor, torch.Tensor]]
+Entries = dict[str, tuple[torch.Tensor | None, torch.Tensor]]
+
+
+def every_nonzero(task: TaskVector, *, progress: Callable[[int, int], None] | None = None) -> Entries:
+    """Per tensor, every entry with τ ≠ 0: in the dense form (``(None, τ)``, zeros left out by being zero) when that
+    is no larger than indices plus values, else as sorted indices and values. τ is computed once, in the task
+    vector's dtype, and kept as it is (no |τ|, no index array for a dense tensor)."""
+    out: Entries = {}
+    for done, key in enumerate(task.keys, start=1):
+        flat = task.tensor(key).reshape(-1)
+        nnz, numel = int(torch.count_nonzero(flat)), flat.numel()
+        vsize = task.dtypes[key].itemsize
+        if nnz and numel * vsize <= nnz * (index_dtype(numel).itemsize + vsize):
+            out[key] = (None, flat)
+        elif nnz:
+            idx = flat.nonzero().reshape(-1)
+            out[key] = (idx, flat[idx])
+        if progress is not None:
+            progress(done, len(task.keys))
+    return out
+
+
+def per_tensor_topk(task: TaskVector, sparsity: float, *,
+                    progress: Callable[[int, int], None] | None = None) -> Entries:
+    """Per tensor, the k_i = ⌊sparsity × numel_i⌋ largest non-zero |τ| of that tensor alone (ties at the k_i-th
+    value: earliest flat index first), as sorted indices and τ values. One O(numel) selection per tensor, tensors
+    split over two threads as in :func:`_candidates`."""
+    order = sorted(task.keys, key=lambda k: -math.prod(task.shapes[k]))
+    workers = max(1, min(2, os.cpu_count() or 1, len(order)))
+    done = [0]
+    lock = threading.Lock()
+
+    def run(keys: list[str]) -> Entries:
+        biggest = max((math.prod(task.shapes[k]) for k in keys), default=0)
+        work = torch.empty(biggest, dtype=task.dtype)
+        abs_work = np.empty(biggest, dtype=work.numpy().dtype)
+        out: Entries = {}
+        for key in keys:
+            flat = task.tensor(key, out=work).reshape(-1)
+            n = flat.numel()
+            k = math.floor(sparsity * n)
+            if k > 0:
+                a = np.abs(flat.numpy(), out=abs_work[:n])
+                kth = np.partition(a, n - k)[n - k] if k < n else 0  # the k-th largest |τ|
+                if kth > 0:
+                    keep = a > kth
+                    short = k - int(np.count_nonzero(keep))  # ≥ 1: the rest tie at the k-th value, earliest first
+                    keep[np.flatnonzero(a == kth)[:short]] = True
+                else:
+                    keep = a > 0  # no more than k non-zero entries: all of them (τ = 0 never)
+                idx = torch.from_numpy(np.flatnonzero(keep))
+                if idx.numel():
+                    out[key] = (idx, flat[idx])
+            if progress is not None:
+                with lock:
+                    done[0] += 1
+                    progress(done[0], len(order))
+        return out
+
+    found: Entries = {}
+    with ThreadPoolExecutor(workers) as pool:
+        for part in pool.map(run, [order[i::workers] for i in range(workers)]):
+            found.update(part)
+    return {k: found[k] for k in task.keys if k in found}  # canonical order
 
 
 def global_topk(task: TaskVector, k: int, *, seed: int = 0,
-                progress: Callable[[int, int], None] | None = None) -> Entries:
+                progress: Callable[[int, int], None] | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per tensor, sorted flat indices and τ values of the k largest non-zero |τ| over the whole task vector."""
     if k <= 0:
         return {}
@@ -135,7 +229,7 @@ def _candidates(task: TaskVector, threshold: float,
     return {k: found[k] for k in task.keys}  # back to canonical order
 
 
-def _select_exact(cands: dict[str, tuple[torch.Tensor, ...]], k: int) -> Entries:
+def _select_exact(cands: dict[str, tuple[torch.Tensor, ...]], k: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     keys = list(cands)  # canonical order: the task vector's sorted keys
     sizes = [int(cands[key][0].numel()) for key in keys]
     total = sum(sizes)
@@ -150,7 +244,7 @@ def _select_exact(cands: dict[str, tuple[torch.Tensor, ...]], k: int) -> Entries
         tie_pos = np.flatnonzero(values == v)
         keep[tie_pos[len(tie_pos) - surplus:]] = False
     keep_t = torch.from_numpy(keep)
-    out: Entries = {}
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for key, part in zip(keys, torch.split(keep_t, sizes)):
         idx = cands[key][0][part]
         if idx.numel():
