@@ -30,6 +30,7 @@ from skillhub.metrics import Metrics
 from skillhub.ops import localize_checkpoint
 from skillhub.plugins import Plugins
 from skillhub.registry import Registry, VersionRow
+from skillhub.staging import staged_sha256
 
 log = get_logger("skillhub.ingest")
 
@@ -179,7 +180,17 @@ class Ingestor:
             new, created = self.registry.begin_version(row.skill, row.source_sha, strategy, params,
                                                        source_path=row.source_path, meta=row.meta)
             if created or new.status != "READY":
-                ft = open_checkpoint(Path(row.source_path or ""))
+                staged = Path(row.source_path or "")
+                # Staged copies are not fsynced (skillhub.staging): after a machine crash one may be damaged, and
+                # a re-localization may run before intake's start-up check has looked. Never localize a copy that
+                # is not the checkpoint the row names.
+                if staged_sha256(staged) != row.source_sha:
+                    self.registry.discard_staged(staged)  # so that it is not tried again at every reconcile
+                    self._failed(new, CheckpointError(
+                        "the staged copy no longer matches the checkpoint it was made from", path=staged,
+                        hint="drop the skill's checkpoint again to re-localize it"))
+                    return
+                ft = open_checkpoint(staged)
                 self._localize(new, self._prepare(ft, row.meta.get("sidecar") or {}, strategy))
         except SkillhubError as e:
             log.error("relocalize_failed", skill=row.skill, error=str(e))

@@ -170,3 +170,38 @@ def test_a_pin_on_a_version_that_is_not_ready_serves_the_newest_ready_one(tmp_pa
         assert hub.registry.active_version("s") == hub.registry.get(v2.id)  # the registry says the same
     finally:
         hub.close()
+
+
+def test_a_config_edit_relocalizes_from_the_staged_copy_unless_it_no_longer_matches(tmp_path: Path) -> None:
+    import time as _time
+
+    from skillhub.config import load_config as _load
+
+    g = torch.Generator().manual_seed(6)
+    base = {"w": torch.randn(10, 10, generator=g)}
+    hub = make_hub(tmp_path, base)
+    try:
+        a = hub.ingest(_staged(tmp_path, "a", {"w": base["w"] + torch.randn(10, 10, generator=g)}), skill="a")
+        b = hub.ingest(_staged(tmp_path, "b", {"w": base["w"] + torch.randn(10, 10, generator=g)}), skill="b")
+        hub.reconcile()
+        assert hub.current is not None and hub.current.manifest["skills"]["a"]["nnz"] == 50
+        Path(b.source_path or "").write_bytes(b"damaged after a machine crash")  # b's staged copy goes bad
+        text = (tmp_path / "config.toml").read_text()
+        (tmp_path / "config.toml").write_text(text + '[skills.a]\nparams = { sparsity = 0.25 }\n'
+                                                      '[skills.b]\nparams = { sparsity = 0.25 }\n')
+        hub.apply_config(_load(tmp_path / "config.toml", env={}))
+        deadline = _time.monotonic() + 20
+        while _time.monotonic() < deadline:
+            hub.reconcile()
+            if hub.current.manifest["skills"]["a"]["nnz"] == 25 and any(
+                    v.status == "FAILED" for v in hub.registry.versions("b")):
+                break
+            _time.sleep(0.05)
+        served = hub.current.manifest["skills"]
+        assert served["a"]["nnz"] == 25 and served["a"]["version"] == 2  # re-localized, a new version of a
+        assert served["b"]["version"] == b.version and served["b"]["nnz"] == 50  # b keeps serving what it had
+        failed = [v for v in hub.registry.versions("b") if v.status == "FAILED"]
+        assert failed and "no longer matches" in (failed[0].reason or "")
+        assert a.id != hub.registry.versions("a")[-1].id
+    finally:
+        hub.close()
