@@ -7,7 +7,7 @@ import dataclasses
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from skillhub.checkpoint import (
     write_safetensors,
 )
 from skillhub.delta import Provenance, SparseDelta, TaskVector
-from skillhub.errors import CheckpointError, StitchError
+from skillhub.errors import CheckpointError, SkillhubError, StitchError
 from skillhub.families import ModelFamily, Prepared
 from skillhub.localize import LocalizeContext, run_localizer
 from skillhub.plugins import Plugins
@@ -57,23 +57,22 @@ def localize_checkpoint(
     """
     t0 = time.perf_counter()
     finetuned = prepared.checkpoint
-    # Provenance hashes of files not hashed before run beside the localization (hashlib releases the GIL): on two
-    # cores they cost almost nothing, where hashing first would read both files again before any work.
-    hashing = ThreadPoolExecutor(1, thread_name_prefix="skillhub-fingerprint")
-    shas = hashing.submit(lambda: (base_sha or fingerprint(base), source_sha or fingerprint(finetuned)))
-    hashing.shutdown(wait=False)
+    # Provenance hashes of files not hashed before, and the distance check (FAULTS B7, B9), run beside the
+    # localization: hashlib and torch release the GIL, so on two cores they cost little, where running them first
+    # would read both models once more before any work. A drop they refuse is refused all the same, just later.
+    side = ThreadPoolExecutor(2, thread_name_prefix="skillhub-localize-side")
+    shas = side.submit(lambda: (base_sha or fingerprint(base), source_sha or fingerprint(finetuned)))
     keys = family.included_keys(base)
     task = TaskVector(base, finetuned, keys)
-    if max_relative_delta is not None:
-        rel = task.relative_norm()
-        if rel > max_relative_delta:
-            raise CheckpointError(
-                f"the finetune is {rel:.3g}× the base's norm away from it (‖τ‖/‖θ₀‖ over the merged tensors; a "
-                f"finetune stays well under {max_relative_delta:g}): it looks like another base model with the "
-                "same shapes, or a damaged file", path=finetuned.path,
-                hint="drop a finetune of the configured base; if it really is one, raise [localize] "
-                     "max_relative_delta")
-    delta = run_localizer(plugins.localizer(localizer), task, params, ctx or LocalizeContext(), Provenance(skill=skill))
+    distance = side.submit(task.relative_norm) if max_relative_delta is not None else None
+    side.shutdown(wait=False)
+    try:
+        delta = run_localizer(plugins.localizer(localizer), task, params, ctx or LocalizeContext(),
+                              Provenance(skill=skill))
+    except SkillhubError:
+        _check_distance(distance, max_relative_delta, finetuned)  # "another model" explains a failure best
+        raise
+    _check_distance(distance, max_relative_delta, finetuned)
     base_fp, source_fp = shas.result()
     delta = dataclasses.replace(delta, provenance=dataclasses.replace(delta.provenance, base=base_fp,
                                                                       source=source_fp))
@@ -81,6 +80,19 @@ def localize_checkpoint(
         raise CheckpointError("the task vector is zero: this checkpoint is the base model itself", path=finetuned.path,
                               hint="drop a finetuned checkpoint, not the base")
     return LocalizeResult(delta, time.perf_counter() - t0, finetuned.nbytes)
+
+
+def _check_distance(distance: Future[float] | None, limit: float | None, finetuned: Checkpoint) -> None:
+    """Refuse a task vector with ‖τ‖/‖θ₀‖ over ``limit``: no finetune moves a model that far."""
+    if distance is None or limit is None:
+        return
+    rel = distance.result()
+    if rel > limit:
+        raise CheckpointError(
+            f"the finetune is {rel:.3g}× the base's norm away from it (‖τ‖/‖θ₀‖ over the merged tensors; a "
+            f"finetune stays well under {limit:g}): it looks like another base model with the same shapes, or a "
+            "damaged file", path=finetuned.path,
+            hint="drop a finetune of the configured base; if it really is one, raise [localize] max_relative_delta")
 
 
 def stitch_masks(
