@@ -21,6 +21,7 @@ import torch
 from skillhub import faultpoints
 from skillhub.checkpoint import Checkpoint, fingerprint, open_checkpoint
 from skillhub.config import Config
+from skillhub.copying import staged_sha256
 from skillhub.desired import localization
 from skillhub.errors import CheckpointError, DiskFullError, LocalizeError, SkillhubError
 from skillhub.families import ModelFamily, Prepared
@@ -30,7 +31,6 @@ from skillhub.metrics import Metrics
 from skillhub.ops import localize_checkpoint
 from skillhub.plugins import Plugins
 from skillhub.registry import Registry, VersionRow
-from skillhub.staging import staged_sha256
 
 log = get_logger("skillhub.ingest")
 

@@ -39,8 +39,18 @@ from typing import Any
 import structlog
 
 from skillhub.errors import CheckpointError, SkillhubError
-from skillhub.staging import (Changed, Stager, Transient, Truncated, drop_signature, folder_plan, read_sidecar,
-                              remove_path, show_name, special_file)
+from skillhub.staging import (
+    Changed,
+    Stager,
+    Transient,
+    Truncated,
+    drop_signature,
+    folder_plan,
+    read_sidecar,
+    remove_path,
+    show_name,
+    special_file,
+)
 from skillhub.watcher import CLOSED, MOVED_IN, Change, InboxWatch
 
 IGNORED_SUFFIXES = (".tmp", ".part", ".partial", ".incomplete", ".toml")

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+import skillhub.copying as copying_mod
 import skillhub.staging as staging_mod
 import skillhub.watcher as watcher_mod
 from skillhub.intake import Intake
@@ -183,7 +184,7 @@ def _copy(tmp_path: Path, data: bytes) -> tuple[str, bytes]:
     s = os.open(src, os.O_RDONLY)
     d = os.open(dst, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        digest = staging_mod._copy_stream(s, d, threading.Event())
+        digest = copying_mod._copy_stream(s, d, threading.Event())
     finally:
         os.close(s)
         os.close(d)
@@ -199,7 +200,7 @@ def _no(err: int) -> Any:
 @pytest.mark.parametrize("way", ["default", "no-reflink", "no-copy_file_range", "copy_file_range-says-0"])
 def test_every_copy_way_gives_the_bytes_and_their_hash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                        way: str) -> None:
-    monkeypatch.setattr(staging_mod, "CHUNK", 4096)  # many chunks: the buffer ring is reused and hashing overlaps
+    monkeypatch.setattr(copying_mod, "CHUNK", 4096)  # many chunks: the buffer ring is reused and hashing overlaps
     calls = {"cfr": 0, "pread": 0}
     real_cfr, real_preadv = os.copy_file_range, os.preadv
 
@@ -212,10 +213,10 @@ def test_every_copy_way_gives_the_bytes_and_their_hash(tmp_path: Path, monkeypat
         return real_preadv(*a)
 
     if way != "default":
-        monkeypatch.setattr(staging_mod.fcntl, "ioctl", _no(errno.EOPNOTSUPP))
-    monkeypatch.setattr(staging_mod.os, "copy_file_range",
+        monkeypatch.setattr(copying_mod.fcntl, "ioctl", _no(errno.EOPNOTSUPP))
+    monkeypatch.setattr(copying_mod.os, "copy_file_range",
                         _no(errno.EXDEV) if way == "no-copy_file_range" else cfr)
-    monkeypatch.setattr(staging_mod.os, "preadv", preadv)
+    monkeypatch.setattr(copying_mod.os, "preadv", preadv)
     data = os.urandom(10 * 4096 + 123)
     digest, copied = _copy(tmp_path, data)
     assert copied == data and digest == hashlib.sha256(data).hexdigest()
@@ -226,8 +227,8 @@ def test_every_copy_way_gives_the_bytes_and_their_hash(tmp_path: Path, monkeypat
 
 
 def test_copy_errors_other_than_unsupported_are_raised(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(staging_mod.fcntl, "ioctl", _no(errno.EOPNOTSUPP))
-    monkeypatch.setattr(staging_mod.os, "copy_file_range", _no(errno.ENOSPC))
+    monkeypatch.setattr(copying_mod.fcntl, "ioctl", _no(errno.EOPNOTSUPP))
+    monkeypatch.setattr(copying_mod.os, "copy_file_range", _no(errno.ENOSPC))
     with pytest.raises(OSError) as x:
         _copy(tmp_path, b"abc" * 1000)
     assert x.value.errno == errno.ENOSPC
