@@ -122,7 +122,8 @@ def main() -> None:
             print(f"{i:>6}" + "".join(f"{v:>{w}.3f}" for v, w in zip(row, widths)))
         print("watch+stage: rename -> staged copy checked (copied out of the inbox while hashed, FAULTS A6); "
               "open+validate+reg: staged -> mask durable, less localize*; localize*: as the daemon logs it "
-              "(ops.localize_checkpoint: the relative-norm check's pass over both models, then the localizer); "
+              "(ops.localize_checkpoint: the localizer, whose pass over tau also gives the relative-norm check its "
+              "norms); "
               "consume: -> the "
               "drop removed from the inbox; stitch+publish: -> version published; seen: -> GET /v1/model lists it")
 

@@ -9,11 +9,12 @@ architecture: it infers the layout from the tensor names (and logs that it could
 harmless), so both tools merge exactly the same files.
 
 - **task arithmetic** θ₀ + λ Σ τᵢ: skillhub ``localize --sparsity 1.0`` per finetune, then ``stitch --policy sum
-  --param scale=λ``; mergekit ``task_arithmetic`` with ``lambda: λ``, every weight 1.
+  --param scale=λ``, or the one process ``merge --sparsity 1.0 --policy sum --param scale=λ``; mergekit
+  ``task_arithmetic`` with ``lambda: λ``, every weight 1.
 - **TIES** (trim to the top ``density`` of every tensor, elect signs, disjoint mean, λ): skillhub ``localize
   --param scope=tensor --sparsity density`` per finetune (mergekit's per-tensor trimming), then ``stitch --policy
-  ties --param zero_sign=positive`` (mergekit's rule where the summed value is exactly 0); mergekit ``ties`` with
-  that density and lambda.
+  ties --param zero_sign=positive`` (mergekit's rule where the summed value is exactly 0), or the one process
+  ``merge --sparsity density --scope tensor --policy ties ...``; mergekit ``ties`` with that density and lambda.
 
 Every tool runs as whole processes (``python -m skillhub ...``, ``mergekit-yaml``), timed from outside: wall time,
 CPU time (user + system) and peak RSS of each process come from ``os.wait4``. The shared machine may be busy: CPU
@@ -225,7 +226,8 @@ def skillhub_merge(launcher: Launcher, work: Path, dirs: list[Path], name: str, 
 
 
 # What one process of skillhub's library does for the same merge: every finetune localized in memory (no mask
-# file), stitched, the merged tensors written. No CLI command does this yet; the row shows what one start-up costs.
+# file), stitched, the merged tensors written. The lower bound of `skillhub merge` (no config, no input checks ahead,
+# no hashes), kept to show what the command adds to it.
 ONE_PROCESS = r"""
 import json, sys
 from skillhub.checkpoint import open_checkpoint, write_safetensors
@@ -255,6 +257,16 @@ def library_merge(launcher: Launcher, work: Path, dirs: list[Path], name: str, p
     out = work / f"{name}-library.safetensors"
     cmd = [sys.executable, "-c", ONE_PROCESS, str(dirs[0] / "model.safetensors"), str(out), policy,
            json.dumps(policy_params), json.dumps(params), *(str(d / "model.safetensors") for d in dirs[1:])]
+    return launcher.run(cmd, work, repeats, env), out
+
+
+def merge_command(launcher: Launcher, work: Path, dirs: list[Path], name: str, args: list[str],
+                  repeats: int) -> tuple[Run, Path]:
+    """One ``skillhub merge`` process: every finetune localized and stitched, no mask files."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SKILLHUB_")}  # defaults, no config file
+    out = work / f"{name}-merge.safetensors"
+    cmd = [sys.executable, "-m", "skillhub", "merge", "--base", str(dirs[0] / "model.safetensors"), "--out", str(out),
+           *args, *(str(d / "model.safetensors") for d in dirs[1:])]
     return launcher.run(cmd, work, repeats, env), out
 
 
@@ -324,29 +336,36 @@ def main() -> None:
         load0 = os.getloadavg()[0]
         rows = []
         ties_policy = {"scale": args.ties_scale, "zero_sign": "positive"}
-        jobs = [("task arithmetic", "ta", ["--sparsity", "1.0"], ["--policy", "sum", "--param", f"scale={args.scale}"],
+        ta_policy = ["--policy", "sum", "--param", f"scale={args.scale}"]
+        ties_stitch = ["--policy", "ties", "--param", f"scale={args.ties_scale}", "--param", "zero_sign=positive"]
+        jobs = [("task arithmetic", "ta", ["--sparsity", "1.0"], ta_policy, ["--sparsity", "1.0", *ta_policy],
                  ("sum", {"scale": args.scale}, {"sparsity": 1.0}), "task_arithmetic", {"lambda": args.scale}, ta_ref),
-                ("TIES", "ties", ["--sparsity", str(args.density), "--param", "scope=tensor"],
-                 ["--policy", "ties", "--param", f"scale={args.ties_scale}", "--param", "zero_sign=positive"],
+                ("TIES", "ties", ["--sparsity", str(args.density), "--param", "scope=tensor"], ties_stitch,
+                 ["--sparsity", str(args.density), "--scope", "tensor", *ties_stitch],
                  ("ties", ties_policy, {"sparsity": args.density, "scope": "tensor"}), "ties",
                  {"lambda": args.ties_scale, "density": args.density}, ties_ref)]
         speed = []
-        for title, name, loc_args, stitch_args, library, method, params, ref in jobs:
+        for title, name, loc_args, stitch_args, merge_args, library, method, params, ref in jobs:
             if args.only and name != args.only:
                 continue
             loc, st, out = skillhub_merge(launcher, work, dirs, name, loc_args, stitch_args, args.repeats)
             end = total(loc + [st])
             rows.append(row(title, f"skillhub localize ×{len(loc)} + stitch", st, end, compare(out, ref)))
+            one, one_out = merge_command(launcher, work, dirs, name, merge_args, args.repeats)
+            rows.append(row(title, "skillhub merge, one process", one, one, compare(one_out, ref)))
             lib, lib_out = library_merge(launcher, work, dirs, name, *library, args.repeats)
             rows.append(row(title, "skillhub library, one process", lib, lib, compare(lib_out, ref)))
             if version:
                 mk, mk_out = mergekit_merge(launcher, work, dirs, name, method, params, args.mergekit_python,
                                             args.repeats)
                 rows.append(row(title, f"mergekit {version}", mk, mk, compare(mk_out, ref)))
-                speed.append(f"{title}: mergekit / skillhub wall time {mk.wall / st.wall:.2f}× for the stitch alone, "
-                             f"{mk.wall / end.wall:.2f}× end to end, {mk.wall / lib.wall:.2f}× in one process (CPU "
-                             f"time {mk.cpu / st.cpu:.2f}×, {mk.cpu / end.cpu:.2f}×, {mk.cpu / lib.cpu:.2f}×); peak RSS "
-                             f"skillhub / mergekit {end.rss / mk.rss:.2f}×, {lib.rss / mk.rss:.2f}×")
+                speed.append(f"{title}: mergekit / skillhub merge wall time {mk.wall / one.wall:.2f}× (CPU time "
+                             f"{mk.cpu / one.cpu:.2f}×, peak RSS skillhub merge / mergekit {one.rss / mk.rss:.2f}×); "
+                             f"mergekit / skillhub {mk.wall / st.wall:.2f}× for the stitch alone, "
+                             f"{mk.wall / end.wall:.2f}× for localize ×{len(loc)} + stitch, {mk.wall / lib.wall:.2f}× "
+                             f"for the library in one process (CPU time {mk.cpu / st.cpu:.2f}×, {mk.cpu / end.cpu:.2f}×, "
+                             f"{mk.cpu / lib.cpu:.2f}×); peak RSS skillhub / mergekit {end.rss / mk.rss:.2f}×, "
+                             f"{lib.rss / mk.rss:.2f}×")
         print(f"model: {n / 1e6:.1f}M float32 parameters, {args.finetunes} finetunes; task arithmetic λ = {args.scale}; "
               f"TIES density {args.density} per tensor, λ = {args.ties_scale}; best of {args.repeats}; "
               f"threads {args.threads or 'default'}; "
@@ -358,11 +377,12 @@ def main() -> None:
         for r in rows:
             print(r)
         print()
-        print("merge step: skillhub's `stitch` process alone (the masks exist); mergekit's one process. End to end: "
-              "skillhub's localize processes plus its stitch, one after another. Library: the same localization and "
-              "stitch in one Python process, no mask files (no CLI command for it yet). References: float64 from "
-              "the files, rounded to float32 once; the last column with τ rounded to float32 first, as a mask file "
-              "stores it.")
+        print("merge step: skillhub's `stitch` process alone (the masks exist); the one process of `skillhub merge`, "
+              "of the library script and of mergekit. End to end: skillhub's localize processes plus its stitch, one "
+              "after another; the one process otherwise. `skillhub merge`: the command, no mask files. Library: the "
+              "same localization and stitch in a bare Python script (no config, no input checks, no hashes). "
+              "References: float64 from the files, rounded to float32 once; the last column with τ rounded to "
+              "float32 first, as a mask file stores it.")
         print(f"TIES entries whose summed value is exactly 0 (both tools elect + there, as the reference does): "
               f"{zero_sums}")
         for line in speed:

@@ -23,6 +23,7 @@ Outputs (in ``--out``): ``results.json``, ``quality.png``, ``quality.md`` (a sni
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import platform
@@ -45,6 +46,7 @@ from skillhub.families.fewshot import ImageObjective  # noqa: E402
 from skillhub.head import Head  # noqa: E402
 from skillhub.checkpoint import write_safetensors  # noqa: E402
 from skillhub.delta import Provenance, SparseDelta, TaskVector  # noqa: E402
+from skillhub.ingest import skill_seed  # noqa: E402
 from skillhub.localize import LocalizeContext, run_localizer  # noqa: E402
 from skillhub.plugins import Plugins, load_plugins  # noqa: E402
 from skillhub.stitch import Stitcher, stitch  # noqa: E402
@@ -127,7 +129,10 @@ class Bench:
     def localize(self, strategy: str, params: Mapping[str, Any],
                  examples: Callable[[str], Any] | None = None) -> dict[str, SparseDelta]:
         loc = self.plugins.localizer(strategy)
-        return {name: run_localizer(loc, tv, params, LocalizeContext(seed=self.seed,
+        # each skill its own seed, as the service derives it from a checkpoint's hash (skillhub.ingest.skill_seed)
+        seeds = {name: skill_seed(hashlib.sha256(f"{self.seed}/{name}".encode()).hexdigest())
+                 for name in self.task_vectors}
+        return {name: run_localizer(loc, tv, params, LocalizeContext(seed=seeds[name],
                                                                    examples=examples(name) if examples else None),
                                     Provenance(skill=name))
                 for name, tv in self.task_vectors.items()}

@@ -17,14 +17,23 @@ import os
 import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from skillhub import faultpoints
 from skillhub.atomic import atomic_file, sha256_file
 from skillhub.errors import CheckpointError
-from skillhub.header import (DTYPE_CODES, FLOAT_DTYPES, MAX_HEADER_BYTES, Header, TensorInfo, read_header,
-                             safetensors_header)
+from skillhub.header import (
+    MAX_HEADER_BYTES,
+    Header,
+    TensorInfo,
+    dtype_codes,
+    float_dtypes,
+    read_header,
+    safetensors_header,
+)
+
+if TYPE_CHECKING:
+    import torch
 
 #: a folder drop's few-shot examples (tensors ``images`` and ``labels``), never one of the model's files
 EXAMPLES_FILE = "examples.safetensors"
@@ -49,6 +58,8 @@ class TensorFile:
 
     def tensor(self, name: str) -> torch.Tensor:
         """The tensor ``name`` as a view of the mapping (valid as long as the returned tensor lives)."""
+        import torch
+
         info = self.header.tensors[name]
         if info.numel == 0:
             return torch.empty(info.shape, dtype=info.dtype)
@@ -184,9 +195,10 @@ def _open_folder(folder: Path, max_header_bytes: int) -> Checkpoint:
 
 def check_tensor_dtypes(ckpt: Checkpoint, keys: list[str]) -> None:
     """Refuse included tensors that are not floating point (FAULTS B5)."""
+    floats = float_dtypes()
     for k in keys:
-        if ckpt[k].dtype not in FLOAT_DTYPES:
-            raise CheckpointError(f"tensor {k!r} has dtype {DTYPE_CODES[ckpt[k].dtype]}, expected a float type",
+        if ckpt[k].dtype not in floats:
+            raise CheckpointError(f"tensor {k!r} has dtype {dtype_codes()[ckpt[k].dtype]}, expected a float type",
                                   path=ckpt.path, key=k, hint="only float32/float16/bfloat16/float64 weights merge")
 
 
@@ -207,9 +219,10 @@ def validate_against(base: Checkpoint, ft: Checkpoint, *, limit: int = 5) -> Non
                  for k in base if k in ft and ft[k].shape != base[k].shape]
     if bad_shape:
         problems.append(f"shape mismatch: {_few(bad_shape, limit)}")
-    bad_dtype = [f"{k} {DTYPE_CODES[ft[k].dtype]} vs base {DTYPE_CODES[base[k].dtype]}"
+    codes, floats = dtype_codes(), float_dtypes()
+    bad_dtype = [f"{k} {codes[ft[k].dtype]} vs base {codes[base[k].dtype]}"
                  for k in base if k in ft and ft[k].dtype != base[k].dtype
-                 and not (ft[k].dtype in FLOAT_DTYPES and base[k].dtype in FLOAT_DTYPES)]
+                 and not (ft[k].dtype in floats and base[k].dtype in floats)]
     if bad_dtype:
         problems.append(f"dtype mismatch: {_few(bad_dtype, limit)}")
     if problems:
@@ -230,6 +243,8 @@ def write_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor], met
     function of the mask alone. Readable by the reference safetensors library. ``faultpoint`` names the
     :mod:`skillhub.faultpoints` point reached when half the tensors are written (crash tests).
     """
+    import torch
+
     path = Path(path)
     try:
         prefix, order, _ = safetensors_header(tensors, metadata)

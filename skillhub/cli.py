@@ -106,6 +106,44 @@ def cmd_stitch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from skillhub.desired import localization
+    from skillhub.errors import CheckpointError
+    from skillhub.localize import resolve_params
+    from skillhub.log import Progress
+    from skillhub.merge import merge, open_inputs
+
+    cfg = _config(args)
+    plugins = _plugins(cfg)
+    flags = dict(_parse_param(p) for p in (args.strategy_param or []))
+    if args.sparsity is not None:
+        flags["sparsity"] = args.sparsity
+    if args.scope is not None:
+        flags["scope"] = args.scope
+    strategy, params = localization(cfg, None, strategy=args.strategy, params=flags)
+    policy_name = args.policy or cfg.stitch.policy
+    policy_params = dict(cfg.stitch.params) if policy_name == cfg.stitch.policy else {}
+    policy_params.update(_params(args))
+    try:
+        resolve_params(plugins.localizer(strategy), params)
+    except SkillhubError as e:  # a bad flag or config value is a usage error (exit 2), not a failure
+        raise UsageError(e.message, key=e.key, hint=e.hint) from None
+    policy = plugins.make_policy(policy_name, policy_params)
+    family = plugins.family(cfg.base.family).from_config(cfg.base)
+    try:  # headers only: a missing file or another architecture is a usage error, found before any work
+        inputs = open_inputs(args.base, args.finetuned, family, examples=plugins.localizer(strategy).needs_examples)
+    except CheckpointError as e:
+        raise UsageError(e.message, path=e.path, key=e.key, hint=e.hint) from None
+    bar = Progress("merge")
+    result = merge(inputs, args.out, plugins=plugins, family=family, policy=policy, strategy=strategy, params=params,
+                   device=args.device or cfg.device, masks=args.masks, threads=args.threads, progress=bar)
+    bar.close()
+    s = result.seconds
+    print(f"{args.out}: {len(result.manifest['skills'])} skills localized with {strategy} and stitched with "
+          f"{policy.name} (localize {s['localize']:.2f} s, stitch {s['stitch']:.2f} s, write {s['write']:.2f} s)")
+    return 0
+
+
 def cmd_plugins(args: argparse.Namespace) -> int:
     cfg = _config(args)
     plugins = _plugins(cfg)
@@ -223,6 +261,29 @@ def cmd_skills(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Classify image files with the running service: one skill (``--skill``, on ``--route``), or several skills
+    from one pass of the merged model."""
+    from skillhub.client import Client
+
+    cfg = _config(args)
+    images = [Path(p) for p in args.images]
+    for p in images:
+        if not p.is_file():
+            raise UsageError(f"no image file {str(p)!r}", hint="give the paths of PNG or JPEG files")
+    token = os.environ.get(cfg.serve.token_env) or _read_token(cfg)
+    with Client(f"http://{cfg.serve.host}:{cfg.serve.port}", token=token) as client:
+        if args.skill:
+            answer = client.predict(args.skill, images, top_k=args.top_k, route=args.route)
+        else:
+            if args.route == "skill":
+                raise UsageError("--route skill needs --skill NAME", hint="several skills at once run merged")
+            skills = [s for s in args.skills.split(",") if s] if args.skills else None
+            answer = client.predict_all(images, skills, top_k=args.top_k)
+    print(json.dumps(answer, ensure_ascii=True, indent=2))
+    return 0
+
+
 def _safe(name: str) -> str:
     return name.encode("unicode_escape").decode("ascii")
 
@@ -303,11 +364,37 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("masks", nargs="+")
     q.set_defaults(func=cmd_stitch)
 
+    q = sub.add_parser("merge", help="localize finetuned checkpoints and stitch them into the base, in one process")
+    q.add_argument("--base", required=True)
+    q.add_argument("--out", required=True)
+    q.add_argument("--strategy", default=None, help="default: [localize] strategy of the config")
+    q.add_argument("--sparsity", type=float, default=None)
+    q.add_argument("--scope", choices=["global", "tensor"], default=None, help="dataless: one threshold over all "
+                   "tensors (default) or the top sparsity of every tensor (mergekit's TIES trimming)")
+    q.add_argument("--strategy-param", action="append", metavar="KEY=VALUE", help="strategy param (repeatable)")
+    q.add_argument("--policy", default=None, help="default: [stitch] policy of the config")
+    q.add_argument("--param", action="append", metavar="KEY=VALUE", help="policy param, e.g. scale=0.3")
+    q.add_argument("--device", default=None)
+    q.add_argument("--masks", default=None, metavar="DIR", help="also write each skill's mask file into DIR")
+    q.add_argument("--threads", type=int, default=1, help="torch's threads per operation (default 1: the merge "
+                   "already localizes the next finetune while it stitches one in)")
+    q.add_argument("finetuned", nargs="+")
+    q.set_defaults(func=cmd_merge)
+
     q = sub.add_parser("skills", help="the registry's skills")
     q.add_argument("action", choices=["list", "show", "enable", "disable", "remove", "pin"])
     q.add_argument("name", nargs="?")
     q.add_argument("version", nargs="?", help="for pin: a version number, or 'none' to unpin")
     q.set_defaults(func=cmd_skills)
+
+    q = sub.add_parser("predict", help="classify image files with the running service")
+    q.add_argument("--skill", default=None, help="one skill, answered on --route (default: [serve] route)")
+    q.add_argument("--skills", default=None, help="without --skill: comma-separated skills from one merged pass "
+                                                  "(default: every skill served)")
+    q.add_argument("--route", choices=["skill", "merged"], default=None)
+    q.add_argument("--top-k", type=int, default=5)
+    q.add_argument("images", nargs="+")
+    q.set_defaults(func=cmd_predict)
 
     q = sub.add_parser("run", help="run the service (watch the inbox, stitch, serve) in the foreground")
     q.set_defaults(func=cmd_run)

@@ -107,29 +107,38 @@ class Client:
         """Pin ``name`` to ``version`` (rollback), or unpin it with ``None``."""
         return dict(self._json("POST", f"/v1/skills/{_segment(name)}/pin", json={"version": version}))
 
-    def predict(self, skill: str, images: Sequence[bytes | str | Path], top_k: int = 5) -> dict[str, Any]:
-        """Classify images (encoded bytes, or paths of image files) with ``skill`` on the served merged model.
+    def predict(self, skill: str, images: Sequence[bytes | str | Path], top_k: int = 5, *,
+                route: str | None = None) -> dict[str, Any]:
+        """Classify images (encoded bytes, or paths of image files) with ``skill``.
 
-        Mirrors ``POST /v1/skills/{skill}/predict`` and :meth:`skillhub.hub.Hub.predict`: the answer names the
-        version that produced it and, per image, the top-k ``{"label", "index", "score"}``.
+        Mirrors ``POST /v1/skills/{skill}/predict`` and :meth:`skillhub.hub.Hub.predict`: ``route`` ``"skill"``
+        (the skill's own localized model) or ``"merged"`` (the stitched model), default the service's
+        ``[serve] route``. The answer names the ``version`` and ``route`` that produced it and, per image, the
+        top-k ``{"label", "index", "score"}``.
         """
-        files = [("images", (f"image{i}", _image_bytes(img), "application/octet-stream")) for i, img in enumerate(images)]
-        return dict(self._json("POST", f"/v1/skills/{_segment(skill)}/predict", files=files,
-                               data={"top_k": str(top_k)}))
+        data = {"top_k": str(top_k)} | ({"route": route} if route else {})
+        return dict(self._json("POST", f"/v1/skills/{_segment(skill)}/predict", files=_files(images), data=data))
+
+    def predict_all(self, images: Sequence[bytes | str | Path], skills: Sequence[str] | None = None,
+                    top_k: int = 5) -> dict[str, Any]:
+        """Several skills' top-k classes per image (default: every skill the merged model serves), from one forward
+        pass of the merged model: ``POST /v1/predict``, :meth:`skillhub.hub.Hub.predict_all`."""
+        data = {"top_k": str(top_k)} | ({"skills": ",".join(skills)} if skills is not None else {})
+        return dict(self._json("POST", "/v1/predict", files=_files(images), data=data))
 
     def embed(self, images: Sequence[bytes | str | Path]) -> tuple[int, torch.Tensor]:
         """Normalised image embeddings from the served merged image tower: (version, [N, D])."""
-        files = [("images", (f"image{i}", _image_bytes(img), "application/octet-stream")) for i, img in enumerate(images)]
-        body = self._json("POST", "/v1/embed", files=files)
+        body = self._json("POST", "/v1/embed", files=_files(images))
         import torch
 
         return int(body["version"]), torch.tensor(body["embeddings"])
 
-    def weights(self) -> tuple[int, dict[str, torch.Tensor]]:
-        """``GET /v1/model/weights``: the served version's number and its full merged state dict."""
+    def weights(self, skill: str | None = None) -> tuple[int, dict[str, torch.Tensor]]:
+        """``GET /v1/model/weights``: the served version's number and its full merged state dict, or (``skill``)
+        that skill's own localized model θ₀ + γ⊙τ."""
         from safetensors.torch import load
 
-        response = self._request("GET", "/v1/model/weights")
+        response = self._request("GET", "/v1/model/weights", params={"skill": skill} if skill else None)
         try:
             version = int(response.headers["x-skillhub-version"])
             return version, load(response.content)
@@ -140,6 +149,10 @@ class Client:
     def metrics(self) -> str:
         """``GET /metrics``: Prometheus text."""
         return self._request("GET", "/metrics").text
+
+
+def _files(images: Sequence[bytes | str | Path]) -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [("images", (f"image{i}", _image_bytes(img), "application/octet-stream")) for i, img in enumerate(images)]
 
 
 def _segment(name: str) -> str:

@@ -1,9 +1,11 @@
 """Configuration: ``config.toml`` → frozen, validated pydantic models, passed explicitly (DESIGN §6, §8).
 
-Precedence, lowest first: the defaults below < the config file < ``SKILLHUB_*`` environment variables < overrides
-from CLI flags. Every model forbids unknown keys, so a typo is an error naming the field with a close-match hint
-instead of a silently ignored setting (FAULTS B11). Relative paths are made absolute against the config file's
-folder, so the daemon behaves the same whatever its working directory.
+Precedence, lowest first: the defaults of the section models (:mod:`skillhub.sections`) < the config file <
+``SKILLHUB_*`` environment variables < overrides from CLI flags. Every model forbids unknown keys, so a typo is an
+error naming the field with a close-match hint instead of a silently ignored setting (FAULTS B11). Relative paths are
+made absolute against the config file's folder, so the daemon behaves the same whatever its working directory.
+
+This module reads and overrides; the models live in :mod:`skillhub.sections` and are imported from here.
 """
 
 from __future__ import annotations
@@ -11,22 +13,34 @@ from __future__ import annotations
 import copy
 import difflib
 import os
-import re
 import tomllib
 import types
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ValidationError
 
 from skillhub.errors import ConfigError
-from skillhub.tomlwrite import toml_str, toml_table
+from skillhub.sections import (
+    BaseSection,
+    Config,
+    LocalizeSection,
+    PluginsSection,
+    PublishSection,
+    ServeSection,
+    SkillSection,
+    SkillsSection,
+    StateSection,
+    StitchSection,
+    WatchSection,
+)
 
 __all__ = [
     "CONFIG_ENV", "DEFAULT_CONFIG_NAME", "ENV_PREFIX", "BaseSection", "Config", "LocalizeSection", "PluginsSection",
-    "ServeSection", "SkillSection", "SkillsSection", "StateSection", "StitchSection", "WatchSection", "load_config",
+    "PublishSection", "ServeSection", "SkillSection", "SkillsSection", "StateSection", "StitchSection", "WatchSection",
+    "load_config",
 ]
 
 #: prefix of the environment variables that override config keys (``SKILLHUB_SERVE__PORT=9000``).
@@ -35,200 +49,6 @@ ENV_PREFIX = "SKILLHUB_"
 CONFIG_ENV = "SKILLHUB_CONFIG"
 #: the config file looked for in the working directory when neither a path nor ``$SKILLHUB_CONFIG`` is given.
 DEFAULT_CONFIG_NAME = "config.toml"
-
-_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
-_FACTORY = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class BaseSection(_Section):
-    """``[base]``: the base model every skill was finetuned from."""
-
-    family: str = "state_dict"
-    """Model family: ``open_clip`` or ``state_dict`` built in; plugins may add more, so only the form is checked."""
-    weights: Path | None = None
-    """Base weights (safetensors file or sharded folder); ``None`` = the built-in demo model."""
-    model: str | None = None
-    """open_clip model name or config (family ``open_clip``)."""
-    include: list[str] = Field(default_factory=list)
-    """fnmatch patterns of tensor keys to merge; empty = the family's default."""
-    exclude: list[str] = Field(default_factory=list)
-    """fnmatch patterns of tensor keys never to merge."""
-    factory: str | None = None
-    """``module:callable`` building the torch model for inference (family ``state_dict``)."""
-
-    @field_validator("family")
-    @classmethod
-    def _family_is_identifier(cls, value: str) -> str:
-        if not _IDENTIFIER.fullmatch(value):
-            raise ValueError("must be an identifier such as 'open_clip' or 'state_dict'")
-        return value
-
-    @field_validator("factory")
-    @classmethod
-    def _factory_is_import_path(cls, value: str | None) -> str | None:
-        if value is not None and not _FACTORY.fullmatch(value):
-            raise ValueError("must have the form 'module:callable', e.g. 'mypkg.models:build'")
-        return value
-
-
-class WatchSection(_Section):
-    """``[watch]``: the inbox folder the daemon watches for dropped skills."""
-
-    dir: Path = Path("inbox")
-    rescan_seconds: float = Field(30.0, gt=0)
-    """Full rescan period; the safety net under the file-system events."""
-    stable_seconds: float = Field(1.0, ge=0)
-    """A file is ingested once its size and mtime have not changed for this long."""
-    shard_timeout_seconds: float = Field(600.0, gt=0)
-    """A sharded drop whose shards are still incomplete after this long is rejected."""
-    poll: bool = False
-    """Force the polling observer (network file systems, where events do not arrive)."""
-
-
-class StateSection(_Section):
-    """``[state]``: where the registry, masks and published models live."""
-
-    dir: Path = Path("state")
-    keep_versions: int = Field(5, ge=1)
-    """Published model versions kept on disk; older ones are pruned."""
-    keep_staged: bool = True
-    """Keep the staged copy of each ingested finetune (needed to re-localize with other params)."""
-    write_weights: bool = True
-    """Write ``model.safetensors`` for each published version (off: masks and manifest only)."""
-
-
-class LocalizeSection(_Section):
-    """``[localize]``: the default localization strategy and its params (validated by the strategy itself)."""
-
-    strategy: str = Field("dataless", min_length=1)
-    params: dict[str, Any] = Field(default_factory=dict)
-    max_relative_delta: float = Field(0.5, gt=0)
-    """Refuse a finetune whose ‖τ‖/‖θ₀‖ exceeds this: another base model, or a damaged file (FAULTS B7, B9)."""
-    fallback: str | None = Field(None, min_length=1)
-    """A strategy to use when a data-driven one cannot use a skill's examples (FAULTS B12); unset: the skill
-    fails with the reason."""
-
-
-class StitchSection(_Section):
-    """``[stitch]``: how the localized skills are stitched into one model."""
-
-    policy: str = Field("average", min_length=1)
-    params: dict[str, Any] = Field(default_factory=dict)
-    accumulate: Literal["float32", "float64"] = "float64"
-    """dtype of the running sums while stitching."""
-
-
-class SkillSection(_Section):
-    """``[skills.NAME]``: settings for one skill; unset fields fall back to ``[localize]``."""
-
-    enabled: bool = True
-    strategy: str | None = Field(None, min_length=1)
-    params: dict[str, Any] | None = None
-    """``None`` = use ``[localize.params]``."""
-    version: int | None = Field(None, ge=1)
-    """Pin this skill version instead of following the newest."""
-
-
-class SkillsSection(_Section):
-    """``[skills]``: the ``disabled`` list and the per-skill tables ``[skills.NAME]`` (gathered in ``per_skill``).
-
-    ``disabled`` and ``per_skill`` are reserved and cannot name a skill.
-    """
-
-    disabled: list[str] = Field(default_factory=list)
-    per_skill: dict[str, SkillSection] = Field(default_factory=dict)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _gather_skill_tables(cls, data: Any) -> Any:
-        # In TOML the skill tables sit beside `disabled`; gathering them into one typed field keeps extra="forbid"
-        # meaningful inside each table. A non-table value stays put so pydantic reports it at `skills.NAME`.
-        if not isinstance(data, Mapping):
-            return data
-        explicit = data.get("per_skill", {})
-        if not isinstance(explicit, Mapping) or not all(
-            isinstance(v, (Mapping, SkillSection)) for v in explicit.values()
-        ):
-            raise ValueError("'per_skill' is a reserved name and cannot be used for a skill")
-        tables = dict(explicit)
-        tables.update((k, v) for k, v in data.items() if k not in ("disabled", "per_skill"))
-        gathered: dict[str, Any] = {"per_skill": tables}
-        if "disabled" in data:
-            gathered["disabled"] = data["disabled"]
-        return gathered
-
-    def is_enabled(self, name: str) -> bool:
-        """Whether skill ``name`` takes part in the merge: not listed in ``disabled`` (which wins) and not
-        ``enabled = false`` in its table."""
-        return name not in self.disabled and self.for_skill(name).enabled
-
-    def for_skill(self, name: str) -> SkillSection:
-        """The ``[skills.NAME]`` table of ``name``, or an all-defaults one when there is none."""
-        table = self.per_skill.get(name)
-        return table if table is not None else SkillSection()
-
-
-class ServeSection(_Section):
-    """``[serve]``: the HTTP server."""
-
-    enabled: bool = True
-    host: str = Field("127.0.0.1", min_length=1)
-    port: int = Field(8750, ge=0, le=65535)
-    """0 = any free port."""
-    token_env: str = Field("SKILLHUB_TOKEN", min_length=1)
-    """Name of the environment variable holding the bearer token (the token itself never sits in the file)."""
-    max_body_bytes: int = Field(32 * 1024 * 1024, gt=0)
-    max_concurrency: int = Field(64, gt=0)
-    max_batch: int = Field(32, gt=0)
-    """Inference: most images embedded together (dynamic batching); 1 disables batching."""
-    batch_wait_ms: float = Field(5.0, ge=0)
-    """Inference: how long the batcher waits for more images once it has one."""
-
-
-class PluginsSection(_Section):
-    """``[plugins]``: folders whose ``*.py`` files are loaded as plugins."""
-
-    dirs: list[Path] = Field(default_factory=lambda: [Path("plugins")])
-
-
-class Config(_Section):
-    """The whole, validated configuration. Build it with :func:`load_config`."""
-
-    base: BaseSection = Field(default_factory=BaseSection)
-    watch: WatchSection = Field(default_factory=WatchSection)
-    state: StateSection = Field(default_factory=StateSection)
-    device: str = "auto"
-    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""
-    localize: LocalizeSection = Field(default_factory=LocalizeSection)
-    stitch: StitchSection = Field(default_factory=StitchSection)
-    skills: SkillsSection = Field(default_factory=SkillsSection)
-    serve: ServeSection = Field(default_factory=ServeSection)
-    plugins: PluginsSection = Field(default_factory=PluginsSection)
-    source: Path | None = None
-    """The config file this was read from (set by :func:`load_config`; not a setting)."""
-
-    @field_validator("device")
-    @classmethod
-    def _device_is_known(cls, value: str) -> str:
-        if not _DEVICE.fullmatch(value):
-            raise ValueError("must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
-        return value
-
-    def dump(self) -> str:
-        """The effective configuration as TOML text that :func:`load_config` reads back to an equal config.
-
-        Unset (``None``) keys appear as comments; ``source`` appears only in the heading comment.
-        """
-        data = self.model_dump(exclude={"source"})
-        data["skills"] = {"disabled": data["skills"]["disabled"], **data["skills"]["per_skill"]}
-        origin = f"read from {toml_str(str(self.source))}" if self.source else "no config file"
-        return "\n".join([f"# effective skillhub config ({origin})", *toml_table((), data)]) + "\n"
-
 
 _SETTABLE = frozenset(Config.model_fields) - {"source"}
 

@@ -126,11 +126,13 @@ class Daemon:
     def _coalesce(self) -> None:
         """Let a burst (ten files dropped at once) finish arriving so that it becomes one or a few versions, not
         ten: wait while the intake still has drops queued or in progress, at most ``COALESCE_SECONDS``."""
+        # No fixed wait first: a burst's later drops are queued (or being staged) by the time the first is
+        # registered, which arriving() sees; a lone drop is reconciled as soon as its hand-over is done. While
+        # drops arrive, look again every 10 ms, so the last one's hand-over is not followed by a long sleep.
         deadline = time.monotonic() + COALESCE_SECONDS
-        time.sleep(0.05)
         while self.intake is not None and self.intake.arriving() and time.monotonic() < deadline \
                 and not self.should_exit.is_set():
-            time.sleep(0.05)
+            time.sleep(0.01)
 
     def _reconcile(self) -> None:
         assert self.hub is not None
@@ -179,6 +181,9 @@ class Daemon:
                                                                              "[watch] dir")}}
         if self.hub.last_error:
             out["last_error"] = self.hub.last_error
+        held = dict(self.hub.reconciler.held) if hasattr(self.hub, "reconciler") else {}
+        if held:  # which skills the quality gate keeps out of the merged model, and why
+            out["held"] = {name: why for name, (_, why) in sorted(held.items())}
         return out
 
     # --- config reload ------------------------------------------------------------------------------------------

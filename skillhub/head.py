@@ -13,12 +13,13 @@ import json
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from skillhub.checkpoint import Checkpoint
 from skillhub.errors import CheckpointError, RegistryError
+
+if TYPE_CHECKING:
+    import torch
 
 #: header metadata of a stored head file
 CLASSES_KEY, SCALE_KEY = "skillhub.classes", "skillhub.scale"
@@ -39,10 +40,12 @@ class Head:
         return out + self.bias.to(out.dtype) if self.bias is not None else out
 
     def top_k(self, embeddings: torch.Tensor, k: int) -> list[list[dict[str, Any]]]:
-        """Per embedding, the ``k`` most probable classes as ``{"label", "index", "score"}`` (softmax scores)."""
-        scores, idx = self.logits(embeddings).softmax(-1).topk(min(k, len(self.classes)), dim=-1)
-        return [[{"label": self.classes[int(i)], "index": int(i), "score": float(x)} for x, i in zip(srow, irow)]
-                for srow, irow in zip(scores, idx)]
+        """Per embedding, the ``k`` most probable classes as ``{"label", "index", "score", "logit"}`` (softmax
+        scores, and the logits they come from)."""
+        logits = self.logits(embeddings)
+        scores, idx = logits.softmax(-1).topk(min(k, len(self.classes)), dim=-1)
+        return [[{"label": self.classes[int(i)], "index": int(i), "score": float(x), "logit": float(lrow[i])}
+                 for x, i in zip(srow, irow)] for srow, irow, lrow in zip(scores, idx, logits)]
 
     def to(self, device: torch.device | str) -> Head:
         """The same head with its tensors on ``device``."""

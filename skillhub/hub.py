@@ -19,6 +19,7 @@ import torch
 from skillhub.checkpoint import Checkpoint, fingerprint, open_checkpoint
 from skillhub.config import Config
 from skillhub.errors import ConfigError, RegistryCorruptError, StitchError
+from skillhub.gate import Gate
 from skillhub.head import Head, HeadStore
 from skillhub.inference import InferenceEngine
 from skillhub.ingest import Ingestor
@@ -29,6 +30,7 @@ from skillhub.publish import ModelVersion, Publisher
 from skillhub.reconcile import Reconciler
 from skillhub.recovery import RECOVERY_STEPS, check_registry_is_current
 from skillhub.registry import Registry, VersionRow
+from skillhub.routing import PatchedTensors
 from skillhub.statedir import take_lock
 from skillhub.stitch import Stitcher, resolve_device
 
@@ -91,6 +93,10 @@ class Hub:
         stitcher = Stitcher({k: self.base.tensor(k) for k in self.included}, self.policy, device=self.device,
                             accumulate=accumulate)
         included = set(self.included)
+        self.gate = Gate(runtime=self.family.runtime, base=self._base_tensors, heads=self.heads.get,
+                         examples=self.registry.load_examples, masks=self.registry.load_mask,
+                         store_head=lambda head: self.registry.store_head(*head.encode())
+                         ) if self.family.reads_examples and self.read_only is None else None
         self.reconciler = Reconciler(
             registry=self.registry, config=lambda: self.config, stitcher=stitcher,
             passthrough={k: self.base.tensor(k).clone() for k in self.base if k not in included},
@@ -98,7 +104,7 @@ class Hub:
                                 write_weights=cfg.state.write_weights and self.read_only is None),
             describe={"base": self.base_sha, "family": self.family.name, "policy": self.policy.name,
                       "policy_params": self.policy.params.model_dump(mode="json")},
-            device=self.device, metrics=self.metrics, relocalize=self._relocalize, event=self._event)
+            device=self.device, metrics=self.metrics, relocalize=self._relocalize, event=self._event, gate=self.gate)
         if self.read_only is not None:
             served = self.reconciler.serve_last_verified(self.read_only)
             log.error("registry_unusable", error=self.read_only, recovery=RECOVERY_STEPS,
@@ -141,7 +147,22 @@ class Hub:
     def reconcile(self) -> ModelVersion | None:
         """Stitch the wanted set and publish: :meth:`skillhub.reconcile.Reconciler.reconcile` (nothing while the
         registry is read-only)."""
-        return None if self.read_only is not None else self.reconciler.reconcile()
+        if self.read_only is not None:
+            return None
+        version = self.reconciler.reconcile()
+        self._adopt()
+        return version
+
+    def _adopt(self) -> None:
+        """Hand the model the quality gate built for the version now served to the inference engine."""
+        gate: Gate | None = getattr(self, "gate", None)
+        built = gate.candidate_runtime if gate is not None else None
+        if built is not None and self._engine is not None and built[0] is self.current:
+            self._engine.adopt(*built)
+
+    def _base_tensors(self) -> dict[str, torch.Tensor]:
+        """θ₀, every tensor (mapped from the base file, not copied)."""
+        return {k: self.base.tensor(k) for k in self.base}
 
     @property
     def current(self) -> ModelVersion | None:
@@ -174,9 +195,12 @@ class Hub:
         with self.reconciler.lock:
             if self._engine is None:
                 serve = self.config.serve
-                self._engine = InferenceEngine(self.family.runtime, self.heads.get, family=self.family.name,
-                                               max_batch=serve.max_batch, max_wait_ms=serve.batch_wait_ms)
+                self._engine = InferenceEngine(
+                    self.family.runtime, self.heads.get, family=self.family.name, max_batch=serve.max_batch,
+                    max_wait_ms=serve.batch_wait_ms, base=self._base_tensors, masks=self.registry.load_mask,
+                    skill_cache_bytes=serve.skill_cache_mb << 20)
                 self._engine.start()
+                self._adopt()
             return self._engine
 
     def _served(self) -> ModelVersion:
@@ -190,9 +214,27 @@ class Hub:
         version = self._served()
         return version.number, self.engine.embed(version, self.engine.preprocess(version, images))
 
-    def predict(self, skill: str, images: Sequence[Any], top_k: int = 5) -> dict[str, Any]:
-        """Classify PIL ``images`` with ``skill``'s head on the current merged version (as the HTTP route does)."""
-        return self.engine.predict(self._served(), skill, images, top_k)
+    def predict(self, skill: str, images: Sequence[Any], top_k: int = 5, *, route: str | None = None
+                ) -> dict[str, Any]:
+        """Classify PIL ``images`` with ``skill``'s head on the current version, as ``POST
+        /v1/skills/{skill}/predict`` does: on ``route`` ``"skill"`` (θ₀ + γ⊙τ of the skill's mask) or ``"merged"``
+        (the stitched model); default ``[serve] route``."""
+        return self.engine.predict(self._served(), skill, images, top_k, route=route or self.config.serve.route)
+
+    def predict_all(self, images: Sequence[Any], skills: Sequence[str] | None = None, top_k: int = 5
+                    ) -> dict[str, Any]:
+        """Every skill of ``skills`` (default: all the merged model serves) on each image, from one forward pass of
+        the merged model (``POST /v1/predict``)."""
+        version = self._served()
+        emb = self.engine.embed(version, self.engine.preprocess(version, images))
+        return self.engine.predict_many(version, list(skills or version.manifest["skills"]), emb, top_k)
+
+    def skill_weights(self, skill: str, version: ModelVersion | None = None) -> tuple[ModelVersion, Mapping[str, torch.Tensor]]:
+        """θ₀ + γ⊙τ of ``skill``'s mask in ``version`` (default: the current one), every tensor of the model, built
+        one tensor at a time as it is read (``GET /v1/model/weights?skill=NAME``)."""
+        version = version or self._served()
+        entry = self.engine.entry(version, skill, "skill")
+        return version, PatchedTensors(self._base_tensors(), self.engine.masks.get(entry["mask"]))
 
     def head(self, row: VersionRow) -> Head | None:
         """A skill version's classification head (families with heads)."""
@@ -250,14 +292,27 @@ class Hub:
                      "versions": [{"version": s["version"], "status": "READY", "reason": None, "nnz": s["nnz"],
                                    "strategy": s["strategy"], "params": s["params"], "mask": s["mask"]}]}
                     for n, s in sorted(cur.items())]
-        active = dict(self.reconciler.active)
+        active, held = dict(self.reconciler.active), dict(self.reconciler.held)
+        quality = (self.current.manifest.get("quality") or {}) if self.current is not None else {}
         return [{"name": s.name,
                  "enabled": s.enabled and self.config.skills.is_enabled(s.name),
                  "pinned": self.config.skills.for_skill(s.name).version or s.pinned,
                  "active_version": active[s.name].version if s.name in active else None,
+                 # served on its own route only: the quality gate held it out of the merged model, and why
+                 "held": {"version": held[s.name][0].version, "reason": held[s.name][1]} if s.name in held else None,
+                 "accuracy": (quality.get(s.name) or {}).get("accuracy"),
+                 "quality": self._quality_note(s.name, quality, held),
                  "versions": [{"version": v.version, "status": v.status, "reason": v.reason, "nnz": v.nnz,
                                "strategy": v.strategy, "params": v.params, "mask": v.mask_sha} for v in s.versions]}
                 for s in self.registry.skills()]
+
+    @staticmethod
+    def _quality_note(name: str, quality: Mapping[str, Any], held: Mapping[str, Any]) -> str:
+        if name in held:
+            return "held out of the merged model by the quality gate; served on route=skill"
+        if name in quality:
+            return "scored on its check examples by the quality gate"
+        return "no examples: passed on the smoke check alone"
 
     def model_view(self) -> dict[str, Any]:
         """The served version: base, policy, skills, overlap (what ``GET /v1/model`` answers)."""
@@ -267,6 +322,8 @@ class Hub:
         numel = sum(self.base[k].numel for k in self.included)
         with self.reconciler.lock:  # the stitcher changes under reconcile; overlap describes the served version
             overlap = self.reconciler.stitcher.overlap()
+        quality = cur.manifest.get("quality") or {}
+        skills = {n: {**e, "accuracy": (quality.get(n) or {}).get("accuracy")} for n, e in cur.manifest["skills"].items()}
         return {"version": cur.number, "base": self.base_sha, "policy": self.policy.name,
-                "skills": cur.manifest["skills"], "included_parameters": numel,
+                "skills": skills, "held": cur.manifest.get("held") or {}, "included_parameters": numel,
                 "overlap": overlap, "created": cur.created}

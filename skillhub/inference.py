@@ -2,8 +2,14 @@
 and :class:`~skillhub.hub.Hub` are thin layers over it).
 
 Every request takes the current :class:`~skillhub.publish.ModelVersion` once, at its start, and is answered by that
-version however many versions are published meanwhile (FAULTS C9). Images from concurrent requests that hold the
-same version are embedded together: the batcher collects up to ``max_batch`` images or waits ``max_wait_ms``, so
+version however many versions are published meanwhile (FAULTS C9). It runs on one of two *routes*:
+
+- ``merged``: the version's stitched model, one forward pass for every skill at once;
+- ``skill``: the named skill's own localized model θ₀ + γₜ⊙τₜ (:mod:`skillhub.routing`), with the mask that
+  version serves for it.
+
+Images from concurrent requests that run on the same model (the same version on ``merged``, the same mask on
+``skill``) are embedded together: the batcher collects up to ``max_batch`` images or waits ``max_wait_ms``, so
 throughput under load is several times that of one-at-a-time, while a lone request waits at most a few ms extra.
 """
 
@@ -13,10 +19,10 @@ import queue
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -25,6 +31,10 @@ from skillhub.families import Runtime
 from skillhub.head import Head
 from skillhub.log import get_logger
 from skillhub.publish import ModelVersion
+from skillhub.routing import MaskCache, SkillPatcher, check_route
+
+if TYPE_CHECKING:
+    from skillhub.delta import SparseDelta
 
 log = get_logger("skillhub.inference")
 
@@ -33,11 +43,21 @@ class Overloaded(SkillhubError):
     """The inference queue is full (answered with 503)."""
 
 
+class HeldOut(StitchError):
+    """The quality gate held the skill out of the merged model: only its own route serves it (answered with 409)."""
+
+
 @dataclass
 class _Job:
     version: ModelVersion
     batch: torch.Tensor
+    mask: str | None = None  # the skill route's mask (sha256); None: the merged model
     future: Future[torch.Tensor] = field(default_factory=Future)
+
+    @property
+    def model(self) -> tuple[str, int | str]:
+        """Which model runs this job: jobs with the same one share a batch."""
+        return ("skill", self.mask) if self.mask is not None else ("merged", self.version.number)
 
 
 class InferenceEngine:
@@ -46,12 +66,22 @@ class InferenceEngine:
     :param runtime: builds a runnable model from a version's tensors (the family's ``runtime``), or returns ``None``
         when the family serves no inference.
     :param head: a skill's classification head by its sha256 (a :class:`~skillhub.head.HeadStore`'s ``get``).
+    :param base: θ₀'s tensors, all of them (the skill route builds its one patched copy from them), or ``None``
+        when the skill route is not offered.
+    :param masks: a mask file's content by its sha256 (the registry's ``load_mask``).
+    :param skill_cache_bytes: how many bytes of masks the skill route keeps in memory.
     """
 
     def __init__(self, runtime: Callable[[Mapping[str, torch.Tensor]], Runtime | None],
                  head: Callable[[str | None], Head | None], *, family: str = "", max_batch: int = 32,
-                 max_wait_ms: float = 5.0, max_queue: int = 1024, cache: int = 2) -> None:
+                 max_wait_ms: float = 5.0, max_queue: int = 1024, cache: int = 2,
+                 base: Callable[[], Mapping[str, torch.Tensor]] | None = None,
+                 masks: Callable[[str], SparseDelta] | None = None, skill_cache_bytes: int = 256 << 20) -> None:
         self._make_runtime, self._head, self.family = runtime, head, family
+        self._base = base
+        self._patcher: SkillPatcher | None = None
+        self._patcher_lock = threading.Lock()
+        self.masks = MaskCache(masks or _no_masks, skill_cache_bytes)
         self.max_batch, self.max_wait = max_batch, max_wait_ms / 1000
         self._queue: queue.Queue[_Job | None] = queue.Queue(max_queue)
         self._runtimes: OrderedDict[int, Runtime] = OrderedDict()
@@ -98,37 +128,104 @@ class InferenceEngine:
             self._building.pop(version.number, None)
         return rt
 
-    def submit(self, version: ModelVersion, batch: torch.Tensor) -> Future[torch.Tensor]:
-        job = _Job(version, batch)
+    def patcher(self) -> SkillPatcher:
+        """The skill route's one runnable copy of θ₀ (built once, on first use; only the worker thread patches it,
+        request threads only preprocess with it)."""
+        with self._patcher_lock:
+            if self._patcher is None:
+                if self._base is None:
+                    raise StitchError("this service does not offer the skill route", key="route",
+                                      hint="ask for route=merged")
+                rt = self._make_runtime(self._base())
+                if rt is None:
+                    raise SkillhubError(f"model family {self.family!r} serves no inference")
+                self._patcher = SkillPatcher(rt)
+            return self._patcher
+
+    def adopt(self, version: ModelVersion, runtime: Runtime) -> None:
+        """Take over an already built runnable model of ``version`` (the quality gate built it to score it)."""
+        with self._lock:
+            if version.number not in self._runtimes:
+                self._runtimes[version.number] = runtime
+                while len(self._runtimes) > self._cache:
+                    self._runtimes.popitem(last=False)
+
+    def submit(self, version: ModelVersion, batch: torch.Tensor, *, mask: str | None = None) -> Future[torch.Tensor]:
+        """Queue ``batch`` for ``version``'s merged model, or (``mask``) for θ₀ + γ⊙τ of that mask."""
+        job = _Job(version, batch, mask)
         try:
             self._queue.put_nowait(job)
         except queue.Full:
             raise Overloaded("inference queue is full", hint="retry shortly") from None
         return job.future
 
-    def embed(self, version: ModelVersion, batch: torch.Tensor) -> torch.Tensor:
+    def embed(self, version: ModelVersion, batch: torch.Tensor, *, mask: str | None = None) -> torch.Tensor:
         """Blocking embed through the batcher (the Python API's path)."""
-        return self.submit(version, batch).result()
+        return self.submit(version, batch, mask=mask).result()
 
-    def head(self, version: ModelVersion, skill: str) -> Head:
-        """``skill``'s classification head in ``version``; :class:`StitchError` when it is not served or has none."""
+    @staticmethod
+    def entry(version: ModelVersion, skill: str, route: str = "merged") -> dict[str, Any]:
+        """``skill``'s entry in ``version``'s manifest (its mask version, mask, head); :class:`StitchError` when the
+        version does not serve it on ``route`` (a skill the quality gate held out of the merged model is served on
+        its own route only)."""
         entry = version.manifest["skills"].get(skill)
-        if entry is None:
+        if entry is not None:
+            return dict(entry)
+        held = (version.manifest.get("held") or {}).get(skill)
+        if held is None:
             raise StitchError(f"skill {skill!r} is not in the served model (version {version.number})", key=skill)
-        head = self._head(entry.get("head"))
+        if route != "skill":
+            raise HeldOut(f"skill {skill!r} is held out of the merged model (version {version.number}): "
+                              f"{held.get('reason')}", key=skill, hint="ask for route=skill: its own model serves it")
+        return dict(held)
+
+    @staticmethod
+    def served_skills(version: ModelVersion) -> list[str]:
+        """Every skill ``version`` answers: in the merged model, or held out of it (own route only)."""
+        return sorted({*version.manifest["skills"], *(version.manifest.get("held") or {})})
+
+    def head(self, version: ModelVersion, skill: str, route: str = "merged") -> Head:
+        """``skill``'s classification head on ``route`` in ``version`` (the one the quality gate re-centred there,
+        when it did); :class:`StitchError` when the skill is not served there or has no head."""
+        heads = ((version.manifest.get("quality") or {}).get(skill) or {}).get("heads") or {}
+        head = self._head(heads.get(route) or self.entry(version, skill, route).get("head"))
         if head is None:
             raise StitchError(f"skill {skill!r} has no classification head", key=skill)
         return head
 
-    def preprocess(self, version: ModelVersion, images: Sequence[Any]) -> torch.Tensor:
-        """PIL images → the normalised batch ``version``'s model takes."""
-        return self.runtime(version).preprocess(images)
+    def preprocess(self, version: ModelVersion, images: Sequence[Any], *, mask: str | None = None) -> torch.Tensor:
+        """PIL images → the normalised batch the model takes (``mask``: the skill route's, so that a service asked
+        only for skill routes never builds a merged model)."""
+        return (self.patcher().runtime if mask is not None else self.runtime(version)).preprocess(images)
 
-    def predict(self, version: ModelVersion, skill: str, images: Sequence[Any], top_k: int = 5) -> dict[str, Any]:
-        """Classify PIL ``images`` with ``skill``'s head on ``version`` (blocking, through the batcher)."""
-        head = self.head(version, skill)
-        emb = self.embed(version, self.preprocess(version, images))
-        return {"version": version.number, "skill": skill, "predictions": head.top_k(emb, top_k)}
+    def route_mask(self, version: ModelVersion, skill: str, route: str) -> str | None:
+        """The mask the batcher runs ``skill`` with on ``route`` (``None``: the merged model)."""
+        entry = self.entry(version, skill, check_route(route))
+        if route != "skill":
+            return None
+        self.masks.get(entry["mask"])  # read now, on the request's thread, not on the worker's
+        return str(entry["mask"])
+
+    def answer(self, version: ModelVersion, skill: str, route: str, emb: torch.Tensor, top_k: int) -> dict[str, Any]:
+        """The body of a predict answer: which model answered, and the top-k classes per image."""
+        entry = self.entry(version, skill, route)
+        return {"version": version.number, "route": route, "skill": skill, "skill_version": entry["version"],
+                "predictions": self.head(version, skill, route).top_k(emb, top_k)}
+
+    def predict(self, version: ModelVersion, skill: str, images: Sequence[Any], top_k: int = 5, *,
+                route: str = "merged") -> dict[str, Any]:
+        """Classify PIL ``images`` with ``skill``'s head on ``version``, on ``route`` (blocking, batched)."""
+        mask = self.route_mask(version, skill, route)
+        self.head(version, skill, route)  # no head: refused before any work
+        emb = self.embed(version, self.preprocess(version, images, mask=mask), mask=mask)
+        return self.answer(version, skill, route, emb, top_k)
+
+    def predict_many(self, version: ModelVersion, skills: Sequence[str], emb: torch.Tensor,
+                     top_k: int = 5) -> dict[str, Any]:
+        """Every skill of ``skills`` on the same merged embeddings (one forward pass for all of them)."""
+        heads = {s: self.head(version, s) for s in skills}
+        return {"version": version.number, "route": "merged",
+                "predictions": {s: h.top_k(emb, top_k) for s, h in heads.items()}}
 
     def _run(self) -> None:
         while True:
@@ -147,15 +244,21 @@ class InferenceEngine:
                     break
                 jobs.append(job)
                 n += job.batch.shape[0]
-            by_version: dict[int, list[_Job]] = {}
+            by_model: dict[tuple[str, int | str], list[_Job]] = {}
             for job in jobs:
-                by_version.setdefault(job.version.number, []).append(job)
-            for group in by_version.values():
-                self._embed_group(group)
+                by_model.setdefault(job.model, []).append(job)
+            # the skill patched in now goes first: one switch fewer per collected batch
+            patched = ("skill", self._patcher.current) if self._patcher is not None else None
+            for key in sorted(by_model, key=lambda k: k != patched):
+                self._embed_group(by_model[key])
 
     def _embed_group(self, group: list[_Job]) -> None:
         try:
-            rt = self.runtime(group[0].version)
+            mask = group[0].mask
+            if mask is None:
+                rt = self.runtime(group[0].version)
+            else:
+                rt = self.patcher().use(mask, self.masks.get(mask))
             out = rt.embed(torch.cat([j.batch for j in group]))
             self.batches += 1
         except Exception as e:  # every waiting request gets the error; the worker lives on
@@ -167,3 +270,7 @@ class InferenceEngine:
             size = j.batch.shape[0]
             j.future.set_result(out[start:start + size])
             start += size
+
+
+def _no_masks(sha: str) -> SparseDelta:
+    raise StitchError("this service does not offer the skill route", key="route", hint="ask for route=merged")

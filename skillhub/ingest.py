@@ -19,18 +19,23 @@ from typing import Any
 import torch
 
 from skillhub import faultpoints
+from skillhub.autosparsity import choose
 from skillhub.checkpoint import Checkpoint, fingerprint, open_checkpoint
 from skillhub.config import Config
 from skillhub.copying import staged_sha256
+from skillhub.delta import SparseDelta
 from skillhub.desired import localization
 from skillhub.errors import CheckpointError, DiskFullError, LocalizeError, SkillhubError
 from skillhub.families import ModelFamily, Prepared
 from skillhub.localize import LocalizeContext
 from skillhub.log import get_logger
 from skillhub.metrics import Metrics
-from skillhub.ops import localize_checkpoint
+from skillhub.ops import LocalizeResult, base_squares, localize_checkpoint
 from skillhub.plugins import Plugins
+from skillhub.quality import accuracy as accuracy_of
+from skillhub.quality import embed, split
 from skillhub.registry import Registry, VersionRow
+from skillhub.routing import SkillPatcher
 
 log = get_logger("skillhub.ingest")
 
@@ -45,6 +50,11 @@ def skill_name(ft: Checkpoint, *, skill: str | None, sidecar: Mapping[str, Any] 
         raise CheckpointError(f"unusable skill name {name!r}", path=path,
                               hint="set `skill = \"name\"` in a sidecar NAME.toml (printable, no '/')")
     return name
+
+
+def skill_seed(source_sha: str) -> int:
+    """The localization seed of a checkpoint: the first 32 bits of its sha256."""
+    return int(source_sha[:8], 16) if source_sha else 0
 
 
 class Ingestor:
@@ -64,6 +74,10 @@ class Ingestor:
         self.on_registered, self.event = on_registered, event
         self._jobs = ThreadPoolExecutor(1, thread_name_prefix="skillhub-relocalize")
         self._relocalizing: set[tuple[str, str]] = set()
+        self._patcher: SkillPatcher | None = None  # θ₀ to score masks on (sparsity "auto"); intake's thread only
+        # θ₀'s side of the distance check (FAULTS B7, B9) depends on the base alone: computed now, in the
+        # background, so that no drop pays a pass over the base for it.
+        self._jobs.submit(base_squares, base, sorted(family.included_keys(base)), base_sha)
 
     def close(self) -> None:
         self._jobs.shutdown(wait=True, cancel_futures=True)
@@ -95,9 +109,11 @@ class Ingestor:
         try:
             prepared = self._prepare(ft, sidecar, strategy)
             if prepared.head is not None:
-                head_sha = self.registry.store_head(*prepared.head.encode())
-                row = self.registry.update_meta(row.id, {**row.meta, "head": head_sha,
-                                                         "classes": prepared.head.classes})
+                meta = {**row.meta, "head": self.registry.store_head(*prepared.head.encode()),
+                        "classes": prepared.head.classes}
+                if prepared.examples is not None:  # kept for the quality gate and re-centring the heads
+                    meta["examples"] = self.registry.store_examples(prepared.examples)
+                row = self.registry.update_meta(row.id, meta)
         except SkillhubError as e:
             self._failed(row, e)
             raise
@@ -106,12 +122,14 @@ class Ingestor:
         return ready
 
     def _prepare(self, ft: Checkpoint, sidecar: Mapping[str, Any] | None, strategy: str) -> Prepared:
-        """The family's one pass over the checkpoint; unusable examples only matter to a strategy that needs them."""
+        """The family's one pass over the checkpoint, with the drop's examples when the family reads examples (the
+        quality gate scores every skill that brings them); unusable or missing examples only matter to a strategy
+        that needs them."""
         needs = self.plugins.localizer(strategy).needs_examples
         try:
-            return self.family.prepare(self.base, ft, sidecar, examples=needs)
+            return self.family.prepare(self.base, ft, sidecar, examples=needs or self.family.reads_examples)
         except LocalizeError as e:
-            if not needs or self.config().localize.fallback is None:
+            if needs and self.config().localize.fallback is None:
                 raise
             prepared = self.family.prepare(self.base, ft, sidecar)
             return Prepared(prepared.checkpoint, prepared.head, None, examples_error=str(e))
@@ -129,7 +147,9 @@ class Ingestor:
         t0 = time.perf_counter()
         strategy, params = row.strategy, row.params
         try:
-            ctx = LocalizeContext(device=self.device, seed=0)
+            # Each skill its own seed, from its content: random strategies (DARE) draw different positions for
+            # different skills, and the same positions for the same checkpoint whenever it is localized again.
+            ctx = LocalizeContext(device=self.device, seed=skill_seed(row.source_sha))
             if self.plugins.localizer(strategy).needs_examples:
                 try:
                     if prepared.examples is None:
@@ -145,10 +165,17 @@ class Ingestor:
                     strategy, params = fallback, {}
                     row = self.registry.update_meta(row.id, {**row.meta, "fallback": {"from": row.strategy,
                                                                                       "reason": str(e)}})
-            result = localize_checkpoint(self.base, prepared, family=self.family, localizer=strategy, params=params,
-                                         plugins=self.plugins, skill=row.skill, base_sha=self.base_sha,
-                                         source_sha=row.source_sha, ctx=ctx,
-                                         max_relative_delta=self.config().localize.max_relative_delta)
+            def run(p: Mapping[str, Any]) -> LocalizeResult:
+                return localize_checkpoint(self.base, prepared, family=self.family, localizer=strategy, params=p,
+                                           plugins=self.plugins, skill=row.skill, base_sha=self.base_sha,
+                                           source_sha=row.source_sha, ctx=ctx,
+                                           max_relative_delta=self.config().localize.max_relative_delta)
+
+            if (params or {}).get("sparsity") == "auto":
+                result, record = self._auto_sparsity(row, prepared, params, run)
+                row = self.registry.update_meta(row.id, {**row.meta, "auto_sparsity": record})
+            else:
+                result = run(params)
         except SkillhubError as e:
             self._failed(row, e)
             raise
@@ -161,6 +188,51 @@ class Ingestor:
                    nnz=ready.nnz or 0, strategy=ready.strategy)
         self.on_registered()
         return ready
+
+    def _auto_sparsity(self, row: VersionRow, prepared: Prepared, params: Mapping[str, Any],
+                       run: Callable[[Mapping[str, Any]], LocalizeResult]) -> tuple[LocalizeResult, dict[str, Any]]:
+        """``sparsity = "auto"`` (:mod:`skillhub.autosparsity`): the smallest sparsity of the ladder whose localized
+        model keeps ``auto_keep`` of the finetune's accuracy on the fit examples. Without examples and a head (or a
+        family that runs models), the ladder's smallest rung, and the record says why."""
+        from skillhub.strategies.dataless import Dataless
+
+        p = Dataless.Params.model_validate(dict(params))
+        ladder, keep = sorted(p.auto_ladder), p.auto_keep
+        if prepared.examples is None or prepared.head is None or self._scorer() is None:
+            why = prepared.examples_error or "no examples or no head in the drop"
+            log.warning("auto_sparsity_without_examples", skill=row.skill, sparsity=ladder[0], reason=why)
+            return run({**params, "sparsity": ladder[0]}), {"sparsity": ladder[0], "reason": why}
+        fit = split(prepared.examples).fit
+        results: dict[float, LocalizeResult] = {}
+
+        def localize(s: float) -> SparseDelta:
+            results[s] = run({**params, "sparsity": s})
+            return results[s].delta
+
+        def accuracy(delta: SparseDelta) -> float:
+            patcher = self._scorer()
+            assert patcher is not None and prepared.head is not None
+            rt = patcher.use(f"auto:{row.id}:{delta.nnz}", delta)
+            return accuracy_of(prepared.head, embed(rt, fit.images), fit.labels) or 0.0
+
+        try:
+            choice = choose(localize, accuracy, ladder=ladder, keep=keep)
+        finally:
+            if self._patcher is not None:
+                self._patcher.restore()
+        log.info("auto_sparsity", skill=row.skill, sparsity=choice.sparsity, finetune=round(choice.finetune, 4),
+                 accuracy={repr(s): round(a, 4) for s, a in choice.accuracy.items()}, reached=choice.reached)
+        return results[choice.sparsity], choice.record(keep)
+
+    def _scorer(self) -> SkillPatcher | None:
+        """A runnable copy of θ₀ to score localized models on (built on first use; ``None``: the family runs no
+        model)."""
+        if self._patcher is None:
+            rt = self.family.runtime({k: self.base.tensor(k) for k in self.base})
+            if rt is None:
+                return None
+            self._patcher = SkillPatcher(rt)
+        return self._patcher
 
     # --- re-localization (a config edit changed a skill's strategy or params) -----------------------------------
 

@@ -7,7 +7,8 @@ checked on the copy, and the copy is handed to the caller's ``on_arrival``. The 
 (:class:`RetryLater`), or moved to ``inbox/.rejected/`` beside a ``<name>.reason.txt`` saying why and what to do.
 
 This module owns the worker, the arrival rule and those outcomes; :mod:`skillhub.watcher` keeps the observer on the
-inbox and its health, and :mod:`skillhub.staging` reads a drop's files and makes the checked copy.
+inbox and its health, :mod:`skillhub.staging` reads a drop's files and makes the checked copy, and
+:mod:`skillhub.disposal` deletes a consumed drop or moves a rejected one to ``inbox/.rejected/``.
 
 Arrival rule (DESIGN §4): a drop renamed into the inbox (from inside or outside it) is ready at once: a rename is how
 a writer says it is done (FAULTS A2), so no stability window is waited for. Otherwise a drop is ready once its
@@ -24,10 +25,7 @@ be SIGBUS), followed through a symlink, or opened in a way that can block (a FIF
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
-import secrets
-import shutil
 import stat
 import threading
 import time
@@ -38,6 +36,8 @@ from typing import Any
 
 import structlog
 
+from skillhub.disposal import move_to_rejected, remove_consumed
+from skillhub.drops import PICKLE_SUFFIXES, Arrival, RetryLater, ignored
 from skillhub.errors import CheckpointError, SkillhubError
 from skillhub.staging import (
     Changed,
@@ -47,36 +47,14 @@ from skillhub.staging import (
     drop_signature,
     folder_plan,
     read_sidecar,
-    remove_path,
     show_name,
     special_file,
 )
 from skillhub.watcher import CLOSED, MOVED_IN, Change, InboxWatch
 
-IGNORED_SUFFIXES = (".tmp", ".part", ".partial", ".incomplete", ".toml")
-PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
 SETTLE_SECONDS = 0.1  # quiet time after a close-write event (a move-in needs none)
 TICK_SECONDS = 0.25  # longest sleep of the worker while something is pending
 HEALTH_SECONDS = 1.0  # how often the worker checks that the inbox is still there
-TODO = ("What to do: fix the problem above, then drop the corrected file or folder into the inbox again "
-        "(nothing in .rejected/ is ever read); delete this file when done.")
-
-
-@dataclass(frozen=True)
-class Arrival:
-    """A drop that has stopped changing and has been copied to staging, ready for the caller."""
-
-    name: str  # the drop's name in the inbox (file or folder name), for messages
-    stem: str  # NAME of NAME.safetensors / folder NAME/ (the default skill name)
-    source: Path  # the path in the inbox (file or folder)
-    staged: Path  # private copy: staging/<sha256>.safetensors, or a folder staging/<sha256>/ with the same layout
-    sha256: str  # of the file; of a folder: sha256 over sorted "relative name\0file sha256\n" lines
-    size: int  # bytes (of the checkpoint files only)
-    sidecar: dict[str, Any] | None  # parsed NAME.toml (NAME/skill.toml), else None
-
-
-class RetryLater(Exception):
-    """``on_arrival`` raises this to leave the drop pending and try again later (after ``stable_seconds``)."""
 
 
 class _Wait(Exception):
@@ -97,10 +75,6 @@ class _Entry:
     truncated: object = None  # signature at which the staged copy looked truncated
     error: str | None = None  # last transient error logged, so that each is logged once
     held: Arrival | None = None  # staged copy kept across RetryLater while the source is unchanged
-
-
-def _ignored(name: str) -> bool:
-    return name.startswith(".") or name.endswith(IGNORED_SUFFIXES)
 
 
 class Intake:
@@ -249,7 +223,7 @@ class Intake:
             self._check_inbox()
             return
         for name in names:
-            if not _ignored(name) and name not in self._entries:
+            if not ignored(name) and name not in self._entries:
                 self._entries[name] = _Entry(name, due=now)
 
     def _note(self, events: dict[str, str | None], now: float) -> None:
@@ -261,7 +235,7 @@ class Intake:
                 elif stem in self._consumed and os.path.lexists(self.inbox / name) and not os.path.lexists(self.inbox / ck):
                     del self._consumed[stem]
                     self.log.info("sidecar_left_alone", name=show_name(name), why="its checkpoint was already consumed")
-            if _ignored(name):
+            if ignored(name):
                 continue
             e = self._entries.setdefault(name, _Entry(name))
             e.hint = e.hint if hint is None else hint
@@ -383,11 +357,7 @@ class Intake:
             e.sig = None  # replaced while the caller worked: the new content is a new drop
             return
         try:
-            if e.kind == "dir":
-                shutil.rmtree(path)
-            else:
-                path.unlink()
-                (self.inbox / f"{arrival.stem}.toml").unlink(missing_ok=True)
+            remove_consumed(self.inbox, path, e.kind, arrival.stem)
         except OSError as x:
             self.log.error("drop_not_removed", name=show_name(e.name), error=x.strerror or str(x))
             self._dead[e.name] = e.sig
@@ -405,27 +375,11 @@ class Intake:
 
     def _reject(self, e: _Entry, reason: str, *, check: bool = False) -> None:
         """Move the drop (and a file's sidecar) to ``inbox/.rejected/`` with ``<name>.reason.txt``."""
-        path, rejected = self.inbox / e.name, self.inbox / ".rejected"
-        if check and not self._unchanged(e, path):
+        if check and not self._unchanged(e, self.inbox / e.name):
             e.sig = None
             return
-        moves = [(path, rejected / e.name)]
-        if e.kind == "file" and e.name.lower().endswith(".safetensors"):
-            side = self.inbox / f"{e.name[:-12]}.toml"
-            if os.path.lexists(side):
-                moves.append((side, rejected / side.name))
         try:
-            rejected.mkdir(exist_ok=True)
-            for src, dst in moves:
-                if os.path.lexists(dst):
-                    remove_path(dst)
-                os.rename(src, dst)
-            raw = os.fsencode(e.name)
-            rname = raw if len(raw) <= 240 else raw[:200] + b"-" + hashlib.sha256(raw).hexdigest()[:12].encode()
-            note = rejected / os.fsdecode(rname + b".reason.txt")
-            tmp = rejected / f".{secrets.token_hex(8)}.tmp"
-            tmp.write_text(f"{reason}\n{TODO}\n", encoding="utf-8", errors="backslashreplace")
-            os.replace(tmp, note)
+            move_to_rejected(self.inbox, e.name, e.kind, reason)
         except FileNotFoundError:
             self.log.debug("drop_vanished", name=show_name(e.name))
         except OSError as x:

@@ -11,13 +11,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from skillhub.delta import Provenance, SparseDelta, TaskVector
 from skillhub.errors import LocalizeError, SkillhubError
+
+if TYPE_CHECKING:
+    import torch
 
 
 class NoParams(BaseModel):
@@ -47,6 +49,12 @@ class TaskObjective(Protocol):
         ...
 
 
+def _cpu() -> torch.device:
+    import torch
+
+    return torch.device("cpu")
+
+
 @dataclass
 class LocalizeContext:
     """What a strategy may use besides the task vector.
@@ -57,7 +65,7 @@ class LocalizeContext:
     :param progress: called with (done, total) as work advances; the CLI draws a bar from it.
     """
 
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    device: torch.device = field(default_factory=_cpu)
     seed: int = 0
     examples: Any = None
     progress: Callable[[int, int], None] | None = None
@@ -90,7 +98,8 @@ def resolve_params(localizer: type[Localizer] | Any, raw: Mapping[str, Any] | No
         return localizer.Params(**dict(raw or {}))
     except ValidationError as e:
         first = e.errors()[0]
-        field_name = ".".join(str(p) for p in first["loc"]) or "params"
+        # a union's branch ("constrained-float", "literal['auto']") is no part of the field's name
+        field_name = ".".join(str(p) for p in first["loc"] if isinstance(p, int) or str(p).isidentifier()) or "params"
         raise LocalizeError(
             f"invalid params for strategy {localizer.name!r}: {field_name}: {first['msg']}",
             key=field_name,
@@ -119,6 +128,8 @@ def run_localizer(localizer_cls: type[Localizer], task: TaskVector, raw_params: 
 
 def check_delta(delta: SparseDelta, task: TaskVector, strategy: str) -> None:
     """A strategy's result must fit the task: known keys, sorted in-range indices, finite values (FAULTS B8)."""
+    import torch
+
     for key, idx in delta.indices.items():
         if key not in task.shapes:
             raise LocalizeError(f"strategy {strategy!r} returned a mask for unknown tensor {key!r}", key=key)

@@ -109,7 +109,7 @@ def doctor(state: Path) -> Report:
 
 
 def backup(state: Path, dest: Path) -> dict[str, int]:
-    """Copy a consistent snapshot of ``state`` (registry, masks, heads) into the new folder ``dest``."""
+    """Copy a consistent snapshot of ``state`` (registry, masks, heads, examples) into the new folder ``dest``."""
     if dest.exists() and any(dest.iterdir()):
         raise RegistryError("backup folder exists and is not empty", path=dest, hint="choose a new folder")
     if not (state / DB_NAME).is_file():
@@ -125,8 +125,10 @@ def backup(state: Path, dest: Path) -> dict[str, int]:
         dst.close()
     masks = {m for m, _ in rows if m}
     heads = {json.loads(meta).get("head") for _, meta in rows} - {None}
-    copied = {"masks": 0, "heads": 0}
-    for kind, names, suffix in (("masks", masks, ".mask.safetensors"), ("heads", heads, ".safetensors")):
+    examples = {json.loads(meta).get("examples") for _, meta in rows} - {None}
+    copied = {"masks": 0, "heads": 0, "examples": 0}
+    for kind, names, suffix in (("masks", masks, ".mask.safetensors"), ("heads", heads, ".safetensors"),
+                                ("examples", examples, ".safetensors")):
         (dest / kind).mkdir(exist_ok=True)
         for sha in sorted(names):
             src_file = state / kind / f"{sha}{suffix}"
@@ -152,7 +154,7 @@ def restore(backup_dir: Path, state: Path, *, force: bool = False) -> dict[str, 
         os.replace(state / DB_NAME, state / f"{DB_NAME}.before-restore")
         for side in ("-wal", "-shm"):
             (state / f"{DB_NAME}{side}").unlink(missing_ok=True)
-    counts = {"masks": 0, "heads": 0}
+    counts = {"masks": 0, "heads": 0, "examples": 0}
     for kind in counts:
         (state / kind).mkdir(exist_ok=True)
         for f in sorted((backup_dir / kind).glob("*.safetensors")) if (backup_dir / kind).is_dir() else []:

@@ -24,6 +24,9 @@ class Metrics:
         self.skills = Gauge("skillhub_skills_active", "Skills stitched into the served version", registry=r)
         self.versions = Counter("skillhub_versions_published", "Model versions published", registry=r)
         self.rejected = Counter("skillhub_drops_rejected", "Drops moved to .rejected", registry=r)
+        self.skill_accuracy = Gauge("skillhub_skill_accuracy", "A skill's accuracy on its check examples, per model "
+                                    "(base, skill: its own localized model, merged: the served version)",
+                                    ["skill", "route"], registry=r)
         self.requests = Histogram("skillhub_request_seconds", "HTTP request latency", ["route", "status"],
                                   buckets=_BUCKETS, registry=r)
 

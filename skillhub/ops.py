@@ -20,7 +20,7 @@ from skillhub.checkpoint import (
     open_checkpoint,
     write_safetensors,
 )
-from skillhub.delta import Provenance, SparseDelta, TaskVector
+from skillhub.delta import Provenance, SparseDelta, TaskVector, squares_of
 from skillhub.errors import CheckpointError, SkillhubError, StitchError
 from skillhub.families import ModelFamily, Prepared
 from skillhub.localize import LocalizeContext, run_localizer
@@ -57,22 +57,27 @@ def localize_checkpoint(
     """
     t0 = time.perf_counter()
     finetuned = prepared.checkpoint
-    # Provenance hashes of files not hashed before, and the distance check (FAULTS B7, B9), run beside the
-    # localization: hashlib and torch release the GIL, so on two cores they cost little, where running them first
-    # would read both models once more before any work. A drop they refuse is refused all the same, just later.
+    # Provenance hashes of files not hashed before run beside the localization (hashlib releases the GIL). The
+    # distance check (FAULTS B7, B9) needs ‖τ‖ and ‖θ₀‖ per tensor: ‖τ‖² is recorded by the localizer's own pass
+    # over τ (TaskVector.squares; tensors it did not compute are computed after it), and ‖θ₀‖² depends on the base
+    # alone, so it is kept per base fingerprint (computed beside the localization the first time). A drop it
+    # refuses is refused all the same, after the localization.
     side = ThreadPoolExecutor(2, thread_name_prefix="skillhub-localize-side")
     shas = side.submit(lambda: (base_sha or fingerprint(base), source_sha or fingerprint(finetuned)))
     keys = family.included_keys(base)
-    task = TaskVector(base, finetuned, keys)
-    distance = side.submit(task.relative_norm) if max_relative_delta is not None else None
+    task = TaskVector(base, finetuned, keys, norms=max_relative_delta is not None)
+    base_sq: Future[dict[str, float]] | None = None
+    if max_relative_delta is not None:
+        known = _BASE_SQUARES.get((base_sha, tuple(task.keys))) if base_sha else None
+        base_sq = _done(known) if known is not None else side.submit(base_squares, base, task.keys, shas)
     side.shutdown(wait=False)
     try:
         delta = run_localizer(plugins.localizer(localizer), task, params, ctx or LocalizeContext(),
                               Provenance(skill=skill))
     except SkillhubError:
-        _check_distance(distance, max_relative_delta, finetuned)  # "another model" explains a failure best
+        _check_distance(task, base_sq, max_relative_delta, finetuned)  # "another model" explains a failure best
         raise
-    _check_distance(distance, max_relative_delta, finetuned)
+    _check_distance(task, base_sq, max_relative_delta, finetuned)
     base_fp, source_fp = shas.result()
     delta = dataclasses.replace(delta, provenance=dataclasses.replace(delta.provenance, base=base_fp,
                                                                       source=source_fp))
@@ -82,11 +87,33 @@ def localize_checkpoint(
     return LocalizeResult(delta, time.perf_counter() - t0, finetuned.nbytes)
 
 
-def _check_distance(distance: Future[float] | None, limit: float | None, finetuned: Checkpoint) -> None:
+#: ‖θ₀‖² per included tensor, per (base fingerprint, included keys): the base's side of the distance check
+_BASE_SQUARES: dict[tuple[str, tuple[str, ...]], dict[str, float]] = {}
+
+
+def base_squares(base: Checkpoint, keys: Sequence[str], sha: str | Future[tuple[str, str]] | None = None
+                 ) -> dict[str, float]:
+    """‖θ₀‖² of each included tensor (:func:`~skillhub.delta.squares_of`), computed once per base: kept under the
+    base's fingerprint ``sha`` (given, or the first of a pair a future yields), which names its bytes."""
+    sq = squares_of(base, keys)
+    fp = sha.result()[0] if isinstance(sha, Future) else sha
+    if fp:
+        _BASE_SQUARES[(fp, tuple(keys))] = sq
+    return sq
+
+
+def _done(value: Any) -> Future[Any]:
+    f: Future[Any] = Future()
+    f.set_result(value)
+    return f
+
+
+def _check_distance(task: TaskVector, base_sq: Future[dict[str, float]] | None, limit: float | None,
+                    finetuned: Checkpoint) -> None:
     """Refuse a task vector with ‖τ‖/‖θ₀‖ over ``limit``: no finetune moves a model that far."""
-    if distance is None or limit is None:
+    if base_sq is None or limit is None:
         return
-    rel = distance.result()
+    rel = task.relative_norm(base_sq.result())
     if rel > limit:
         raise CheckpointError(
             f"the finetune is {rel:.3g}× the base's norm away from it (‖τ‖/‖θ₀‖ over the merged tensors; a "

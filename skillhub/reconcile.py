@@ -2,7 +2,9 @@
 
 :class:`Reconciler` owns the stitcher and the set of skill versions stitched in. :meth:`Reconciler.reconcile`
 brings the stitcher to the wanted set in O(changed masks), builds a version, smoke-checks it (every weight finite),
-and publishes it; a version that fails never replaces the one being served. It runs under one lock; readers take
+passes it through the quality gate (:mod:`skillhub.gate`: skills with examples scored, heads re-centred, skills that
+would make the merged model worse held out of it), and publishes it; a version that fails never replaces the one
+being served. It runs under one lock; readers take
 :attr:`Reconciler.current`, an immutable :class:`~skillhub.publish.ModelVersion`, and keep it for a whole request.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -19,6 +22,7 @@ from skillhub import faultpoints
 from skillhub.config import Config
 from skillhub.desired import localization, served_version
 from skillhub.errors import SkillhubError
+from skillhub.gate import Gate
 from skillhub.log import get_logger
 from skillhub.metrics import Metrics
 from skillhub.publish import ModelVersion, Publisher, finite, identity
@@ -39,12 +43,14 @@ class Reconciler:
     :param relocalize: asks for a version to be localized again with other settings (background); returns False
         when that cannot be done (no staged copy).
     :param event: calls a plugin event hook by name.
+    :param gate: scores candidates on the skills' examples (families that serve inference), or ``None``.
     """
 
     def __init__(self, *, registry: Registry, config: Callable[[], Config], stitcher: Stitcher,
                  passthrough: Mapping[str, torch.Tensor], publisher: Publisher, describe: Mapping[str, Any],
                  device: torch.device, metrics: Metrics,
-                 relocalize: Callable[[VersionRow, str, dict[str, Any]], bool], event: Callable[..., None]) -> None:
+                 relocalize: Callable[[VersionRow, str, dict[str, Any]], bool], event: Callable[..., None],
+                 gate: Gate | None = None) -> None:
         self.registry, self.config, self.stitcher = registry, config, stitcher
         self.passthrough, self.publisher, self.describe = dict(passthrough), publisher, dict(describe)
         self.device, self.metrics, self.relocalize, self.event = device, metrics, relocalize, event
@@ -55,6 +61,13 @@ class Reconciler:
         self.retry_at: float | None = None  # monotonic time to run again after a transient failure
         self._dirty = False  # the stitcher holds changes no published version has yet
         self._on_disk: dict[str, Any] | None = None  # the manifest that was served before a restart
+        self._passthrough_bad: str | None = None  # the smoke check of the tensors no version changes, done once
+        # After a publication, the stitcher's copies for its next change are made here, off the drop-to-served path.
+        self._spares = ThreadPoolExecutor(1, thread_name_prefix="skillhub-stitch-spares")
+        self.gate = gate
+        # skill -> (the version row the gate held out of the merged model, why): until that skill's wanted version
+        # changes, it is served on its own route only
+        self.held: dict[str, tuple[VersionRow, str]] = {}
 
     def start(self) -> ModelVersion | None:
         """After a (re)start: recover the published versions and serve the wanted set (the same number as before
@@ -115,6 +128,10 @@ class Reconciler:
             t0 = time.perf_counter()
             self.retry_at = None
             wanted = self.wanted()
+            for name in [n for n in self.held if n not in wanted or wanted[n].id != self.held[n][0].id]:
+                del self.held[name]  # a new version (or none) is wanted: the gate judges it afresh
+            held_now = set(self.held)
+            wanted = {n: r for n, r in wanted.items() if n not in self.held}
             for name, row in list(self.active.items()):
                 if name not in wanted or wanted[name].id != row.id:
                     self.stitcher.remove(name)
@@ -125,6 +142,8 @@ class Reconciler:
                     self.active[name] = row
                     self._dirty = True
             if not self._dirty and self.current is not None:
+                if held_now != set(self.held):
+                    self._show_held(self.current)
                 return None
             faultpoints.reach("stitch")
             try:
@@ -132,17 +151,22 @@ class Reconciler:
             except torch.OutOfMemoryError as e:
                 self._transient(f"out of memory building a version ({str(e).splitlines()[0]})", OOM_RETRY_SECONDS)
                 return None
-            bad = finite(version.tensors)
+            bad = self._smoke(version)
             if bad is not None:  # smoke check failed (C7): take the newest additions out, keep serving the old one
                 for name in [n for n in wanted if n in self.active and (
                         self.current is None or n not in self.current.manifest["skills"])]:
                     self.stitcher.remove(name)
-                    self._fail(self.active.pop(name), f"merged weights hold NaN/Inf in {bad!r}")
+                    self._fail(self.active.pop(name), bad)
                 version = self._build_version()
-                if finite(version.tensors) is not None or version.identity == getattr(self.current, "identity", ""):
+                if self._smoke(version) is not None or version.identity == getattr(self.current, "identity", ""):
                     self._dirty = False
                     return None
             self.metrics.stitch_seconds.observe(time.perf_counter() - t0)
+            gated = self._gate(version)
+            if gated is None:
+                self._dirty = False
+                return None
+            version = gated
             try:
                 self._publish(version)
             except SkillhubError as e:  # C4: disk full etc.; the old version keeps serving, retried later
@@ -151,6 +175,84 @@ class Reconciler:
             self._dirty = False
             self.last_error = None
             return version
+
+    def _gate(self, version: ModelVersion) -> ModelVersion | None:
+        """Score ``version`` on the skills' examples and record it in its manifest. With ``gate = "hold"``, when it
+        makes a skill worse, the skills it newly adds are held out of the merged model: one alone at once; several
+        (a start, a burst of drops) are added back one at a time in name order, each kept only if the gate passes.
+        ``None``: nothing new to publish (the served version stays)."""
+        cfg = self.config().publish
+        if self.gate is None or cfg.gate == "off":
+            return self._show_held(version)
+        verdict = self.gate.evaluate(version, self.current, max_drop=cfg.max_drop)
+        if verdict.failing:
+            log.warning("quality_gate_failed", version=version.number, failing=verdict.failing, gate=cfg.gate)
+            before = (self.current.manifest if self.current is not None else self._on_disk or {}).get("skills", {})
+            added = sorted(n for n, e in version.manifest["skills"].items()
+                           if (before.get(n) or {}).get("mask") != e["mask"])
+            if cfg.gate == "hold" and added:
+                rows = {n: self.active.pop(n) for n in added}
+                for name in added:
+                    self.stitcher.remove(name)
+                if len(added) == 1:
+                    self._hold(rows[added[0]], verdict.failing)
+                else:
+                    for name in added:
+                        if not self._add(name, rows[name]):
+                            continue
+                        trial = self.gate.evaluate(self._build_version(), self.current, max_drop=cfg.max_drop)
+                        if trial.failing:
+                            self.stitcher.remove(name)
+                            self._hold(rows[name], trial.failing)
+                        else:
+                            self.active[name] = rows[name]
+                version = self._build_version()
+                if self.current is not None and version.identity == self.current.identity:
+                    self.current.manifest["quality"] = self._with_held(dict(self.current.manifest.get("quality") or {}))
+                    self._show_held(self.current)
+                    return None
+                verdict = self.gate.evaluate(version, self.current, max_drop=cfg.max_drop)
+        version.manifest["quality"] = self._with_held(verdict.quality)
+        for name, q in verdict.quality.items():
+            for route, acc in q["accuracy"].items():
+                if acc is not None:
+                    self.metrics.skill_accuracy.labels(skill=name, route=route).set(acc)
+        return self._show_held(version)
+
+    def _with_held(self, quality: dict[str, Any]) -> dict[str, Any]:
+        """``quality`` with the held skills' records: scored on their own route, with its re-centred head."""
+        assert self.gate is not None
+        for name, (row, _) in self.held.items():
+            record = self.gate.own_route({"head": row.meta.get("head"), "examples": row.meta.get("examples"),
+                                          "mask": row.mask_sha})
+            if record is not None:
+                quality[name] = record
+        return quality
+
+    def _hold(self, row: VersionRow, failing: Mapping[str, str]) -> None:
+        reason = "held out of the merged model by the quality gate: " + "; ".join(failing[n] for n in sorted(failing))
+        self.held[row.skill] = (row, reason)
+        log.warning("skill_held", skill=row.skill, version=row.version, reason=reason)
+
+    def _show_held(self, version: ModelVersion) -> ModelVersion:
+        """Name the held skills in ``version``'s manifest (served on their own route only); not part of its
+        identity, so it may change on the version being served."""
+        version.manifest["held"] = {n: {"version": r.version, "mask": r.mask_sha, "head": r.meta.get("head"),
+                                        "examples": r.meta.get("examples"), "reason": why}
+                                    for n, (r, why) in sorted(self.held.items())}
+        return version
+
+    def _smoke(self, version: ModelVersion) -> str | None:
+        """The smoke check of the version just built: why it fails, else None. Every weight finite, in O(changed
+        entries): the passthrough tensors never change, so they are checked once, and the stitcher counts
+        non-finite merged entries as it changes them (:meth:`~skillhub.stitch.Stitcher.nonfinite`). Then, for
+        families that run models, one probe batch through it must give finite outputs (:meth:`Gate.probe`)."""
+        if self._passthrough_bad is None:
+            self._passthrough_bad = finite(self.passthrough) or ""
+        bad = self._passthrough_bad or self.stitcher.nonfinite()
+        if bad:
+            return f"merged weights hold NaN/Inf in {bad!r}"
+        return self.gate.probe(version) if self.gate is not None else None
 
     def _add(self, name: str, row: VersionRow) -> bool:
         try:
@@ -180,7 +282,8 @@ class Reconciler:
         """What the stitcher holds now, as a version's manifest (it determines the weights)."""
         return {**self.describe,
                 "skills": {n: {"version": r.version, "mask": r.mask_sha, "nnz": r.nnz, "strategy": r.strategy,
-                               "params": r.params, "source": r.source_sha, "head": r.meta.get("head")}
+                               "params": r.params, "source": r.source_sha, "head": r.meta.get("head"),
+                               "examples": r.meta.get("examples")}
                            for n, r in sorted(self.active.items())}}
 
     def _build_version(self) -> ModelVersion:
@@ -196,6 +299,7 @@ class Reconciler:
         t0 = time.perf_counter()
         self.publisher.publish(version)
         self.current = version
+        self._spares.submit(self.stitcher.prepare)
         self._on_disk = None
         self.metrics.publish_seconds.observe(time.perf_counter() - t0)
         self.metrics.versions.inc()

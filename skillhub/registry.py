@@ -15,7 +15,8 @@ ordering rule that makes crashes harmless (FAULTS C1, C2): the mask file is writ
 
 This module owns those versions, the per-skill settings, and which files may go; :mod:`skillhub.statefiles` reads
 and writes the content-addressed files, :mod:`skillhub.statedir` opens the folder (folders, lock, database) and
-:mod:`skillhub.records` holds the values the registry returns.
+:mod:`skillhub.records` holds the values the registry returns; :mod:`skillhub.registryconn` holds the connection
+(paths, lock, transactions, the read-only and files-only modes).
 """
 
 from __future__ import annotations
@@ -24,10 +25,8 @@ import errno
 import json
 import os
 import sqlite3
-import threading
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,17 +34,16 @@ from skillhub import faultpoints
 from skillhub.atomic import fsync_dir, sha256_file
 from skillhub.errors import DiskFullError, RegistryError
 from skillhub.records import RecoveryReport, SkillState, VersionRow
+from skillhub.registryconn import DB_NAME, RegistryConnection
+from skillhub.statefiles import MASK_SUFFIX, SHA_RE
 
 if TYPE_CHECKING:  # tensors are imported where masks are read or written: listing skills needs no torch
     from skillhub.delta import SparseDelta
-from skillhub.statedir import open_database, prepare_folders, take_lock, transaction
-from skillhub.statefiles import MASK_SUFFIX, SHA_RE, StateFiles
 
 __all__ = ["DB_NAME", "MASK_SUFFIX", "MISSING_MASK_REASON", "STATUSES", "RecoveryReport", "Registry", "SkillState",
            "VersionRow", "canonical_json"]
 
 STATUSES = ("PENDING", "READY", "FAILED")
-DB_NAME = "registry.sqlite3"
 MISSING_MASK_REASON = "mask file missing after a crash; drop the checkpoint again"
 
 
@@ -71,7 +69,7 @@ def _skill_name(value: str) -> str:
     return value
 
 
-class Registry(StateFiles):
+class Registry(RegistryConnection):
     """The state folder and its SQLite registry. Thread-safe; one writing process per folder (``flock``). The
     folder's content-addressed files are :class:`~skillhub.statefiles.StateFiles`'; the rows that name them are
     this class's.
@@ -81,76 +79,6 @@ class Registry(StateFiles):
     :raises StateLockedError: another live process holds the folder.
     :raises RegistryError: the folder is not writable, or the registry is missing (readonly) or corrupt.
     """
-
-    def __init__(self, state_dir: str | Path, *, readonly: bool = False) -> None:
-        self._paths(state_dir, readonly)
-        try:
-            if not readonly:
-                prepare_folders((self.state_dir, self.masks_dir, self.staging_dir, self.models_dir))
-                self._lock_fd = take_lock(self.state_dir)
-            self._conn = open_database(self.db_path, readonly=readonly, count_masks=lambda: len(self._mask_files()))
-        except BaseException:
-            self.close()
-            raise
-
-    def _paths(self, state_dir: str | Path, readonly: bool) -> None:
-        self.state_dir = Path(state_dir)
-        self.readonly = readonly
-        self.db_path = self.state_dir / DB_NAME
-        self.masks_dir = self.state_dir / "masks"
-        self.staging_dir = self.state_dir / "staging"
-        self.models_dir = self.state_dir / "models"
-        self._lock = threading.RLock()
-        self._lock_fd: int | None = None
-        self._conn: sqlite3.Connection | None = None
-        self._inflight: set[str] = set()  # temp names of mask writes under way, which recover() must spare
-        self._unavailable: RegistryError | None = None
-
-    @classmethod
-    def files_only(cls, state_dir: str | Path, lock_fd: int, reason: RegistryError) -> Registry:
-        """The mask and head files of a state folder whose database cannot be opened (FAULTS C5): reads files by
-        their hash; every query and mutation raises ``reason``. Owns ``lock_fd`` (the caller took the lock)."""
-        self = cls.__new__(cls)
-        self._paths(state_dir, True)
-        self._lock_fd, self._unavailable = lock_fd, reason
-        return self
-
-    def close(self) -> None:
-        """Close the database and release the lock. Idempotent."""
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-            if self._lock_fd is not None:
-                os.close(self._lock_fd)  # releases the flock
-                self._lock_fd = None
-
-    def __enter__(self) -> Registry:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _db(self) -> sqlite3.Connection:
-        if self._conn is None:
-            raise self._unavailable or RegistryError("registry is closed", path=self.db_path)
-        return self._conn
-
-    def _writable(self) -> None:
-        if self._unavailable is not None:
-            raise self._unavailable
-        if self.readonly:
-            raise RegistryError("registry is open read-only", path=self.db_path,
-                                hint="stop the daemon, or ask it through the API")
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        self._writable()
-        try:
-            with transaction(self._db()) as conn:
-                yield conn
-        except (sqlite3.Error, UnicodeEncodeError) as e:  # the latter: text with lone surrogates (non-UTF-8 names)
-            raise RegistryError(f"registry write failed ({e}); nothing was changed", path=self.db_path) from e
 
     def begin_version(self, skill: str, source_sha: str, strategy: str, params: Mapping[str, Any], *,
                       source_path: str | Path | None = None,
@@ -333,16 +261,20 @@ class Registry(StateFiles):
             return n
 
     def _drop_unused_files(self, gone: list[VersionRow]) -> None:
-        """After rows were deleted: remove their staged checkpoints and heads that no remaining row uses."""
+        """After rows were deleted: remove their staged checkpoints, heads and examples that no remaining row uses."""
         rows = self.versions()
         staged = {r.source_path for r in rows if r.source_path}
         heads = {r.meta.get("head") for r in rows}
+        examples = {r.meta.get("examples") for r in rows}
         for row in gone:
             if row.source_path and row.source_path not in staged:
                 self.discard_staged(Path(row.source_path))
             head = row.meta.get("head")
             if isinstance(head, str) and head not in heads and SHA_RE.fullmatch(head):
                 self.head_path(head).unlink(missing_ok=True)
+            ex = row.meta.get("examples")
+            if isinstance(ex, str) and ex not in examples and SHA_RE.fullmatch(ex):
+                self.examples_path(ex).unlink(missing_ok=True)
 
     def gc(self) -> int:
         """Remove mask files that no version references; return how many."""

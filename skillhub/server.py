@@ -17,6 +17,7 @@ import base64
 import binascii
 import io
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -28,12 +29,19 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
-from skillhub.errors import DiskFullError, RegistryCorruptError, RegistryError, SkillhubError, printable
+from skillhub.errors import (
+    DiskFullError,
+    RegistryCorruptError,
+    RegistryError,
+    SkillhubError,
+    printable,
+)
 from skillhub.guard import Guard, default_allowed_hosts
 from skillhub.httpd import Server
-from skillhub.inference import Overloaded
+from skillhub.inference import HeldOut, Overloaded
 from skillhub.log import get_logger
 from skillhub.publish import ModelVersion
+from skillhub.routing import ROUTES
 from skillhub.wire import iter_safetensors, safetensors_header, version_metadata
 
 if TYPE_CHECKING:
@@ -151,16 +159,25 @@ def create_app(hub: Hub, *, token: str | None, health: Callable[[], dict[str, An
         return dict(hub.model_view())
 
     @app.get("/v1/model/weights")
-    def weights() -> Response:
+    def weights(skill: str | None = None) -> Response:
+        """The served merged model, or (``?skill=NAME``) that skill's own localized model θ₀ + γ⊙τ."""
         version: ModelVersion | None = hub.current  # taken once: the whole download is this version (C9)
         if version is None:
             return JSONResponse({"error": "no model version published yet"}, status_code=503,
                                 headers={"retry-after": "1"})
         tensors = version.tensors
-        prefix, order, data_bytes = safetensors_header(tensors, version_metadata(version))
+        meta, name = version_metadata(version), f"skillhub-v{version.number}"
+        if skill is not None:
+            if skill not in hub.engine.served_skills(version):
+                raise HTTPException(404, f"skill {skill!r} is not in the served model (version {version.number})")
+            _, tensors = hub.skill_weights(skill, version)
+            meta["skillhub.skill"] = skill
+            name += f"-{printable(skill)}"
+        # the header needs shapes and dtypes only: the base's, so that no patched tensor is built twice
+        prefix, order, data_bytes = safetensors_header(version.tensors, meta)
         headers = {
             "content-length": str(len(prefix) + data_bytes),
-            "content-disposition": f'attachment; filename="skillhub-v{version.number}.safetensors"',
+            "content-disposition": f'attachment; filename="{name}.safetensors"',
             "x-skillhub-version": str(version.number),
         }
         return StreamingResponse(iter_safetensors(prefix, order, tensors), media_type="application/octet-stream",
@@ -219,18 +236,30 @@ def decode_images(raw: list[bytes]) -> list[Any]:
     return images
 
 
-async def read_images(request: Request) -> tuple[list[bytes], int]:
-    """Images from a multipart form (fields ``images``/``image``/``file``) or JSON ``{"images": [base64...]}``."""
+@dataclass
+class ImageRequest:
+    """What an inference request sent: the encoded images and its options (form fields, JSON fields or query
+    parameters; a JSON/form field wins over the query)."""
+
+    raw: list[bytes]
+    top_k: int = 5
+    route: str | None = None
+    skills: list[str] | None = None
+
+
+async def read_images(request: Request) -> ImageRequest:
+    """Images from a multipart form (fields ``images``/``image``/``file``) or JSON ``{"images": [base64...]}``, and
+    the options ``top_k``, ``route`` and ``skills`` (a list, or a comma-separated string)."""
     ctype = request.headers.get("content-type", "")
-    top_k = 5
+    fields: dict[str, Any] = dict(request.query_params)
     raw: list[bytes] = []
     if ctype.startswith("multipart/form-data"):
         form = await request.form()
         for key, value in form.multi_items():
             if key in ("images", "image", "file") and hasattr(value, "read"):
                 raw.append(await value.read())
-            elif key == "top_k":
-                top_k = _int(value)
+            elif key in ("top_k", "route", "skills"):
+                fields[key] = value
     else:
         try:
             body = await request.json()
@@ -238,14 +267,17 @@ async def read_images(request: Request) -> tuple[list[bytes], int]:
             if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
                 raise ValueError
             raw = [base64.b64decode(s, validate=True) for s in items]
-            top_k = _int(body.get("top_k", 5))
+            fields.update({k: body[k] for k in ("top_k", "route", "skills") if k in body})
         except (ValueError, binascii.Error):
             raise HTTPException(400, 'send multipart "images" files, or JSON {"images": ["<base64>", ...]}') from None
     if not raw:
         raise HTTPException(400, "no images in the request")
     if len(raw) > MAX_IMAGES_PER_REQUEST:
         raise HTTPException(413, f"at most {MAX_IMAGES_PER_REQUEST} images per request")
-    return raw, max(1, top_k)
+    route = fields.get("route")
+    if route is not None and route not in ROUTES:
+        raise HTTPException(400, f"route must be one of {', '.join(ROUTES)}, not {route!r}")
+    return ImageRequest(raw, max(1, _int(fields.get("top_k", 5))), route, _names(fields.get("skills")))
 
 
 def _int(value: Any) -> int:
@@ -253,6 +285,16 @@ def _int(value: Any) -> int:
         return int(value)
     except (TypeError, ValueError):
         raise HTTPException(400, "top_k must be an integer") from None
+
+
+def _names(value: Any) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [s.strip() for s in value.split(",") if s.strip()]
+    if isinstance(value, list) and all(isinstance(s, str) for s in value):
+        return list(value)
+    raise HTTPException(400, "skills must be a list of skill names, or a comma-separated string")
 
 
 def inference_router(hub: Hub) -> APIRouter:
@@ -265,33 +307,53 @@ def inference_router(hub: Hub) -> APIRouter:
             raise HTTPException(503, "no model version is being served yet")
         return version
 
-    async def embeddings(request: Request, version: ModelVersion) -> tuple[torch.Tensor, int]:
-        raw, top_k = await read_images(request)
+    async def embeddings(req: ImageRequest, version: ModelVersion, mask: str | None = None) -> torch.Tensor:
         engine = hub.engine
-        images = await run_in_threadpool(decode_images, raw)
-        batch = await run_in_threadpool(engine.preprocess, version, images)
+        images = await run_in_threadpool(decode_images, req.raw)
+        batch = await run_in_threadpool(lambda: engine.preprocess(version, images, mask=mask))
         try:
-            emb = await asyncio.wrap_future(engine.submit(version, batch))
+            return await asyncio.wrap_future(engine.submit(version, batch, mask=mask))
         except Overloaded as e:
             raise HTTPException(503, str(e), headers={"Retry-After": "1"}) from None
-        return emb, top_k
+
+    def check_skill(version: ModelVersion, name: str, route: str = "merged") -> None:
+        if name not in hub.engine.served_skills(version):
+            raise HTTPException(404, f"skill {name!r} is not in the served model (version {version.number})")
+        try:
+            hub.engine.head(version, name, route)
+        except SkillhubError as e:
+            raise HTTPException(409 if isinstance(e, HeldOut) else 400, e.message) from None
 
     @router.post("/v1/skills/{name}/predict")
     async def predict(name: str, request: Request) -> dict[str, Any]:
+        """One skill's classes for each image, on ``route`` ``skill`` (its own localized model) or ``merged``."""
         version = served()
-        if name not in version.manifest["skills"]:
-            raise HTTPException(404, f"skill {name!r} is not in the served model (version {version.number})")
-        try:
-            head = hub.engine.head(version, name)
-        except SkillhubError as e:
-            raise HTTPException(400, e.message) from None
-        emb, top_k = await embeddings(request, version)
-        return {"version": version.number, "skill": name, "predictions": head.top_k(emb, top_k)}
+        req = await read_images(request)
+        route = req.route or hub.config.serve.route
+        check_skill(version, name, route)
+        mask = await run_in_threadpool(hub.engine.route_mask, version, name, route)  # may read the mask file
+        emb = await embeddings(req, version, mask)
+        return hub.engine.answer(version, name, route, emb, req.top_k)
+
+    @router.post("/v1/predict")
+    async def predict_all(request: Request) -> dict[str, Any]:
+        """Several skills' classes for each image (``skills``; default: every skill the merged model serves), from
+        one forward pass of the merged model."""
+        version = served()
+        req = await read_images(request)
+        if req.route not in (None, "merged"):
+            raise HTTPException(400, "POST /v1/predict runs the merged model only; for one skill's own model use "
+                                     "POST /v1/skills/{name}/predict?route=skill")
+        skills = req.skills if req.skills is not None else sorted(version.manifest["skills"])
+        for name in skills:
+            check_skill(version, name)
+        emb = await embeddings(req, version)
+        return hub.engine.predict_many(version, skills, emb, req.top_k)
 
     @router.post("/v1/embed")
     async def embed(request: Request) -> dict[str, Any]:
         version = served()
-        emb, _ = await embeddings(request, version)
+        emb = await embeddings(await read_images(request), version)
         return {"version": version.number, "embeddings": emb.tolist()}
 
     return router

@@ -1,5 +1,6 @@
 """The content-addressed files of a state folder: mask files (``masks/<sha256>.mask.safetensors``), classification
-heads (``heads/<sha256>.safetensors``) and staged checkpoints (``staging/``). Each is named by its content's hash
+heads (``heads/<sha256>.safetensors``), few-shot examples (``examples/<sha256>.safetensors``: tensors ``images``
+and ``labels``) and staged checkpoints (``staging/``). Each is named by its content's hash
 (never a path a caller chose) and written all or nothing; the rows that reference them, and so which of them may
 go, are :class:`~skillhub.registry.Registry`'s.
 """
@@ -20,6 +21,7 @@ if TYPE_CHECKING:  # tensors are imported where masks and heads are read or writ
     import torch
 
     from skillhub.delta import SparseDelta
+    from skillhub.families import Examples
 
 MASK_SUFFIX = ".mask.safetensors"
 SHA_RE = re.compile(r"[0-9a-f]{64}")
@@ -34,20 +36,36 @@ class StateFiles:
 
     def store_head(self, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:
         """Store a skill's classification head (content-addressed, ``heads/<sha>.safetensors``); return its sha."""
-        heads = self.state_dir / "heads"
-        heads.mkdir(exist_ok=True)
-        tmp = heads / f".incoming-{os.getpid()}-{os.urandom(4).hex()}.tmp"
+        return self._store("heads", tensors, metadata)
+
+    def load_head(self, sha: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        return self._load(self.head_path(sha), "head file")
+
+    def store_examples(self, examples: Examples) -> str:
+        """Store a skill's few-shot examples (``examples/<sha>.safetensors``); return their sha."""
+        return self._store("examples", {"images": examples.images.contiguous(),
+                                        "labels": examples.labels.reshape(-1).long().contiguous()}, {})
+
+    def load_examples(self, sha: str) -> Examples:
+        from skillhub.families import Examples
+
+        tensors, _ = self._load(self.examples_path(sha), "examples file")
+        return Examples(tensors["images"], tensors["labels"])
+
+    def _store(self, kind: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:
+        folder = self.state_dir / kind
+        folder.mkdir(exist_ok=True)
+        tmp = folder / f".incoming-{os.getpid()}-{os.urandom(4).hex()}.tmp"
         from skillhub.checkpoint import write_safetensors
 
         sha = write_safetensors(tmp, tensors, metadata)
-        os.replace(tmp, heads / f"{sha}.safetensors")
-        fsync_dir(heads)
+        os.replace(tmp, folder / f"{sha}.safetensors")
+        fsync_dir(folder)
         return sha
 
-    def load_head(self, sha: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        path = self.head_path(sha)
+    def _load(self, path: Path, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         if not path.is_file():
-            raise RegistryError("head file missing", path=path, hint="drop the skill again")
+            raise RegistryError(f"{what} missing", path=path, hint="drop the skill again")
         from skillhub.checkpoint import read_tensors
 
         return read_tensors(path)
@@ -95,6 +113,12 @@ class StateFiles:
         if not SHA_RE.fullmatch(sha):
             raise RegistryError(f"not a sha256 hex digest: {sha!r}")
         return self.state_dir / "heads" / f"{sha}.safetensors"
+
+    def examples_path(self, sha: str) -> Path:
+        """Where the examples file with this sha256 lives (the hash is checked: it is never a path)."""
+        if not SHA_RE.fullmatch(sha):
+            raise RegistryError(f"not a sha256 hex digest: {sha!r}")
+        return self.state_dir / "examples" / f"{sha}.safetensors"
 
     def _remove_debris(self, inflight: set[str]) -> list[Path]:
         """Temp files of writes a crash interrupted (``*.tmp`` in masks/ and staging/, none still in flight)."""

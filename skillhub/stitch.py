@@ -24,36 +24,56 @@ accumulators bit for bit: no drift, however many cycles. Where the count returns
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from skillhub.delta import SparseDelta
 from skillhub.errors import StitchError
 from skillhub.localize import NoParams
 
-COUNT_DTYPE = torch.int16
-COUNT_MAX = torch.iinfo(COUNT_DTYPE).max
+if TYPE_CHECKING:
+    import torch
+
+
+def count_dtype() -> torch.dtype:
+    """The dtype of the per-entry mask counts: int16, whose largest value is :data:`COUNT_MAX`."""
+    import torch
+
+    return torch.int16
+
+
+COUNT_MAX = 2**15 - 1  # torch.iinfo(count_dtype()).max, without importing torch
 #: Entries per step when a whole tensor is recomputed: float64 temporaries of this size stay in the CPU cache
 #: (about 4× faster than one pass over a 2M-entry tensor, which streams every temporary through memory).
 CHUNK = 1 << 18
 
 #: What policies get as ``idx``: int64 indices, or (``whole_tensor`` policies) a slice of the flat tensor, or a bool
 #: mask over it (``reset`` only).
-Index = torch.Tensor | slice
+Index: TypeAlias = "torch.Tensor | slice"
 
 
 def zero_at(t: torch.Tensor, idx: Index) -> None:
     """``t[idx] = 0``, in place and without a temporary index array for a bool mask."""
+    import torch
+
     if isinstance(idx, torch.Tensor) and idx.dtype == torch.bool:
         t.masked_fill_(idx, 0)
     else:
         t[idx] = 0
 
 
+def _nonfinite(t: torch.Tensor) -> int:
+    """Number of NaN and ±Inf entries of ``t``."""
+    import torch
+
+    return int(t.numel() - torch.count_nonzero(torch.isfinite(t))) if t.numel() else 0
+
+
 def resolve_device(spec: str | torch.device = "auto") -> torch.device:
     """``auto`` picks CUDA when present, else the CPU; anything else is passed to :class:`torch.device`."""
+    import torch
+
     if str(spec) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(spec)
@@ -117,10 +137,12 @@ class _TensorState:
     __slots__ = ("acc", "base", "count", "covered", "merged", "overlapping", "shape", "stale")
 
     def __init__(self, base: torch.Tensor, policy: StitchPolicy, device: torch.device, dtype: torch.dtype) -> None:
+        import torch
+
         self.shape = tuple(base.shape)
         self.base = base.detach().reshape(-1).to(device, copy=True)
         self.merged = self.base.clone()
-        self.count = torch.zeros(self.base.numel(), dtype=COUNT_DTYPE, device=device)
+        self.count = torch.zeros(self.base.numel(), dtype=count_dtype(), device=device)
         self.acc = policy.accumulators(self.base.numel(), device, dtype)
         self.stale = False  # merged must be recomputed in full before it is read
         self.covered = 0  # entries with a count ≥ 1, and ≥ 2: kept so a dense add needs no pass to update them
@@ -141,7 +163,10 @@ class Stitcher:
     """
 
     def __init__(self, base: Mapping[str, torch.Tensor], policy: StitchPolicy, *, device: str | torch.device = "auto",
-                 accumulate: torch.dtype = torch.float64) -> None:
+                 accumulate: torch.dtype | None = None) -> None:
+        import torch
+
+        accumulate = torch.float64 if accumulate is None else accumulate
         self.device = resolve_device(device)
         self.policy = policy
         self.accumulate = accumulate
@@ -149,6 +174,17 @@ class Stitcher:
         self._tasks: dict[str, SparseDelta] = {}
         self._covered = 0
         self._overlapping = 0
+        # Copy on write: a merged tensor handed out by snapshot() (id of its state -> that tensor) belongs to a
+        # published version and is never written again; the next change to it writes a copy, made beforehand in
+        # the background when prepare() ran (id -> (the tensor copied, its copy)).
+        self._frozen: dict[int, torch.Tensor] = {}
+        self._spare: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # Non-finite merged entries per tensor (id of its state -> count, when not 0), kept as entries change, so
+        # the smoke check of a new version (nonfinite()) costs O(changed entries), not a pass over the model.
+        self._bad: dict[int, int] = {}
+        for st in self._state.values():
+            self._count_bad(st)
+        self._base_bad = set(self._bad)  # tensors whose θ₀ itself holds NaN/Inf
 
     @property
     def keys(self) -> list[str]:
@@ -224,6 +260,8 @@ class Stitcher:
     def _apply_sparse(self, st: _TensorState, idx: torch.Tensor, values: torch.Tensor, sign: int) -> None:
         # Everything is allocated and counted before the first in-place change, so running out of memory leaves
         # this tensor as it was (FAULTS C8).
+        if not st.stale:
+            self._writable(st)
         before = st.count[idx]
         count = before + sign
         values = values.to(self.accumulate)
@@ -242,14 +280,27 @@ class Stitcher:
             self.policy.reset(st.acc, idle)
         if st.stale:  # the whole tensor is recomputed before it is read anyway
             return
-        merged = st.base[idx].to(self.accumulate) + self.policy.delta(st.acc, count, idx)
-        st.merged[idx] = merged.to(st.base.dtype)
+        # The non-finite count changes by what idx held before and holds after. A tensor with no non-finite entry
+        # (and a finite θ₀, which entries no mask covers any more return to) held none before: only the new values
+        # need a look, no gather.
+        sid = id(st)
+        exact = sid in self._bad or sid in self._base_bad
+        bad_before = _nonfinite(st.merged[idx]) if exact else 0
+        merged = (st.base[idx].to(self.accumulate) + self.policy.delta(st.acc, count, idx)).to(st.base.dtype)
+        st.merged[idx] = merged
         if idle is not None:
             st.merged[idle] = st.base[idle]
+        bad = self._bad.get(sid, 0) + (_nonfinite(st.merged[idx]) if exact else _nonfinite(merged)) - bad_before
+        if bad:
+            self._bad[id(st)] = bad
+        else:
+            self._bad.pop(id(st), None)
 
     def _apply_dense(self, st: _TensorState, values: torch.Tensor, nnz: int, sign: int) -> None:
         """One dense mask (the non-zero ``values``) in or out with whole-tensor operations: no index is built, no
         gather or scatter is done; the merged tensor is recomputed when next read."""
+        import torch
+
         numel = values.numel()
         inside = None if nnz == numel else values != 0
         # Coverage changes and the entries that become free, from the counts before the change (and allocated
@@ -290,6 +341,9 @@ class Stitcher:
     def _materialise(self, st: _TensorState) -> None:
         """Recompute a stale merged tensor in full: the sparse path's arithmetic, chunk by chunk, and θ₀ bit for bit
         wherever the count is 0."""
+        import torch
+
+        self._writable(st, whole=True)
         n = st.base.numel()
         for start in range(0, n, CHUNK):
             part = slice(start, min(start + CHUNK, n))
@@ -298,6 +352,25 @@ class Stitcher:
             merged = (st.base[part].to(self.accumulate) + self.policy.delta(st.acc, count, idx)).to(st.base.dtype)
             st.merged[part] = torch.where(count == 0, st.base[part], merged)
         st.stale = False
+        self._count_bad(st)
+
+    def _count_bad(self, st: _TensorState) -> None:
+        """Count the non-finite entries of a whole merged tensor (start-up, and after a full recomputation)."""
+        bad = _nonfinite(st.merged) if st.merged.is_floating_point() else 0
+        if bad:
+            self._bad[id(st)] = bad
+        else:
+            self._bad.pop(id(st), None)
+
+    def nonfinite(self) -> str | None:
+        """The first merged tensor holding NaN or ±Inf, else ``None``: the smoke check of a version's merged
+        weights, from counts kept as entries change (O(changed entries); stale tensors are recomputed first)."""
+        for key, st in self._state.items():
+            if st.stale:
+                self._materialise(st)
+            if self._bad.get(id(st)):
+                return key
+        return None
 
     def tensor(self, key: str) -> torch.Tensor:
         """The live merged tensor (do not modify; use :meth:`snapshot` for a copy that stays fixed)."""
@@ -307,8 +380,48 @@ class Stitcher:
         return st.merged.reshape(st.shape)
 
     def snapshot(self, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-        """An immutable copy of the merged included tensors (what a published version holds)."""
-        return {k: self.tensor(k).to(device, copy=True) for k in self._state}
+        """The merged included tensors, fixed: what a published version holds. Nothing ever changes them.
+
+        On the stitcher's own device no copy is made: the live merged tensors are handed out and frozen, and the
+        stitcher writes a copy of a frozen tensor before it next changes it (copy on write; :meth:`prepare` makes
+        those copies ahead of time, off the path of the next change). Tensors no change touched between two
+        snapshots are the same tensors in both. On another device, a copy."""
+        import torch
+
+        dev = torch.device(device)
+        if dev.type != self.device.type or (dev.index is not None and dev.index != self.device.index):
+            return {k: self.tensor(k).to(device, copy=True) for k in self._state}
+        out = {}
+        for k, st in self._state.items():
+            out[k] = self.tensor(k)
+            self._frozen[id(st)] = st.merged
+        return out
+
+    def prepare(self) -> None:
+        """Copy every frozen merged tensor that has no spare copy yet (safe to call from another thread while the
+        stitcher works: a copy is used only if it is still a copy of the live tensor). Run it when the service is
+        idle after a publication: the next change then writes into the copy instead of copying first."""
+        for sid, src in list(self._frozen.items()):
+            spare = self._spare.get(sid)
+            if spare is None or spare[0] is not src:
+                self._spare[sid] = (src, src.clone())
+
+    def _writable(self, st: _TensorState, *, whole: bool = False) -> None:
+        """Before ``st.merged`` is written: if a published version holds it, switch to a copy (the spare when it
+        is a copy of this very tensor; else an exact copy now, or an uninitialised one when ``whole`` is about to
+        be overwritten)."""
+        import torch
+
+        sid = id(st)
+        frozen = self._frozen.get(sid)
+        if frozen is None or frozen is not st.merged:
+            return
+        spare = self._spare.pop(sid, None)
+        if spare is not None and spare[0] is st.merged:
+            st.merged = spare[1]
+        else:
+            st.merged = torch.empty_like(st.merged) if whole else st.merged.clone()
+        del self._frozen[sid]
 
     def count(self, key: str) -> torch.Tensor:
         """Per-entry number of active masks covering ``key`` (a copy)."""
@@ -321,7 +434,7 @@ class Stitcher:
 
 
 def stitch(base: Mapping[str, torch.Tensor], deltas: Mapping[str, SparseDelta], policy: StitchPolicy,
-           *, device: str | torch.device = "cpu", accumulate: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
+           *, device: str | torch.device = "cpu", accumulate: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Stitch from scratch: θ₀ with every delta added (one pass per skill). Returns CPU tensors."""
     s = Stitcher(base, policy, device=device, accumulate=accumulate)
     for task_id, delta in deltas.items():

@@ -375,7 +375,7 @@ def toggle_colors(h: Http, enable: bool) -> int:
 
 
 def test_c9_inference_during_version_swaps_no_request_fails_each_on_its_start_version(http: Http) -> None:
-    body = json.dumps({"images": [b64(png(7))], "top_k": 3}).encode()
+    body = json.dumps({"images": [b64(png(7))], "top_k": 3, "route": "merged"}).encode()
     both = http.request("POST", "/v1/skills/shapes/predict", content=body,
                         headers={"content-type": "application/json"}).json()
     v_both = both["version"]

@@ -31,9 +31,9 @@ from skillhub.header import (
     MAX_METADATA_VALUES,
     MAX_TENSORS,
     Header,
-    _tensor_info,
     read_header,
 )
+from skillhub.headerscan import _tensor_info
 
 EXAMPLES = int(os.environ.get("SKILLHUB_FUZZ_EXAMPLES", "300"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,

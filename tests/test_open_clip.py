@@ -175,6 +175,39 @@ def png(seed: int) -> bytes:
     return buf.getvalue()
 
 
+def skill_weights(sd: dict[str, torch.Tensor], mask_file: Path) -> dict[str, torch.Tensor]:
+    """θ₀ + γ⊙τ computed here from the mask file's tensors, independently of the service's code."""
+    from safetensors.torch import load_file
+
+    out = {k: v.clone() for k, v in sd.items()}
+    mask = load_file(mask_file)
+    for name, values in mask.items():
+        key, kind = name.rsplit("::", 1)
+        if kind != "values":
+            continue
+        flat = out[key].view(-1)
+        if f"{key}::indices" in mask:
+            flat[mask[f"{key}::indices"].long()] += values.reshape(-1)
+        else:
+            flat += values.reshape(-1)
+    return out
+
+
+def clip_logits(cfg: Path, weights: dict[str, torch.Tensor], image: bytes, head: torch.Tensor,
+                scale: float) -> torch.Tensor:
+    from skillhub.families.open_clip import ClipRuntime
+
+    model = create_clip(str(cfg))
+    model.load_state_dict(weights)
+    rt = ClipRuntime(model.eval())
+    return scale * rt.embed(rt.preprocess([Image.open(io.BytesIO(image))]))[0] @ head.T
+
+
+def logits_of(answer: dict) -> torch.Tensor:
+    """The first image's logits in class order, from a predict answer with every class."""
+    return torch.tensor([p["logit"] for p in sorted(answer["predictions"][0], key=lambda p: p["index"])])
+
+
 def test_service_predicts_with_two_skills_then_one(tiny, tmp_path: Path) -> None:
     cfg, sd = tiny
     with socket.socket() as s:
@@ -215,13 +248,47 @@ port = {port}
 
     try:
         wait(lambda: client.get("/readyz").status_code == 200, "ready")
+        drops = {}
         for name, classes, seed in (("shapes", ["circle", "square", "star"], 11), ("colors", ["red", "blue"], 12)):
             tmp = tmp_path / "inbox" / f".{name}.part"
-            write_safetensors(tmp, finetune(sd, seed, classes=len(classes), tower_only=name == "colors"),
-                              {"skillhub.classes": json.dumps(classes)})
+            drops[name] = finetune(sd, seed, classes=len(classes), tower_only=name == "colors")
+            write_safetensors(tmp, drops[name], {"skillhub.classes": json.dumps(classes),
+                                                 "skillhub.head_scale": "50"})
             os.rename(tmp, tmp_path / "inbox" / f"{name}.safetensors")
         wait(lambda: set(client.get("/v1/model").json()["skills"]) == {"shapes", "colors"}, "two skills")
         v2 = client.get("/v1/model").json()["version"]
+
+        # route=skill answers with θ₀ + γ⊙τ of the skill's own mask; route=merged with the merged version; the
+        # default ([serve] route) is skill. Both equal an independent computation of those weights.
+        head = drops["shapes"]["skillhub.head.weight"]
+        entry = client.get("/v1/model").json()["skills"]["shapes"]
+        own = skill_weights(sd, tmp_path / "state" / "masks" / f"{entry['mask']}.mask.safetensors")
+        with Client(f"http://127.0.0.1:{port}", token=TOKEN) as api:
+            _, merged = api.weights()
+            _, downloaded = api.weights(skill="shapes")
+            answers = {route: api.predict("shapes", [png(1)], top_k=3, route=route) for route in ("skill", "merged")}
+            default = api.predict("shapes", [png(1)], top_k=3)
+            both = api.predict_all([png(1), png(2)], top_k=2)
+        assert all(torch.allclose(downloaded[k], own[k], rtol=0, atol=1e-6) for k in sd)
+        for route, weights in (("skill", own), ("merged", merged)):
+            assert answers[route]["route"] == route and answers[route]["version"] == v2
+            want = clip_logits(cfg, weights, png(1), head, 50.0)
+            torch.testing.assert_close(logits_of(answers[route]), want, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(logits_of(answers["skill"]), logits_of(answers["merged"]), rtol=0, atol=1e-4)
+        assert default["route"] == "skill" and logits_of(default).tolist() == logits_of(answers["skill"]).tolist()
+        (tmp_path / "one.png").write_bytes(png(1))  # the CLI mirrors the route
+        cli = subprocess.run([sys.executable, "-m", "skillhub", "predict", "--config", str(tmp_path / "config.toml"),
+                              "--skill", "shapes", "--route", "merged", "--top-k", "3", str(tmp_path / "one.png")],
+                             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert cli.returncode == 0, cli.stderr
+        assert json.loads(cli.stdout)["route"] == "merged"
+        assert logits_of(json.loads(cli.stdout)).tolist() == logits_of(answers["merged"]).tolist()
+        assert both["route"] == "merged" and set(both["predictions"]) == {"shapes", "colors"}
+        assert [len(p) for p in both["predictions"]["colors"]] == [2, 2]
+        firsts = [[(p["index"], p["logit"]) for p in a[:2]] for a in (both["predictions"]["shapes"][0],
+                                                                       answers["merged"]["predictions"][0])]
+        assert [i for i, _ in firsts[0]] == [i for i, _ in firsts[1]]  # the same merged model, batched differently
+        torch.testing.assert_close(torch.tensor(firsts[0]), torch.tensor(firsts[1]), rtol=1e-5, atol=1e-5)
 
         files = [("images", ("a.png", png(1), "image/png")), ("images", ("b.png", png(2), "image/png"))]
         r = client.post("/v1/skills/shapes/predict", files=files, data={"top_k": "2"})

@@ -404,6 +404,30 @@ def test_check_config_accepts_a_good_config(tmp_path: Path) -> None:
     check_config(cfg, load_plugins(cfg.plugins.dirs, entry_points=False))
 
 
+def test_check_config_does_not_import_torch(tmp_path: Path) -> None:
+    # `skillhub config check` must start fast: loading the built-in plugins and validating every params model is
+    # pure Python; torch (~2 s to import) loads only when tensor code runs. A fresh interpreter, as the CLI has.
+    code = textwrap.dedent("""
+        import sys
+        from skillhub.config import load_config
+        from skillhub.localize import resolve_params
+        from skillhub.plugins import check_config, load_plugins
+        cfg = load_config(None, env={})
+        plugins = load_plugins(cfg.plugins.dirs)
+        check_config(cfg, plugins)
+        for name in plugins.policies:
+            plugins.make_policy(name)
+        for cls in plugins.localizers.values():
+            resolve_params(cls, {})
+        print(sorted(m for m in ("torch", "numpy") if m in sys.modules))
+    """)
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("SKILLHUB_")}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "torch" not in proc.stdout, f"modules loaded: {proc.stdout.strip()}"
+
+
 def test_check_config_rejects_bad_localize_params(tmp_path: Path) -> None:
     path = write_config(tmp_path, """
         [localize]

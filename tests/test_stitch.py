@@ -364,3 +364,71 @@ def test_too_many_overlapping_masks_are_refused(dense: tuple[str, ...], monkeypa
     with pytest.raises(StitchError, match="more than 2 masks overlap"):
         s.add("z", random_delta(3, density=0.5, dense=dense))
     assert s.active == ["x", "y"]
+
+
+@pytest.mark.parametrize("prepare", [False, True])
+@pytest.mark.parametrize("policy", ["average", "sum", "ties"])
+def test_snapshots_are_shared_copy_on_write_and_never_change(policy: str, prepare: bool) -> None:
+    """snapshot() hands out the live merged tensors without copying them; the next change to one writes a copy
+    (made beforehand by prepare(), or then), so every published snapshot keeps its values, bit for bit."""
+    base = base_model()
+    s = Stitcher(base, make_policy(policy), device="cpu")
+    s.add("x", random_delta(1, dense=("b",)))
+    first = s.snapshot()
+    kept = {k: t.clone() for k, t in first.items()}
+    assert all(first[k].data_ptr() == s.tensor(k).data_ptr() for k in base)  # no copy was made
+    again = s.snapshot()
+    assert all(again[k] is first[k] or again[k].data_ptr() == first[k].data_ptr() for k in base)  # nothing changed
+    if prepare:
+        s.prepare()
+    s.add("y", random_delta(2, dense=("c",)))
+    second = s.snapshot()
+    s.remove("x")
+    s.add("z", random_delta(3))
+    third = s.snapshot()
+    assert all(torch.equal(first[k], kept[k]) for k in base)
+    want2 = reference(base, [random_delta(1, dense=("b",)), random_delta(2, dense=("c",))], policy)
+    want3 = reference(base, [random_delta(2, dense=("c",)), random_delta(3)], policy)
+    assert all(torch.allclose(want2[k], second[k], atol=1e-6) for k in base)
+    assert all(torch.allclose(want3[k], third[k], atol=1e-6) for k in base)
+    assert all(second[k].data_ptr() != first[k].data_ptr() for k in base)
+
+
+def test_prepare_beside_changes_never_hands_out_a_wrong_copy() -> None:
+    """prepare() may run in another thread while the stitcher changes: a spare copy is used only if it is a copy of
+    the very tensor being changed."""
+    base = base_model()
+    s = Stitcher(base, PLUGINS.make_policy("average"), device="cpu")
+    s.add("x", random_delta(1))
+    s.snapshot()
+    s.prepare()
+    s.add("y", random_delta(2))  # uses the spares
+    s.prepare()  # nothing is frozen now: makes no copy
+    assert not s._spare
+    s.snapshot()
+    stale = {sid: (src.clone(), src.clone() + 1) for sid, src in s._frozen.items()}  # copies of other tensors
+    s._spare.update(stale)
+    s.add("z", random_delta(3))
+    want = reference(base, [random_delta(1), random_delta(2), random_delta(3)], "average")
+    assert all(torch.allclose(want[k], s.tensor(k), atol=1e-6) for k in base)
+
+
+@pytest.mark.parametrize("dense", [(), ("a",)])
+def test_nonfinite_is_counted_as_entries_change(dense: tuple[str, ...]) -> None:
+    """The smoke check's count of NaN/Inf merged entries, kept per change, agrees with a full scan; it goes back to
+    none when the skill that caused it is removed."""
+    base = base_model()
+    s = Stitcher(base, make_policy("sum", scale=1e300), device="cpu")  # λ·τ overflows float32: ±inf entries
+    assert s.nonfinite() is None
+    s.add("x", random_delta(1, dense=dense))
+    bad = s.nonfinite()
+    assert bad == next(k for k, t in s.snapshot().items() if not bool(torch.isfinite(t).all()))
+    s.remove("x")
+    assert s.nonfinite() is None
+    assert all(torch.equal(s.tensor(k), base[k]) for k in base)
+    ok = Stitcher(base, PLUGINS.make_policy("average"), device="cpu")
+    ok.add("x", random_delta(1, dense=dense))
+    assert ok.nonfinite() is None
+    nan_base = {k: v.clone() for k, v in base.items()}
+    nan_base["b"][2] = float("nan")
+    assert Stitcher(nan_base, PLUGINS.make_policy("average"), device="cpu").nonfinite() == "b"

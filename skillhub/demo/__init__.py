@@ -123,34 +123,40 @@ def run_demo(folder: Path, *, sparsity: float = 0.05) -> dict[str, dict[str, flo
     from skillhub.families.open_clip import OpenClipFamily
     from skillhub.ops import localize_checkpoint, stitch_masks
     from skillhub.plugins import load_plugins
+    from skillhub.routing import PatchedTensors
 
     base_path, cfg_path, skills = make_demo(folder)
     plugins = load_plugins([])
     family = OpenClipFamily(model=str(cfg_path))
     base = open_checkpoint(base_path)
-    masks = []
+    masks, own = [], {}
+    base_t = read_tensors(base_path)[0]
     for name, path in skills.items():
         res = localize_checkpoint(base, family.prepare(base, open_checkpoint(path)), family=family, localizer="dataless",
                                   params={"sparsity": sparsity}, plugins=plugins, skill=name)
         mask = folder / f"{name}.mask.safetensors"
         res.delta.save(mask)
         masks.append(mask)
+        own[name] = dict(PatchedTensors(base_t, res.delta))  # θ₀ + γ⊙τ: what route=skill serves
         print(f"localized {name}: {res.delta.nnz} of {res.delta.numel} image-tower weights ({res.delta.density:.1%}),"
               f" mask file {mask.stat().st_size / 2**20:.2f} MiB = {mask.stat().st_size / path.stat().st_size:.1%} of"
               f" the checkpoint, {res.seconds:.2f} s")
     merged_path = folder / "merged.safetensors"
     stitch_masks(base_path, masks, merged_path, policy=plugins.make_policy("average"), device="auto")
     test, _ = read_tensors(folder / "test.safetensors")
-    base_t, merged_t = read_tensors(base_path)[0], read_tensors(merged_path)[0]
+    merged_t = read_tensors(merged_path)[0]
     table: dict[str, dict[str, float]] = {}
-    print(f"\n{'skill':<10}{'base':>8}{'finetuned':>11}{'merged (L&S)':>14}")
+    cols = ("base", "finetuned", "merged", "skill")
+    print(f"\ntest accuracy with each skill's own head; merged: all {len(skills)} skills stitched (L&S, {sparsity:.0%}"
+          f" masks); skill: the skill's own localized model θ₀ + γ⊙τ (route=skill)")
+    print(f"{'skill':<10}{'base':>8}{'finetuned':>11}{'merged':>9}{'skill':>8}")
     for name, path in skills.items():
         row = {"base": _accuracy(base_t, name, test), "finetuned": _accuracy(read_tensors(path)[0], name, test),
-               "merged": _accuracy(merged_t, name, test)}
+               "merged": _accuracy(merged_t, name, test), "skill": _accuracy(own[name], name, test)}
         table[name] = row
-        print(f"{name:<10}{row['base']:>8.1%}{row['finetuned']:>11.1%}{row['merged']:>14.1%}")
-    mean = {k: sum(r[k] for r in table.values()) / len(table) for k in ("base", "finetuned", "merged")}
-    print(f"{'mean':<10}{mean['base']:>8.1%}{mean['finetuned']:>11.1%}{mean['merged']:>14.1%}")
+        print(f"{name:<10}{row['base']:>8.1%}{row['finetuned']:>11.1%}{row['merged']:>9.1%}{row['skill']:>8.1%}")
+    mean = {k: sum(r[k] for r in table.values()) / len(table) for k in cols}
+    print(f"{'mean':<10}{mean['base']:>8.1%}{mean['finetuned']:>11.1%}{mean['merged']:>9.1%}{mean['skill']:>8.1%}")
     print(f"\nmerged model: {merged_path}\nskills to drop into the inbox: {folder / 'skills'}")
     (folder / "demo-results.json").write_text(json.dumps(table, indent=2))
     return table

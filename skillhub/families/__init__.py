@@ -8,17 +8,18 @@ merged weights and what a skill's head is.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from fnmatch import fnmatchcase
 from dataclasses import dataclass
-from typing import Any, ClassVar
-
-import torch
+from fnmatch import fnmatchcase
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from skillhub.checkpoint import Checkpoint, check_tensor_dtypes, validate_against
 from skillhub.errors import ConfigError, LocalizeError
 from skillhub.head import Head
-from skillhub.header import FLOAT_DTYPES
+from skillhub.header import float_dtypes
 from skillhub.localize import TaskObjective
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["Examples", "Head", "ModelFamily", "Prepared", "Runtime"]
 
@@ -57,6 +58,15 @@ class Runtime:
     def embed(self, batch: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """Example images (uint8 [N, 3, H, W], or float in [0, 1]) → the normalised batch :meth:`embed` takes."""
+        raise NotImplementedError
+
+    def tensors(self) -> Mapping[str, torch.Tensor]:
+        """The model's own tensors by checkpoint key, live: writing into them changes the model (the skill route
+        patches a skill's γ⊙τ into a runtime built on θ₀ this way)."""
+        raise NotImplementedError
+
 
 class ModelFamily:
     """Base class of model families.
@@ -67,6 +77,8 @@ class ModelFamily:
     """
 
     name: ClassVar[str] = ""
+    #: whether :meth:`examples` reads few-shot examples from a drop (the service then keeps them to score the skill)
+    reads_examples: ClassVar[bool] = False
 
     def __init__(self, include: Sequence[str] = (), exclude: Sequence[str] = (), *, model: str | None = None) -> None:
         self.include = list(include)
@@ -80,11 +92,12 @@ class ModelFamily:
 
     def default_included(self, base: Checkpoint, key: str) -> bool:
         """Whether ``key`` is merged when no ``include`` patterns are configured."""
-        return base[key].dtype in FLOAT_DTYPES
+        return base[key].dtype in float_dtypes()
 
     def included_keys(self, base: Checkpoint) -> list[str]:
         """The included keys of ``base``, sorted (the canonical order of tie rules)."""
-        keys = [k for k in base if base[k].dtype in FLOAT_DTYPES and (
+        floats = float_dtypes()
+        keys = [k for k in base if base[k].dtype in floats and (
             any(fnmatchcase(k, p) for p in self.include) if self.include else self.default_included(base, k))]
         keys = [k for k in keys if not any(fnmatchcase(k, p) for p in self.exclude)]
         if not keys:

@@ -16,14 +16,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from skillhub.checkpoint import EXAMPLES_FILE, Checkpoint, read_tensors
 from skillhub.errors import LocalizeError
 from skillhub.families import Examples
 from skillhub.head import Head
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 EX_IMAGES, EX_LABELS = "skillhub.examples.images", "skillhub.examples.labels"
 MAX_EXAMPLE_SIDE = 4096  # pixels; example images are resized to the model's input, which no CLIP has this large
@@ -37,6 +39,8 @@ def read_examples(ft: Checkpoint, classes: Sequence[str] | None = None) -> Examp
 
     :param classes: the head's class names, which ``examples/<class>/`` folders are matched against.
     """
+    import torch
+
     raw = set(ft.raw_keys())
     folder = ft.path if ft.path.is_dir() else None
     if EX_IMAGES in raw and EX_LABELS in raw:
@@ -67,6 +71,7 @@ def read_examples(ft: Checkpoint, classes: Sequence[str] | None = None) -> Examp
 
 def _image_folders(root: Path, classes: Sequence[str] | None) -> tuple[torch.Tensor, torch.Tensor]:
     """``root/<class>/*.png|jpg``: uint8 images [N, 3, S, S] and labels (the class's index in ``classes``)."""
+    import torch
     from PIL import Image, UnidentifiedImageError
     from torchvision.transforms import functional as F
 
@@ -126,6 +131,8 @@ class ImageObjective:
         self._perm: tuple[int, torch.Tensor] | None = None
 
     def _batch(self, step: int) -> torch.Tensor:
+        import torch
+
         if self.size <= self.batch_size:
             return torch.arange(self.size)
         per_pass = self.size // self.batch_size
@@ -135,23 +142,29 @@ class ImageObjective:
         return self._perm[1][i * self.batch_size:(i + 1) * self.batch_size]
 
     def _logits(self, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        import torch
+
         dev = next(iter(params.values())).device if params else x.device
         local = {k.removeprefix(self.prefix): v for k, v in params.items()}
         stray = next((k for k in local if k not in self._own), None)
         if stray is not None:
             raise LocalizeError(f"tensor {self.prefix + stray!r} is not a tensor of the image tower", key=stray)
         feats = torch.func.functional_call(self.tower, local, (x.to(dev),))
-        return self.head.to(dev).logits(nn.functional.normalize(feats, dim=-1))
+        return self.head.to(dev).logits(torch.nn.functional.normalize(feats, dim=-1))
 
     def loss(self, params: Mapping[str, torch.Tensor], step: int) -> torch.Tensor:
+        import torch
+
         b = self._batch(step)
         logits = self._logits(params, self.x[b])
-        return nn.functional.cross_entropy(logits, self.y[b].to(logits.device))
+        return torch.nn.functional.cross_entropy(logits, self.y[b].to(logits.device))
 
-    @torch.no_grad()
     def accuracy(self, params: Mapping[str, torch.Tensor]) -> float:
+        import torch
+
         right = 0
-        for i in range(0, self.size, 256):
-            pred = self._logits(params, self.x[i:i + 256]).argmax(-1).cpu()
-            right += int((pred == self.y[i:i + 256]).sum())
+        with torch.no_grad():
+            for i in range(0, self.size, 256):
+                pred = self._logits(params, self.x[i:i + 256]).argmax(-1).cpu()
+                right += int((pred == self.y[i:i + 256]).sum())
         return right / max(self.size, 1)

@@ -21,9 +21,7 @@ import logging
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from skillhub.checkpoint import Checkpoint, validate_against
 from skillhub.errors import CheckpointError, ConfigError, LocalizeError
@@ -31,6 +29,9 @@ from skillhub.families import Examples, ModelFamily, Runtime
 from skillhub.families.fewshot import EX_LABELS, ImageObjective, read_examples
 from skillhub.head import Head, read_drop_head
 from skillhub.hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    import torch
 
 MAX_PER_CLASS, MAX_EXAMPLES = 64, 1024
 DEFAULT_TEMPLATES = ("a photo of a {}.", "an image of a {}.")
@@ -101,6 +102,7 @@ class OpenClipFamily(ModelFamily):
     """A CLIP model (open_clip): merge the image tower, classify with a head per skill."""
 
     name = "open_clip"
+    reads_examples = True
 
     def default_included(self, base: Checkpoint, key: str) -> bool:
         return key.startswith("visual.") and super().default_included(base, key)
@@ -130,6 +132,7 @@ class OpenClipFamily(ModelFamily):
 
     def zero_shot_head(self, base: Checkpoint, classes: Sequence[str], templates: Sequence[str]) -> Head:
         import open_clip
+        import torch
 
         model = self.build({k: base.tensor(k) for k in base})
         name, _ = resolve_model(self.model)
@@ -152,6 +155,8 @@ class OpenClipFamily(ModelFamily):
                   max_per_class: int = MAX_PER_CLASS, seed: int = 0) -> ImageObjective:
         """Few-shot cross-entropy of the skill's head on the image tower θ₀ + σ(S)⊙τ (at most ``max_per_class``
         examples per class and 1024 in all, the first ones of each class in file order)."""
+        import torch
+
         if head is None:
             raise LocalizeError("the trained strategy needs the skill's head (a head tensor or class names)",
                                 hint="add skillhub.head.weight or `classes = [...]` to the drop")
@@ -174,6 +179,8 @@ class ClipRuntime(Runtime):
     """Inference on one merged version: preprocess images, embed them, apply a skill's head."""
 
     def __init__(self, model: torch.nn.Module) -> None:
+        import torch
+
         self.model = model
         cfg = getattr(model.visual, "preprocess_cfg", {}) or {}
         size = cfg.get("size", getattr(model.visual, "image_size", 224))
@@ -183,6 +190,7 @@ class ClipRuntime(Runtime):
 
     def preprocess(self, images: Sequence[Any]) -> torch.Tensor:
         """PIL images → a normalised batch [N, 3, S, S] (resize the short side, centre crop)."""
+        import torch
         from torchvision.transforms import functional as F
 
         out = []
@@ -194,15 +202,22 @@ class ClipRuntime(Runtime):
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 [N,3,H,W] (or float in [0, 1]) → resized to the model's size and normalised."""
+        import torch
+
         x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             x = torch.nn.functional.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
                                                 antialias=True, align_corners=False)
         return (x - self.mean) / self.std
 
-    @torch.no_grad()
     def embed(self, batch: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.normalize(self.model.encode_image(batch), dim=-1)
+        import torch
+
+        with torch.no_grad():
+            return torch.nn.functional.normalize(self.model.encode_image(batch), dim=-1)
+
+    def tensors(self) -> Mapping[str, torch.Tensor]:
+        return self.model.state_dict()  # detached tensors sharing the parameters' storage
 
 
 @hookimpl

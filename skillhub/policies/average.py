@@ -5,10 +5,13 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from skillhub.hookspecs import hookimpl
 from skillhub.stitch import Index, StitchPolicy
+
+if TYPE_CHECKING:
+    import torch
 
 
 class Average(StitchPolicy):
@@ -18,6 +21,8 @@ class Average(StitchPolicy):
     whole_tensor = True
 
     def accumulators(self, numel: int, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        import torch
+
         return {"sum": torch.zeros(numel, dtype=dtype, device=device)}
 
     def update(self, acc: dict[str, torch.Tensor], idx: Index, values: torch.Tensor, sign: int) -> None:

@@ -6,11 +6,14 @@ With a dense mask (sparsity 1) this is exactly task arithmetic; with sparse mask
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from skillhub.hookspecs import hookimpl
 from skillhub.policies.average import Average
 from skillhub.stitch import Index, ScaleParams, StitchPolicy
+
+if TYPE_CHECKING:
+    import torch
 
 
 class Sum(Average):

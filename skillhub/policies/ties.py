@@ -26,13 +26,15 @@ recomputed (:meth:`Ties.settle`).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
 from pydantic import Field, SerializerFunctionWrapHandler, model_serializer
 
 from skillhub.hookspecs import hookimpl
 from skillhub.stitch import Index, ScaleParams, StitchPolicy, zero_at
+
+if TYPE_CHECKING:
+    import torch
 
 PER_ENTRY = ("pos_sum", "neg_sum", "pos_cnt", "neg_cnt")
 
@@ -62,6 +64,8 @@ class Ties(StitchPolicy):
     whole_tensor = True
 
     def accumulators(self, numel: int, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        import torch
+
         acc = {
             "pos_sum": torch.zeros(numel, dtype=dtype, device=device),
             "neg_sum": torch.zeros(numel, dtype=dtype, device=device),
@@ -75,6 +79,8 @@ class Ties(StitchPolicy):
         return acc
 
     def update(self, acc: dict[str, torch.Tensor], idx: Index, values: torch.Tensor, sign: int) -> None:
+        import torch
+
         track = "balance" in acc
         if track:
             balance, zero_sums = _election(acc, idx)
@@ -100,6 +106,8 @@ class Ties(StitchPolicy):
             acc["zero_sums"] += after_zero_sums - zero_sums
 
     def delta(self, acc: dict[str, torch.Tensor], count: torch.Tensor, idx: Index) -> torch.Tensor:
+        import torch
+
         pos_sum, neg_sum = acc["pos_sum"][idx], acc["neg_sum"][idx]
         pos_cnt, neg_cnt = acc["pos_cnt"][idx], acc["neg_cnt"][idx]
         total = pos_sum + neg_sum
@@ -129,6 +137,8 @@ class Ties(StitchPolicy):
     def settle(self, accs: Mapping[str, dict[str, torch.Tensor]]) -> list[str]:
         """With ``zero_sign = "majority"``: the model-wide majority sign from every tensor's balance; the tensors
         whose zero-sum entries were merged with another sign are updated and returned, to be recomputed."""
+        import torch
+
         if self.params.zero_sign != "majority" or not accs:
             return []
         tensors = list(accs.values())
@@ -146,6 +156,8 @@ class Ties(StitchPolicy):
 def _election(acc: dict[str, torch.Tensor], idx: Index) -> tuple[int, int]:
     """At ``idx``: entries elected + minus entries elected − by their sum's sign, and covered entries whose sum is
     exactly 0 (their share of the model-wide majority, and the entries that follow it)."""
+    import torch
+
     sign = torch.sign(acc["pos_sum"][idx] + acc["neg_sum"][idx])
     covered = (acc["pos_cnt"][idx] + acc["neg_cnt"][idx]) > 0
     return int(sign.sum()), int(((sign == 0) & covered).sum())

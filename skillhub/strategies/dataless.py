@@ -31,10 +31,8 @@ import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
-import numpy as np
-import torch
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -44,8 +42,12 @@ from pydantic import (
 )
 
 from skillhub.delta import SparseDelta, TaskVector, index_dtype
+from skillhub.errors import LocalizeError
 from skillhub.hookspecs import hookimpl
 from skillhub.localize import LocalizeContext, Localizer
+
+if TYPE_CHECKING:
+    import torch
 
 SAMPLE_SIZE = 1 << 18
 
@@ -57,21 +59,35 @@ class Dataless(Localizer):
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid", frozen=True)
-        sparsity: float = Field(0.01, gt=0, le=1, description="fraction of included parameters kept in the mask")
+        sparsity: Annotated[float, Field(gt=0, le=1)] | Literal["auto"] = Field(
+            0.01, description="fraction of included parameters kept in the mask, or 'auto': the service picks the "
+                              "smallest of auto_ladder whose localized model keeps auto_keep of the finetune's "
+                              "accuracy on the drop's examples (skillhub.autosparsity)")
         scope: Literal["global", "tensor"] = Field(
             "global", description="'global': one threshold over all included tensors (the papers); 'tensor': the "
                                   "top sparsity of every tensor separately (mergekit's TIES trimming)")
+        auto_keep: float = Field(0.99, gt=0, le=1, description="with sparsity 'auto': the share of the finetune's "
+                                                               "accuracy the localized model must keep")
+        auto_ladder: tuple[Annotated[float, Field(gt=0, le=1)], ...] = Field(
+            (0.01, 0.02, 0.05, 0.1, 0.2), min_length=1, description="with sparsity 'auto': the sparsities tried")
 
         @model_serializer(mode="wrap")
         def _dump(self, handler: SerializerFunctionWrapHandler) -> dict:
-            # The default scope is left out of the dump, which is stamped into every mask file: masks made before
-            # the option existed keep their params, bytes and content address (and match their config again).
+            # Defaults of options added later are left out of the dump, which is stamped into every mask file:
+            # masks made before an option existed keep their params, bytes and content address (and match their
+            # config again). The auto_* options only mean something with sparsity "auto".
             data = handler(self)
             if self.scope == "global":
                 data.pop("scope", None)
+            if self.sparsity != "auto":
+                data.pop("auto_keep", None)
+                data.pop("auto_ladder", None)
             return data
 
     def localize(self, task: TaskVector, params: Params, ctx: LocalizeContext) -> SparseDelta:
+        if params.sparsity == "auto":
+            raise LocalizeError("sparsity 'auto' is chosen from a skill's examples by the service when it ingests a "
+                                "drop", key="localize.params.sparsity", hint="give a number here, e.g. 0.01")
         if params.sparsity >= 1:
             return task.sparse(every_nonzero(task, progress=ctx.report))
         if params.scope == "tensor":
@@ -80,13 +96,16 @@ class Dataless(Localizer):
         return task.sparse(global_topk(task, k, seed=ctx.seed, progress=ctx.report))
 
 
-Entries = dict[str, tuple[torch.Tensor | None, torch.Tensor]]
+if TYPE_CHECKING:
+    Entries = dict[str, tuple[torch.Tensor | None, torch.Tensor]]
 
 
 def every_nonzero(task: TaskVector, *, progress: Callable[[int, int], None] | None = None) -> Entries:
     """Per tensor, every entry with τ ≠ 0: in the dense form (``(None, τ)``, zeros left out by being zero) when that
     is no larger than indices plus values, else as sorted indices and values. τ is computed once, in the task
     vector's dtype, and kept as it is (no |τ|, no index array for a dense tensor)."""
+    import torch
+
     out: Entries = {}
     for done, key in enumerate(task.keys, start=1):
         flat = task.tensor(key).reshape(-1)
@@ -107,6 +126,9 @@ def per_tensor_topk(task: TaskVector, sparsity: float, *,
     """Per tensor, the k_i = ⌊sparsity × numel_i⌋ largest non-zero |τ| of that tensor alone (ties at the k_i-th
     value: earliest flat index first), as sorted indices and τ values. One O(numel) selection per tensor, tensors
     split over two threads as in :func:`_candidates`."""
+    import numpy as np
+    import torch
+
     order = sorted(task.keys, key=lambda k: -math.prod(task.shapes[k]))
     workers = max(1, min(2, os.cpu_count() or 1, len(order)))
     done = [0]
@@ -149,6 +171,8 @@ def per_tensor_topk(task: TaskVector, sparsity: float, *,
 def global_topk(task: TaskVector, k: int, *, seed: int = 0,
                 progress: Callable[[int, int], None] | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per tensor, sorted flat indices and τ values of the k largest non-zero |τ| over the whole task vector."""
+    import torch
+
     if k <= 0:
         return {}
     n = task.numel
@@ -166,6 +190,8 @@ def global_topk(task: TaskVector, k: int, *, seed: int = 0,
 
 def _sample_threshold(task: TaskVector, k: int, n: int, gen: torch.Generator, margin: float) -> float:
     """A value of |τ| that at least k entries reach, with overwhelming probability: a low sample quantile."""
+    import torch
+
     samples = []
     for key in task.keys:
         numel = math.prod(task.shapes[key])
@@ -192,6 +218,9 @@ def _candidates(task: TaskVector, threshold: float,
     Tensors are split over two worker threads (the work is memory-bound numpy/torch code that releases the GIL),
     each with its own reused workspaces, so no full-size temporary is ever allocated per tensor.
     """
+    import numpy as np
+    import torch
+
     # Largest first, dealt alternately: the two workers get about the same number of bytes.
     order = sorted(task.keys, key=lambda k: -math.prod(task.shapes[k]))
     workers = max(1, min(2, os.cpu_count() or 1, len(order)))
@@ -199,20 +228,29 @@ def _candidates(task: TaskVector, threshold: float,
     lock = threading.Lock()
 
     def run(keys: list[str]) -> dict[str, tuple[torch.Tensor, ...]]:
-        biggest = max((math.prod(task.shapes[k]) for k in keys), default=0)
-        work = torch.empty(biggest, dtype=task.dtype)
+        # τ in cache-sized pieces (TaskVector.pieces): τ, |τ| and the comparison of a piece stay in the CPU cache,
+        # where whole tensors would stream each temporary through memory. Same entries, same values, same order.
+        piece = 1 << 16  # entries: τ, |τ| and the comparison of a piece fit in a core's L2 cache
+        work = torch.empty(piece, dtype=task.dtype)
         np_dtype = work.numpy().dtype
-        abs_work = np.empty(biggest, dtype=np_dtype)
-        keep_work = np.empty(biggest, dtype=bool)
+        abs_work = np.empty(piece, dtype=np_dtype)
+        keep_work = np.empty(piece, dtype=bool)
         out: dict[str, tuple[torch.Tensor, ...]] = {}
         for key in keys:
-            flat = task.tensor(key, out=work).reshape(-1)
-            m = flat.numel()
-            a = np.abs(flat.numpy(), out=abs_work[:m])
-            keep = np.greater_equal(a, threshold, out=keep_work[:m]) if threshold > 0 else \
-                np.greater(a, 0, out=keep_work[:m])
-            idx = torch.from_numpy(np.flatnonzero(keep))
-            out[key] = (idx, flat[idx], torch.from_numpy(a[idx.numpy()]))
+            idx_parts, val_parts = [], []
+            for start, piece in task.pieces(key, work):
+                t = piece.numpy()
+                m = t.size
+                a = np.abs(t, out=abs_work[:m])
+                keep = np.greater_equal(a, threshold, out=keep_work[:m]) if threshold > 0 else \
+                    np.greater(a, 0, out=keep_work[:m])
+                i = np.flatnonzero(keep)
+                if i.size:
+                    val_parts.append(t[i])
+                    idx_parts.append(i + start if start else i)
+            idx = np.concatenate(idx_parts) if idx_parts else np.zeros(0, dtype=np.intp)
+            vals = np.concatenate(val_parts) if val_parts else np.zeros(0, dtype=np_dtype)
+            out[key] = (torch.from_numpy(idx), torch.from_numpy(vals), torch.from_numpy(np.abs(vals)))
             if progress is not None:
                 with lock:
                     done[0] += 1
@@ -230,6 +268,9 @@ def _candidates(task: TaskVector, threshold: float,
 
 
 def _select_exact(cands: dict[str, tuple[torch.Tensor, ...]], k: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    import numpy as np
+    import torch
+
     keys = list(cands)  # canonical order: the task vector's sorted keys
     sizes = [int(cands[key][0].numel()) for key in keys]
     total = sum(sizes)

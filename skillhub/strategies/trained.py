@@ -53,12 +53,11 @@ untouched and a run is reproducible on the CPU (on CUDA, as far as the family's 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from skillhub.delta import SparseDelta, TaskVector
@@ -68,13 +67,17 @@ from skillhub.localize import LocalizeContext, Localizer
 from skillhub.log import get_logger
 from skillhub.strategies.dataless import _select_exact, global_topk
 
+if TYPE_CHECKING:
+    import torch
+
 log = get_logger("skillhub.strategies.trained")
 
 #: Adam's ε. The gradient of one logit is σ′(Sᵢ)·(λ/N − gᵢ), which on a large model is far below torch's default
 #: 1e-8; with that ε Adam's steps would shrink with the model size and the logits would barely move.
 ADAM_EPS = 1e-20
 
-Entries = dict[str, tuple[torch.Tensor, torch.Tensor]]
+if TYPE_CHECKING:
+    Entries = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
 class Trained(Localizer):
@@ -105,6 +108,8 @@ class Trained(Localizer):
                                  description="seed for anything random; None uses the context's seed")
 
     def localize(self, task: TaskVector, params: Params, ctx: LocalizeContext) -> SparseDelta:
+        import torch
+
         objective = ctx.examples
         if objective is None or int(getattr(objective, "size", 0)) <= 0:
             raise LocalizeError(f"strategy {self.name!r}: no examples to learn the mask from",
@@ -131,6 +136,8 @@ class _State:
 
     @classmethod
     def build(cls, task: TaskVector, p: Trained.Params, device: torch.device, seed: int) -> _State:
+        import torch
+
         init = global_topk(task, math.floor(p.init_sparsity * task.numel), seed=seed)
         base: dict[str, torch.Tensor] = {}
         tau: dict[str, torch.Tensor] = {}
@@ -148,6 +155,8 @@ class _State:
 @contextmanager
 def _forked_rng(device: torch.device, seed: int) -> Iterator[None]:
     """Seed torch's global generators for the run and restore the caller's states afterwards."""
+    import torch
+
     if device.type == "cpu":
         fork = torch.random.fork_rng(devices=[])
     else:  # every device of that type: torch.manual_seed seeds them all, so all are restored
@@ -160,6 +169,8 @@ def _forked_rng(device: torch.device, seed: int) -> Iterator[None]:
 
 def _optimise(state: _State, p: Trained.Params, objective: Any, ctx: LocalizeContext) -> float:
     """Minimise ℓ(θ₀ + σ(S)⊙τ; step) + λ·mean σ(S) over S for ``p.steps`` steps; return the last objective value."""
+    import torch
+
     params = list(state.logits.values())
     opt: torch.optim.Optimizer = (torch.optim.Adam(params, lr=p.lr, eps=ADAM_EPS) if p.optimizer == "adam"
                                   else torch.optim.SGD(params, lr=p.lr))
@@ -192,6 +203,8 @@ def _optimise(state: _State, p: Trained.Params, objective: Any, ctx: LocalizeCon
 
 def _mask(task: TaskVector, p: Trained.Params, state: _State) -> Entries:
     """γ = [S > 0] (and τ ≠ 0), capped at ⌊target_sparsity·N⌋ entries by the largest logits; τ values at γ."""
+    import torch
+
     cands: dict[str, tuple[torch.Tensor, ...]] = {}
     for key in task.keys:
         s = state.logits[key].reshape(-1)
@@ -213,6 +226,8 @@ def _mask(task: TaskVector, p: Trained.Params, state: _State) -> Entries:
 
 def _log(task: TaskVector, p: Trained.Params, objective: Any, state: _State, entries: Entries, loss: float) -> None:
     """One line: mask size and density, and few-shot accuracy of θ₀ + γ⊙τ against the full finetune θ₀ + τ."""
+    import torch
+
     with torch.no_grad():  # one model-sized θ at a time
         acc_full = float(objective.accuracy({k: state.base[k] + state.tau[k] for k in task.keys}))
         grafted: dict[str, torch.Tensor] = {}

@@ -1,0 +1,85 @@
+"""sparsity = "auto": the smallest rung of the ladder whose localized model keeps `keep` of the finetune's accuracy on
+the fit examples; the service records the choice; without examples it takes the smallest rung and says why."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from test_gate import trained_skill
+from test_open_clip import tiny  # noqa: F401  (a fixture)
+
+from skillhub.autosparsity import choose
+from skillhub.checkpoint import write_safetensors
+from skillhub.config import load_config
+from skillhub.errors import LocalizeError
+from skillhub.hub import Hub
+from skillhub.strategies.dataless import Dataless
+
+
+class Fake:
+    def __init__(self, sparsity: float) -> None:
+        self.sparsity = sparsity
+
+
+def test_choose_takes_the_smallest_rung_that_keeps_enough() -> None:
+    acc = {1.0: 0.9, 0.01: 0.5, 0.02: 0.8, 0.05: 0.895, 0.1: 0.9}
+    calls: list[float] = []
+
+    def localize(s: float) -> Fake:
+        calls.append(s)
+        return Fake(s)
+
+    c = choose(localize, lambda d: acc[d.sparsity], ladder=[0.1, 0.01, 0.05, 0.02], keep=0.99)  # type: ignore[arg-type]
+    assert (c.sparsity, c.reached, c.finetune) == (0.05, True, 0.9)
+    assert calls == [1.0, 0.01, 0.02, 0.05] and c.delta.sparsity == 0.05  # type: ignore[attr-defined]
+    assert c.record(0.99)["accuracy"] == {"0.01": 0.5, "0.02": 0.8, "0.05": 0.895}
+    never = choose(Fake, lambda d: 0.1 if d.sparsity < 1 else 0.9, ladder=[0.01, 0.02], keep=0.99)  # type: ignore[arg-type]
+    assert (never.sparsity, never.reached) == (0.02, False)
+
+
+def test_params_accept_auto_and_the_strategy_alone_refuses_it() -> None:
+    p = Dataless.Params.model_validate({"sparsity": "auto"})
+    assert p.model_dump()["auto_ladder"] == (0.01, 0.02, 0.05, 0.1, 0.2)
+    assert Dataless.Params.model_validate({"sparsity": 0.05}).model_dump() == {"sparsity": 0.05}  # bytes unchanged
+    with pytest.raises(ValueError):
+        Dataless.Params.model_validate({"sparsity": "most"})
+    with pytest.raises(LocalizeError, match="chosen from a skill's examples"):
+        Dataless().localize(None, p, None)  # type: ignore[arg-type]
+
+
+def test_the_service_picks_a_sparsity_from_the_drops_examples_and_records_it(tiny, tmp_path: Path) -> None:
+    cfg, sd = tiny
+    (tmp_path / "config.toml").write_text(f"""
+[base]
+family = "open_clip"
+model = "{cfg}"
+weights = "{tmp_path / 'base.safetensors'}"
+[state]
+dir = "{tmp_path / 'state'}"
+[localize.params]
+sparsity = "auto"
+auto_ladder = [0.01, 0.05, 0.2]
+""")
+    ft = trained_skill(cfg, sd, 1)
+    write_safetensors(tmp_path / "skill.safetensors", ft, {"skillhub.classes": json.dumps(["a", "b", "c"]),
+                                                           "skillhub.head_scale": "20"})
+    plain = {k: v for k, v in ft.items() if not k.startswith("skillhub.examples")}
+    write_safetensors(tmp_path / "plain.safetensors", plain, {"skillhub.classes": json.dumps(["a", "b", "c"])})
+    with Hub(load_config(tmp_path / "config.toml", env={})) as hub:
+        row = hub.ingest(tmp_path / "skill.safetensors", skill="learnt")
+        record = row.meta["auto_sparsity"]
+        assert record["sparsity"] in (0.01, 0.05, 0.2) and record["keep"] == 0.99
+        assert set(record["accuracy"]) <= {"0.01", "0.05", "0.2"} and repr(record["sparsity"]) in record["accuracy"]
+        tried = [float(s) for s in record["accuracy"]]
+        assert record["reached"] == (record["accuracy"][repr(record["sparsity"])] >= 0.99 * record["finetune_accuracy"])
+        assert all(record["accuracy"][repr(s)] < 0.99 * record["finetune_accuracy"] for s in tried[:-1])
+        numel = sum(v.numel() for k, v in sd.items() if k.startswith("visual.") and v.is_floating_point())
+        assert row.nnz == pytest.approx(record["sparsity"] * numel, abs=2)
+        assert row.params == {"sparsity": "auto", "auto_ladder": [0.01, 0.05, 0.2]}  # the request, as configured
+        # without examples: the smallest rung, and why
+        row = hub.ingest(tmp_path / "plain.safetensors", skill="plain")
+        assert row.meta["auto_sparsity"]["sparsity"] == 0.01 and "reason" in row.meta["auto_sparsity"]
+        hub.reconcile()
+        assert hub.current is not None and set(hub.current.manifest["skills"]) == {"learnt", "plain"}
