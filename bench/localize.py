@@ -13,8 +13,8 @@ import math
 import os
 import subprocess
 import sys
-import time
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -23,9 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import PeakAnon, best_of, write_pair  # noqa: E402
 
 from skillhub.checkpoint import open_checkpoint  # noqa: E402
-from skillhub.delta import Provenance, TaskVector  # noqa: E402
+from skillhub.delta import Provenance  # noqa: E402
 from skillhub.localize import LocalizeContext, run_localizer  # noqa: E402
 from skillhub.strategies.dataless import Dataless  # noqa: E402
+from skillhub.taskvector import TaskVector  # noqa: E402
 
 
 def main() -> None:

@@ -34,9 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import make_base, make_finetune, vit_b_shapes  # noqa: E402
 
 from skillhub.checkpoint import open_checkpoint, write_safetensors  # noqa: E402
-from skillhub.delta import Provenance, TaskVector  # noqa: E402
+from skillhub.delta import Provenance  # noqa: E402
 from skillhub.localize import LocalizeContext, run_localizer  # noqa: E402
 from skillhub.strategies.dataless import Dataless  # noqa: E402
+from skillhub.taskvector import TaskVector  # noqa: E402
 
 TOKEN = "bench-token"
 GOAL_FACTOR, GOAL_SECONDS = 1.2, 0.5  # issue #9: drop to served <= 1.2 x localization + 0.5 s

@@ -231,7 +231,8 @@ def skillhub_merge(launcher: Launcher, work: Path, dirs: list[Path], name: str, 
 ONE_PROCESS = r"""
 import json, sys
 from skillhub.checkpoint import open_checkpoint, write_safetensors
-from skillhub.delta import Provenance, TaskVector
+from skillhub.delta import Provenance
+from skillhub.taskvector import TaskVector
 from skillhub.localize import LocalizeContext, run_localizer
 from skillhub.plugins import load_plugins
 from skillhub.stitch import Stitcher

@@ -39,17 +39,18 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from skillhub.checkpoint import write_safetensors  # noqa: E402
+from skillhub.delta import Provenance, SparseDelta  # noqa: E402
 from skillhub.demo import finetune as T  # noqa: E402
 from skillhub.demo import tasks as D  # noqa: E402
 from skillhub.demo import tower as V  # noqa: E402
 from skillhub.families.fewshot import ImageObjective  # noqa: E402
 from skillhub.head import Head  # noqa: E402
-from skillhub.checkpoint import write_safetensors  # noqa: E402
-from skillhub.delta import Provenance, SparseDelta, TaskVector  # noqa: E402
 from skillhub.ingest import skill_seed  # noqa: E402
 from skillhub.localize import LocalizeContext, run_localizer  # noqa: E402
 from skillhub.plugins import Plugins, load_plugins  # noqa: E402
 from skillhub.stitch import Stitcher, stitch  # noqa: E402
+from skillhub.taskvector import TaskVector  # noqa: E402
 
 FULL: dict[str, Any] = {
     "image_size": 64,

@@ -23,8 +23,8 @@ from skillhub.errors import (
 _LAZY = {
     "Checkpoint": "skillhub.checkpoint", "open_checkpoint": "skillhub.checkpoint",
     "validate_against": "skillhub.checkpoint", "write_safetensors": "skillhub.checkpoint",
-    "Provenance": "skillhub.delta", "SparseDelta": "skillhub.delta", "StateDict": "skillhub.delta",
-    "TaskVector": "skillhub.delta", "hookimpl": "skillhub.hookspecs", "LocalizeContext": "skillhub.localize",
+    "Provenance": "skillhub.delta", "SparseDelta": "skillhub.delta", "StateDict": "skillhub.taskvector",
+    "TaskVector": "skillhub.taskvector", "hookimpl": "skillhub.hookspecs", "LocalizeContext": "skillhub.localize",
     "Localizer": "skillhub.localize", "Stitcher": "skillhub.stitch", "StitchPolicy": "skillhub.stitch",
     "Hub": "skillhub.hub", "Client": "skillhub.client",
 }
@@ -32,13 +32,19 @@ _LAZY = {
 # ``skillhub.stitch`` as soon as anything imports it. Import it from there: ``from skillhub.stitch import stitch``.
 
 if TYPE_CHECKING:
-    from skillhub.checkpoint import Checkpoint, open_checkpoint, validate_against, write_safetensors
+    from skillhub.checkpoint import (
+        Checkpoint,
+        open_checkpoint,
+        validate_against,
+        write_safetensors,
+    )
     from skillhub.client import Client
-    from skillhub.delta import Provenance, SparseDelta, StateDict, TaskVector
+    from skillhub.delta import Provenance, SparseDelta
     from skillhub.hookspecs import hookimpl
     from skillhub.hub import Hub
     from skillhub.localize import LocalizeContext, Localizer
     from skillhub.stitch import Stitcher, StitchPolicy
+    from skillhub.taskvector import StateDict, TaskVector
 
 
 def __getattr__(name: str) -> Any:

@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from skillhub.delta import Provenance, SparseDelta, TaskVector
+from skillhub.delta import Provenance, SparseDelta
 from skillhub.errors import LocalizeError, SkillhubError
+from skillhub.taskvector import TaskVector
 
 if TYPE_CHECKING:
     import torch

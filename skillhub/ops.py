@@ -20,12 +20,13 @@ from skillhub.checkpoint import (
     open_checkpoint,
     write_safetensors,
 )
-from skillhub.delta import Provenance, SparseDelta, TaskVector, squares_of
+from skillhub.delta import Provenance, SparseDelta
 from skillhub.errors import CheckpointError, SkillhubError, StitchError
 from skillhub.families import ModelFamily, Prepared
 from skillhub.localize import LocalizeContext, run_localizer
 from skillhub.plugins import Plugins
 from skillhub.stitch import Stitcher, StitchPolicy
+from skillhub.taskvector import TaskVector, squares_of
 
 
 @dataclass(frozen=True)

@@ -28,9 +28,9 @@ from skillhub.checkpoint import (
     validate_against,
     write_safetensors,
 )
-from skillhub.delta import StateDict, TaskVector
 from skillhub.errors import CheckpointError
 from skillhub.header import read_header
+from skillhub.taskvector import StateDict, TaskVector
 
 # --------------------------------------------------------------------------------------------------------------------
 # helpers

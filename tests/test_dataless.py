@@ -9,10 +9,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from skillhub.delta import Provenance, TaskVector
+from skillhub.delta import Provenance
 from skillhub.localize import LocalizeContext, run_localizer
 from skillhub.strategies import dataless
 from skillhub.strategies.dataless import Dataless, global_topk
+from skillhub.taskvector import TaskVector
 
 
 def brute_force(tv: TaskVector, k: int) -> dict[str, list[int]]:

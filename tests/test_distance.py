@@ -12,17 +12,17 @@ import torch
 
 from skillhub import ops
 from skillhub.checkpoint import fingerprint, open_checkpoint, write_safetensors
-from skillhub.delta import (
+from skillhub.errors import CheckpointError
+from skillhub.families.state_dict import StateDictFamily
+from skillhub.ops import base_squares, localize_checkpoint
+from skillhub.plugins import load_plugins
+from skillhub.taskvector import (
     SQUARES_DOT,
     StateDict,
     TaskVector,
     squares_of,
     sum_of_squares,
 )
-from skillhub.errors import CheckpointError
-from skillhub.families.state_dict import StateDictFamily
-from skillhub.ops import base_squares, localize_checkpoint
-from skillhub.plugins import load_plugins
 
 SHAPES = {"a.w": (300, 200), "b.w": (7,), "c.w": (50, 41)}
 PLUGINS = load_plugins([], entry_points=False)

@@ -22,12 +22,13 @@ from PIL import Image
 
 from skillhub.checkpoint import open_checkpoint, write_safetensors
 from skillhub.client import Client
+from skillhub.delta import Provenance
 from skillhub.errors import CheckpointError, LocalizeError
 from skillhub.families.open_clip import OpenClipFamily, create_clip
 from skillhub.localize import LocalizeContext, run_localizer
 from skillhub.ops import localize_checkpoint
 from skillhub.plugins import load_plugins
-from skillhub.delta import Provenance, TaskVector
+from skillhub.taskvector import TaskVector
 
 TINY = {"embed_dim": 16, "vision_cfg": {"image_size": 16, "layers": 1, "width": 64, "patch_size": 8},
         "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}}

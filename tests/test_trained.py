@@ -19,12 +19,13 @@ import torch
 from structlog.testing import capture_logs
 from torch.func import functional_call
 
-from skillhub.delta import Provenance, SparseDelta, TaskVector
+from skillhub.delta import Provenance, SparseDelta
 from skillhub.errors import LocalizeError
 from skillhub.localize import LocalizeContext, resolve_params, run_localizer
 from skillhub.plugins import load_plugins
 from skillhub.strategies.dataless import Dataless
 from skillhub.strategies.trained import Trained
+from skillhub.taskvector import TaskVector
 
 PROV = Provenance(skill="planted", base="b" * 64, source="s" * 64)
 HIDDEN = (3, 11, 19, 27)  # h_c, the hidden unit the planted skill uses for class c

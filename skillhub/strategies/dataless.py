@@ -41,10 +41,11 @@ from pydantic import (
     model_serializer,
 )
 
-from skillhub.delta import SparseDelta, TaskVector, index_dtype
+from skillhub.delta import SparseDelta, index_dtype
 from skillhub.errors import LocalizeError
 from skillhub.hookspecs import hookimpl
 from skillhub.localize import LocalizeContext, Localizer
+from skillhub.taskvector import TaskVector
 
 if TYPE_CHECKING:
     import torch

@@ -60,12 +60,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from skillhub.delta import SparseDelta, TaskVector
+from skillhub.delta import SparseDelta
 from skillhub.errors import LocalizeError
 from skillhub.hookspecs import hookimpl
 from skillhub.localize import LocalizeContext, Localizer
 from skillhub.log import get_logger
 from skillhub.strategies.dataless import _select_exact, global_topk
+from skillhub.taskvector import TaskVector
 
 if TYPE_CHECKING:
     import torch
