@@ -47,9 +47,13 @@ class SkillPatcher:
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
+        runtime.pack()  # when it can, the model's tensors become views of one buffer: a switch is then one scatter
         self._live = runtime.tensors()
+        self._buffer, self._offsets = _one_buffer(self._live)
+        self._global: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()  # mask -> (index, values)
         # key -> (flat indices or None for a dense tensor, the base's values there): what restore() writes back
         self._saved: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = {}
+        self._saved_buffer: tuple[torch.Tensor, torch.Tensor] | None = None
         self.current: str | None = None  # the mask (sha256) patched in now
         self.switches = 0
 
@@ -60,7 +64,16 @@ class SkillPatcher:
         import torch
 
         self.restore()
+        packed = self._packed(mask_sha, delta)
         with torch.no_grad():
+            if packed is not None and self._buffer is not None:  # one gather, one add, one scatter
+                idx, values = packed
+                old = self._buffer[idx]
+                self._buffer[idx] = old + values
+                self._saved_buffer = (idx, old)
+                self.current = mask_sha
+                self.switches += 1
+                return self.runtime
             for key, values in delta.values.items():
                 target = self._live.get(key)
                 if target is None:
@@ -84,6 +97,9 @@ class SkillPatcher:
         import torch
 
         with torch.no_grad():
+            if self._saved_buffer is not None and self._buffer is not None:
+                self._buffer[self._saved_buffer[0]] = self._saved_buffer[1]
+                self._saved_buffer = None
             for key, (idx, old) in self._saved.items():
                 flat = self._live[key].view(-1)
                 if idx is None:
@@ -92,6 +108,55 @@ class SkillPatcher:
                     flat[idx] = old
         self._saved.clear()
         self.current = None
+
+
+    def _packed(self, mask_sha: str, delta: SparseDelta) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The mask as one index array into the model's one buffer, and its values there (made once per mask; the
+        last few are kept); ``None`` when the model has no one buffer holding every tensor the mask names."""
+        if self._buffer is None or any(k not in self._offsets for k in delta.values):
+            return None
+        if mask_sha in self._global:
+            self._global.move_to_end(mask_sha)
+            return self._global[mask_sha]
+        import torch
+
+        buf = self._buffer
+        parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for key, values in delta.values.items():
+            if key in delta.indices:
+                idx = delta.indices[key].to(device=buf.device, dtype=torch.long)
+            else:  # dense form: the masked entries are the non-zero values
+                idx = values.nonzero().reshape(-1).to(buf.device)
+                values = values[idx.to(values.device)]
+            parts.append((idx + self._offsets[key], values.to(device=buf.device, dtype=buf.dtype)))
+        packed = (torch.cat([i for i, _ in parts]), torch.cat([v for _, v in parts])) if parts else \
+            (torch.zeros(0, dtype=torch.long, device=buf.device), torch.zeros(0, dtype=buf.dtype, device=buf.device))
+        self._global[mask_sha] = packed
+        while len(self._global) > PACKED_KEPT:
+            self._global.popitem(last=False)
+        return packed
+
+
+def _one_buffer(live: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor | None, dict[str, int]]:
+    """The one storage most of ``live``'s floating tensors are contiguous views of, as a flat tensor, and each such
+    tensor's offset in it; ``(None, {})`` when no storage holds more than one of them."""
+    import torch
+
+    groups: dict[tuple[int, torch.dtype], list[str]] = {}
+    for key, t in live.items():
+        if t.is_floating_point() and t.is_contiguous():
+            groups.setdefault((t.untyped_storage().data_ptr(), t.dtype), []).append(key)
+    if not groups:
+        return None, {}
+    keys = max(groups.values(), key=len)
+    if len(keys) < 2:
+        return None, {}
+    first = live[keys[0]]
+    buffer = torch.empty(0, dtype=first.dtype, device=first.device).set_(first.untyped_storage())
+    return buffer, {k: live[k].storage_offset() for k in keys}
+
+
+PACKED_KEPT = 8  # masks kept in their one-buffer form (each: int64 indices and values of its entries)
 
 
 class MaskCache:

@@ -65,9 +65,23 @@ class TinyRuntime(Runtime):
         return {"a.weight": self.a.weight.data, "a.bias": self.a.bias.data, "b.weight": self.b.weight.data}
 
 
-def test_patch_is_theta0_plus_masked_tau_and_restore_is_bit_exact() -> None:
+class PackedRuntime(TinyRuntime):
+    """TinyRuntime whose tensors become views of one buffer (the patcher's one-scatter path)."""
+
+    def pack(self) -> None:
+        params = [self.a.weight, self.a.bias, self.b.weight]
+        buffer = torch.cat([p.detach().reshape(-1) for p in params])
+        offset = 0
+        for p in params:
+            p.data = buffer[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
+
+
+@pytest.mark.parametrize("runtime", [TinyRuntime, PackedRuntime])
+def test_patch_is_theta0_plus_masked_tau_and_restore_is_bit_exact(runtime: type[TinyRuntime]) -> None:
     theta0 = base()
-    patcher = SkillPatcher(TinyRuntime(theta0))
+    patcher = SkillPatcher(runtime(theta0))
+    assert (patcher._buffer is not None) == (runtime is PackedRuntime)
     live = patcher.runtime.tensors()
     for d, sha in ((delta(1), "one"), (delta(2, dense=("a.weight",)), "two"), (delta(1), "one")):
         patcher.use(sha, d)

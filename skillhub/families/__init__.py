@@ -62,6 +62,10 @@ class Runtime:
         """Example images (uint8 [N, 3, H, W], or float in [0, 1]) → the normalised batch :meth:`embed` takes."""
         raise NotImplementedError
 
+    def pack(self) -> None:
+        """Optionally make the model's floating tensors views of one buffer, so that the skill route patches a
+        mask in with one scatter rather than a few per tensor. The default leaves the model as it is."""
+
     def tensors(self) -> Mapping[str, torch.Tensor]:
         """The model's own tensors by checkpoint key, live: writing into them changes the model (the skill route
         patches a skill's γ⊙τ into a runtime built on θ₀ this way)."""

@@ -219,6 +219,19 @@ class ClipRuntime(Runtime):
     def tensors(self) -> Mapping[str, torch.Tensor]:
         return self.model.state_dict()  # detached tensors sharing the parameters' storage
 
+    def pack(self) -> None:
+        import torch
+
+        with torch.no_grad():
+            owned = [t for t in (*self.model.parameters(), *self.model.buffers()) if t.dtype == torch.float32]
+            buffer = torch.empty(sum(t.numel() for t in owned), dtype=torch.float32)
+            offset = 0
+            for t in owned:  # each tensor's data moves into the buffer; the module keeps its Parameter objects
+                n = t.numel()
+                buffer[offset:offset + n].copy_(t.reshape(-1))
+                t.data = buffer[offset:offset + n].view_as(t)
+                offset += n
+
 
 @hookimpl
 def register_families() -> list[type[ModelFamily]]:
