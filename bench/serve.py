@@ -122,8 +122,10 @@ def make_world(root: Path, skills: int) -> None:
     write_safetensors(root / "base.safetensors", sd, {})
     for i in range(skills):
         g = torch.Generator().manual_seed(1 + i)
+        # BN running statistics stay θ₀'s (noise could make a variance negative: NaN outputs, which the smoke
+        # check's probe batch refuses)
         ft = {k: (v + 1e-3 * torch.randn(v.shape, generator=g) if k.startswith("visual.") and v.is_floating_point()
-                  else v) for k, v in sd.items()}
+                  and "running_" not in k else v) for k, v in sd.items()}
         ft["skillhub.head.weight"] = torch.nn.functional.normalize(torch.randn(10, 1280, generator=g), dim=-1)
         write_safetensors(root / f"skill{i}.safetensors", ft,
                           {"skillhub.classes": json.dumps([str(c) for c in range(10)])})

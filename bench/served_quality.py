@@ -455,9 +455,9 @@ accuracy, where the 409 sends the client; "norm. (merged skills only)" leaves th
 {static_table(res)}
 
 The quality gate's view (gate `hold` Hubs): accuracy on the check examples (a quarter of the examples each drop
-carries) that the gate compares, beside the test accuracy of the same model and head (base: the drop's original
-head on θ₀; route=skill and merged: the head the version serves there). "—": the skill had no score (held skills are
-not scored in the version that leaves them out).
+carries) that the gate compares, beside test accuracy. The gate scores every model with the skill's head re-centred
+on that model's fit examples (base: θ₀; route=skill and merged: the head the version serves there); the base test
+column is θ₀ with the drop's original head, the check column θ₀ with the re-centred one. "—": no score.
 
 {gate_table(res)}
 
