@@ -117,63 +117,21 @@ def trained_skill(cfg, sd: dict[str, torch.Tensor], seed: int, *, steps: int = 6
 def test_service_scores_skills_and_holds_a_destructive_one_while_the_old_version_serves(tiny, tmp_path) -> None:
     import json
     import os
-    import signal
-    import socket
-    import subprocess
-    import sys
-    import time
 
-    import httpx
-    from test_open_clip import TOKEN, png
+    from test_open_clip import clip_daemon, png
 
     from skillhub.checkpoint import write_safetensors
 
     cfg, sd = tiny
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    (tmp_path / "config.toml").write_text(f"""
-[base]
-family = "open_clip"
-model = "{cfg.name}"
-weights = "base.safetensors"
-[watch]
-dir = "inbox"
-stable_seconds = 0.2
-[localize.params]
-sparsity = 0.2
-[serve]
-port = {port}
-[publish]
-gate = "hold"
-max_drop = 0.1
-""")
-    (tmp_path / "inbox").mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SKILLHUB_")} | {"SKILLHUB_TOKEN": TOKEN}
-    log = open(tmp_path / "daemon.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "skillhub", "run", "--config", str(tmp_path / "config.toml")],
-                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=log)
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {TOKEN}"},
-                          timeout=60)
-
-    def wait(cond, what: str, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, (tmp_path / "daemon.log").read_text()[-3000:]
-            try:
-                if cond():
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError(f"timed out: {what}\n" + (tmp_path / "daemon.log").read_text()[-3000:])
+    daemon = clip_daemon(tmp_path, cfg, "[localize.params]\nsparsity = 0.2\n[publish]\ngate = \"hold\"\nmax_drop = 0.1\n",
+                         timeout=120)
 
     def drop(name: str, tensors: dict[str, torch.Tensor]) -> None:
         tmp = tmp_path / "inbox" / f".{name}.part"
         write_safetensors(tmp, tensors, {"skillhub.classes": json.dumps(["a", "b", "c"]), "skillhub.head_scale": "20"})
         os.rename(tmp, tmp_path / "inbox" / f"{name}.safetensors")
 
-    try:
+    with daemon as (client, wait, _):
         wait(lambda: client.get("/readyz").status_code == 200, "ready")
         for name, seed in (("one", 1), ("two", 2)):
             drop(name, trained_skill(cfg, sd, seed))
@@ -209,11 +167,6 @@ max_drop = 0.1
         assert r.status_code == 200 and r.json()["route"] == "skill" and r.json()["version"] == good_version
         r = client.post("/v1/skills/one/predict", files=files, data={"route": "merged"})
         assert r.status_code == 200 and r.json()["version"] == good_version
-    finally:
-        client.close()
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
-        log.close()
 
 
 def test_the_probe_batch_fails_a_model_whose_outputs_are_not_finite() -> None:

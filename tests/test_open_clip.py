@@ -4,6 +4,7 @@ service classifying images over HTTP with two skills, one of them disabled, unde
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -13,7 +14,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -209,8 +212,11 @@ def logits_of(answer: dict) -> torch.Tensor:
     return torch.tensor([p["logit"] for p in sorted(answer["predictions"][0], key=lambda p: p["index"])])
 
 
-def test_service_predicts_with_two_skills_then_one(tiny, tmp_path: Path) -> None:
-    cfg, sd = tiny
+@contextlib.contextmanager
+def clip_daemon(tmp_path: Path, cfg: Path, toml: str, *, timeout: float = 90) -> Iterator[tuple[httpx.Client, Any, int]]:
+    """A real `skillhub run` subprocess on the tiny CLIP base in ``tmp_path`` (``toml``: config sections after
+    [base], [watch] and [serve]) and an authorised HTTP client; yields ``(client, wait, port)``, where
+    ``wait(cond, what)`` polls until ``cond()`` holds, failing with the daemon's log if it dies or times out."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -222,32 +228,45 @@ weights = "base.safetensors"
 [watch]
 dir = "inbox"
 stable_seconds = 0.2
-[localize.params]
-sparsity = 0.05
 [serve]
 port = {port}
-""")
+{toml}""")
     (tmp_path / "inbox").mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SKILLHUB_")} | {"SKILLHUB_TOKEN": TOKEN}
-    log = open(tmp_path / "daemon.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "skillhub", "run", "--config", str(tmp_path / "config.toml")],
-                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=log)
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {TOKEN}"},
-                          timeout=30)
+    with open(tmp_path / "daemon.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "skillhub", "run", "--config", str(tmp_path / "config.toml")],
+                                cwd=tmp_path, env=daemon_env(), stdout=subprocess.DEVNULL, stderr=log)
+        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {TOKEN}"},
+                              timeout=60)
 
-    def wait(cond, what: str, timeout: float = 90) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, (tmp_path / "daemon.log").read_text()[-3000:]
-            try:
-                if cond():
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"timed out: {what}\n" + (tmp_path / "daemon.log").read_text()[-3000:])
+        def wait(cond: Any, what: str, timeout: float = timeout) -> None:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                assert proc.poll() is None, (tmp_path / "daemon.log").read_text()[-3000:]
+                try:
+                    if cond():
+                        return
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.1)
+            raise AssertionError(f"timed out: {what}\n" + (tmp_path / "daemon.log").read_text()[-3000:])
 
-    try:
+        try:
+            yield client, wait, port
+        finally:
+            client.close()
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+
+
+def daemon_env() -> dict[str, str]:
+    """The environment the daemon and the CLI run with: no SKILLHUB_* of the caller's, the test's token."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("SKILLHUB_")} | {"SKILLHUB_TOKEN": TOKEN}
+
+
+def test_service_predicts_with_two_skills_then_one(tiny, tmp_path: Path) -> None:
+    cfg, sd = tiny
+    env = daemon_env()
+    with clip_daemon(tmp_path, cfg, "[localize.params]\nsparsity = 0.05\n") as (client, wait, port):
         wait(lambda: client.get("/readyz").status_code == 200, "ready")
         drops = {}
         for name, classes, seed in (("shapes", ["circle", "square", "star"], 11), ("colors", ["red", "blue"], 12)):
@@ -346,8 +365,3 @@ port = {port}
         r = client.post("/v1/skills/shapes/predict", files=files)
         assert r.status_code == 200 and r.json()["version"] == latest > v2
         assert client.post("/v1/skills/colors/predict", files=files).status_code == 404
-    finally:
-        client.close()
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
-        log.close()
