@@ -48,9 +48,9 @@ class Run:
         return f"skillhub {' '.join(self.args)} -> {self.returncode}\nstdout: {self.stdout}\nstderr: {self.stderr}"
 
 
-def run_cli(cwd: Path, *args: str) -> Run:
-    p = subprocess.run([sys.executable, "-m", "skillhub", *args], cwd=cwd, env=ENV, capture_output=True, text=True,
-                       timeout=180)
+def run_cli(cwd: Path, *args: str, env: dict[str, str] | None = None) -> Run:
+    p = subprocess.run([sys.executable, "-m", "skillhub", *args], cwd=cwd, env=ENV if env is None else env,
+                       capture_output=True, text=True, timeout=300)
     return Run(tuple(args), p.returncode, p.stdout, p.stderr)
 
 

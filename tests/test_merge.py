@@ -17,8 +17,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import subprocess
-import sys
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,6 +25,8 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
+from test_cli import Run
+from test_cli import run_cli as cli
 
 SHAPES = {"enc.weight": (24, 20), "enc.bias": (20,), "conv.kernel": (5, 4, 3)}
 BUFFER = "bn.num_batches_tracked"
@@ -37,21 +37,8 @@ TIES_SCALE = 0.9
 ENV = {k: v for k, v in os.environ.items() if not k.startswith("SKILLHUB_")} | {"SKILLHUB_CACHE_DIR": ""}
 
 
-@dataclass(frozen=True)
-class Run:
-    args: tuple[str, ...]
-    returncode: int
-    stdout: str
-    stderr: str
-
-    def __str__(self) -> str:
-        return f"skillhub {' '.join(self.args)} -> {self.returncode}\nstdout: {self.stdout}\nstderr: {self.stderr}"
-
-
 def run_cli(cwd: Path, *args: str) -> Run:
-    p = subprocess.run([sys.executable, "-m", "skillhub", *args], cwd=cwd, env=ENV, capture_output=True, text=True,
-                       timeout=300, check=False)
-    return Run(tuple(args), p.returncode, p.stdout, p.stderr)
+    return cli(cwd, *args, env=ENV)  # memory-only fingerprints: every run hashes its files
 
 
 def make_base() -> dict[str, torch.Tensor]:
