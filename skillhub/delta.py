@@ -25,7 +25,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from skillhub.checkpoint import TensorFile, write_safetensors
 from skillhub.errors import CheckpointError
@@ -35,16 +35,6 @@ if TYPE_CHECKING:
     import torch
 
 FORMAT = "sparse-delta/1"
-_MOVED = ("TensorSource", "StateDict", "TaskVector", "sum_of_squares", "squares_of")
-
-
-def __getattr__(name: str) -> Any:
-    """Task vectors moved to :mod:`skillhub.taskvector`; plugins that import them from here keep working."""
-    if name in _MOVED:
-        from skillhub import taskvector
-
-        return getattr(taskvector, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 INT32_LIMIT = 2**31 - 1
 
 

@@ -134,7 +134,13 @@ def read_header(
         # the reference parser refuses as well).
         raise CheckpointError(f"header is not valid JSON ({type(e).__name__}): not a safetensors file",
                               path=path) from None
-    cursor = 8 + n
+    check_layout(tensors, 8 + n, st.st_size, path)
+    return Header(path=path, tensors=tensors, metadata=metadata, file_size=st.st_size)
+
+
+def check_layout(tensors: Mapping[str, TensorInfo], data_start: int, file_size: int, path: Path) -> None:
+    """The tensors' bytes tile the data section exactly: no overlap, no gap, nothing after the last one."""
+    cursor = data_start
     for info in sorted(tensors.values(), key=lambda i: (i.start, i.end, i.name)):
         if info.start < cursor:
             raise CheckpointError(f"tensor {info.name!r} overlaps the previous tensor's bytes", path=path,
@@ -143,9 +149,8 @@ def read_header(
             raise CheckpointError(f"gap of {info.start - cursor} bytes before tensor {info.name!r}", path=path,
                                   key=info.name)
         cursor = info.end
-    if cursor != st.st_size:
-        raise CheckpointError(f"{st.st_size - cursor} trailing bytes after the last tensor", path=path)
-    return Header(path=path, tensors=tensors, metadata=metadata, file_size=st.st_size)
+    if cursor != file_size:
+        raise CheckpointError(f"{file_size - cursor} trailing bytes after the last tensor", path=path)
 
 
 def safetensors_header(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> tuple[bytes, list[str],

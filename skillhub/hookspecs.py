@@ -61,7 +61,7 @@ def register_localizers() -> list[type[Localizer]] | None:  # type: ignore[empty
     ``[localize] strategy`` and ``skillhub localize --strategy`` call it), a ``Params`` pydantic model (frozen,
     ``extra="forbid"``, every field with a default) and a pure method ``localize(task, params, ctx)`` that returns a
     :class:`skillhub.delta.SparseDelta`. It must do no I/O of its own and read no config: the core validates the
-    params with your ``Params`` model and hands you a :class:`skillhub.delta.TaskVector` that streams τ = θₜ − θ₀
+    params with your ``Params`` model and hands you a :class:`skillhub.taskvector.TaskVector` that streams τ = θₜ − θ₀
     tensor by tensor. Set ``needs_examples = True`` if the strategy needs few-shot task data (``ctx.examples``).
 
     :return: a list of ``Localizer`` subclasses (classes, not instances), or ``None``.

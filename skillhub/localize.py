@@ -2,7 +2,7 @@
 
 A strategy is a small :class:`Localizer` subclass with a typed ``Params`` model and one pure method,
 ``localize(task, params, ctx) -> SparseDelta``. Strategies do no I/O of their own, read no config and touch no
-registry: the core resolves their params (:func:`resolve_params`) and hands them a :class:`~skillhub.delta.TaskVector`
+registry: the core resolves their params (:func:`resolve_params`) and hands them a :class:`~skillhub.taskvector.TaskVector`
 that streams τ tensor by tensor from memory-mapped checkpoints.
 """
 

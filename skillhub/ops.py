@@ -94,7 +94,7 @@ _BASE_SQUARES: dict[tuple[str, tuple[str, ...]], dict[str, float]] = {}
 
 def base_squares(base: Checkpoint, keys: Sequence[str], sha: str | Future[tuple[str, str]] | None = None
                  ) -> dict[str, float]:
-    """‖θ₀‖² of each included tensor (:func:`~skillhub.delta.squares_of`), computed once per base: kept under the
+    """‖θ₀‖² of each included tensor (:func:`~skillhub.taskvector.squares_of`), computed once per base: kept under the
     base's fingerprint ``sha`` (given, or the first of a pair a future yields), which names its bytes."""
     sq = squares_of(base, keys)
     fp = sha.result()[0] if isinstance(sha, Future) else sha

@@ -21,10 +21,10 @@ from skillhub.delta import (
     INT32_LIMIT,
     Provenance,
     SparseDelta,
-    TaskVector,
     index_dtype,
 )
 from skillhub.errors import CheckpointError
+from skillhub.taskvector import TaskVector
 
 SHAPES = {"a.w": (6, 5), "h.w": (4, 4), "z.b": (7,)}
 DTYPES = {"a.w": torch.float32, "h.w": torch.float16, "z.b": torch.float32}

@@ -31,6 +31,7 @@ from skillhub.header import (
     MAX_METADATA_VALUES,
     MAX_TENSORS,
     Header,
+    check_layout,
     read_header,
 )
 from skillhub.headerscan import _tensor_info
@@ -109,17 +110,10 @@ def json_read_header(path: Path, max_tensors: int = MAX_TENSORS) -> Header | Che
                                          data_start, data_len)
     except CheckpointError as e:
         return e
-    cursor = data_start
-    for info in sorted(tensors.values(), key=lambda i: (i.start, i.end, i.name)):
-        if info.start < cursor:
-            return CheckpointError(f"tensor {info.name!r} overlaps the previous tensor's bytes", path=path,
-                                   key=info.name)
-        if info.start > cursor:
-            return CheckpointError(f"gap of {info.start - cursor} bytes before tensor {info.name!r}", path=path,
-                                   key=info.name)
-        cursor = info.end
-    if cursor != len(data):
-        return CheckpointError(f"{len(data) - cursor} trailing bytes after the last tensor", path=path)
+    try:  # the layout rule is the same code: what this reference checks is the JSON parse before it
+        check_layout(tensors, data_start, len(data), path)
+    except CheckpointError as e:
+        return e
     return Header(path=path, tensors=tensors, metadata=meta, file_size=len(data))
 
 
