@@ -128,17 +128,26 @@ def run_localizer(localizer_cls: type[Localizer], task: TaskVector, raw_params: 
 
 
 def check_delta(delta: SparseDelta, task: TaskVector, strategy: str) -> None:
-    """A strategy's result must fit the task: known keys, sorted in-range indices, finite values (FAULTS B8)."""
+    """A strategy's result must fit the task: known keys, sorted in-range indices (or, for a dense tensor, one value
+    per entry of the task's tensor), finite values (FAULTS B8)."""
     import torch
 
-    for key, idx in delta.indices.items():
+    for key, values in delta.values.items():
         if key not in task.shapes:
             raise LocalizeError(f"strategy {strategy!r} returned a mask for unknown tensor {key!r}", key=key)
-        n = idx.numel()
-        if n and (int(idx[0]) < 0 or int(idx[-1]) >= math.prod(task.shapes[key])):
-            raise LocalizeError(f"strategy {strategy!r} returned out-of-range indices for {key!r}", key=key)
-        if n > 1 and bool((idx[1:] <= idx[:-1]).any()):
-            raise LocalizeError(f"strategy {strategy!r} returned unsorted or repeated indices for {key!r}", key=key)
-        if not bool(torch.isfinite(delta.values[key]).all()):
+        numel = math.prod(task.shapes[key])
+        idx = delta.indices.get(key)
+        if idx is None:  # the dense form: the values are the whole tensor
+            if values.numel() != numel:
+                raise LocalizeError(f"strategy {strategy!r} returned {values.numel()} dense values for {key!r}, "
+                                    f"which has {numel} entries", key=key)
+        else:
+            n = idx.numel()
+            if n and (int(idx[0]) < 0 or int(idx[-1]) >= numel):
+                raise LocalizeError(f"strategy {strategy!r} returned out-of-range indices for {key!r}", key=key)
+            if n > 1 and bool((idx[1:] <= idx[:-1]).any()):
+                raise LocalizeError(f"strategy {strategy!r} returned unsorted or repeated indices for {key!r}",
+                                    key=key)
+        if not bool(torch.isfinite(values).all()):
             raise LocalizeError(f"strategy {strategy!r} produced NaN or Inf values for {key!r}", key=key,
                                 hint="the mask is rejected; the served model is unchanged")
