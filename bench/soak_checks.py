@@ -53,12 +53,19 @@ def reference_stitch(base: dict[str, torch.Tensor], base_sha: str, masks: list[P
             for key, shape in shapes.items():
                 if list(base[key].shape) != list(shape):
                     raise ValueError(f"{path.name}: shape of {key} is {shape}, the base's {list(base[key].shape)}")
-            for name in f.keys():
-                if not name.endswith("::indices"):
+            names = set(f.keys())
+            for name in sorted(names):
+                if not name.endswith("::values"):
                     continue
-                key = name[: -len("::indices")]
-                idx = f.get_tensor(name).long()
-                val = f.get_tensor(key + "::values").to(torch.float64)
+                key = name[: -len("::values")]
+                val = f.get_tensor(name).to(torch.float64)
+                if key + "::indices" in names:
+                    idx = f.get_tensor(key + "::indices").long()
+                else:  # the dense form: values for every entry, the mask is where they are non-zero
+                    if val.numel() != base[key].numel():
+                        raise ValueError(f"{path.name}: dense values of {key} do not cover the tensor")
+                    idx = val.reshape(-1).nonzero().squeeze(1)
+                    val = val.reshape(-1)[idx]
                 if idx.numel() and (bool((idx[1:] <= idx[:-1]).any()) or int(idx[0]) < 0
                                     or int(idx[-1]) >= base[key].numel() or val.shape != idx.shape):
                     raise ValueError(f"{path.name}: indices of {key} not strictly increasing and in range")

@@ -437,6 +437,19 @@ def test_the_test_data_exercises_ties_and_overlap(reference: Reference) -> None:
     assert all(int(m.gamma["enc.bias"].sum()) > 0 for m in reference.masks)
 
 
+def mask_entries(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(indices, values) per key of a mask file's tensors, read from either stored form: ``KEY::indices`` with
+    ``KEY::values``, or the dense ``KEY::values`` alone (the mask is its non-zero entries)."""
+    out = {}
+    for name, values in tensors.items():
+        if name.endswith("::values"):
+            key = name[: -len("::values")]
+            flat = values.reshape(-1)
+            idx = tensors[f"{key}::indices"].long() if f"{key}::indices" in tensors else flat.nonzero().squeeze(1)
+            out[key] = (idx, flat if f"{key}::indices" in tensors else flat[idx])
+    return out
+
+
 def test_localize_writes_exactly_the_global_top_k(world: World, reference: Reference) -> None:
     k = reference.k
     for i in (1, 2):
@@ -447,7 +460,8 @@ def test_localize_writes_exactly_the_global_top_k(world: World, reference: Refer
         with safetensors.safe_open(path, "pt") as f:
             meta = f.metadata()
             tensors = {n: f.get_tensor(n) for n in f.keys()}
-        assert sum(t.numel() for n, t in tensors.items() if n.endswith("::indices")) == k
+        masks = mask_entries(tensors)
+        assert sum(idx.numel() for idx, _ in masks.values()) == k
         assert meta["skillhub.base"] == sha256(world.dir / "base.safetensors")
         assert meta["skillhub.source"] == sha256(world.dir / f"ft{i}.safetensors")
         assert meta["skillhub.skill"] == f"ft{i}"
@@ -457,11 +471,13 @@ def test_localize_writes_exactly_the_global_top_k(world: World, reference: Refer
         for key in FLOAT_SHAPES:
             want = reference.masks[i - 1].gamma[key].reshape(-1).nonzero().squeeze(1)
             if want.numel() == 0:
-                assert f"{key}::indices" not in tensors
+                assert key not in masks
                 continue
-            assert tensors[f"{key}::indices"].dtype == torch.int32
-            assert tensors[f"{key}::indices"].tolist() == want.tolist(), key
-            assert torch.equal(tensors[f"{key}::values"], reference.taus[i - 1][key].reshape(-1)[want].float()), key
+            if f"{key}::indices" in tensors:
+                assert tensors[f"{key}::indices"].dtype == torch.int32
+            idx, values = masks[key]
+            assert idx.tolist() == want.tolist(), key
+            assert torch.equal(values, reference.taus[i - 1][key].reshape(-1)[want].float()), key
 
 
 def load_merged(world: World, name: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
