@@ -1,5 +1,5 @@
 """The ``skillhub`` commands that work on a state folder or talk to the running service: ``run``, ``skills``,
-``predict``, ``doctor``, ``backup``, ``restore``. A skill change goes through the running service's API when it holds
+``predict``, ``analytics``, ``doctor``, ``backup``, ``restore``. A skill change goes through the running service's API when it holds
 the state folder, else to the registry directly."""
 
 from __future__ import annotations
@@ -31,6 +31,12 @@ def add_service_commands(sub: Any) -> None:
     q.add_argument("--top-k", type=int, default=5)
     q.add_argument("images", nargs="+")
     q.set_defaults(func=cmd_predict)
+
+    q = sub.add_parser("analytics", help="where each served skill's mask lives and how much the masks overlap")
+    q.add_argument("--version", type=int, default=None, help="a kept version (default: the current one)")
+    q.add_argument("--out", default=None, metavar="FILE.html", help="write a self-contained HTML report there")
+    q.add_argument("--json", action="store_true", help="print the analytics as JSON (what GET /v1/analytics says)")
+    q.set_defaults(func=cmd_analytics)
 
     q = sub.add_parser("run", help="run the service (watch the inbox, stitch, serve) in the foreground")
     q.set_defaults(func=cmd_run)
@@ -156,6 +162,25 @@ def cmd_predict(args: argparse.Namespace) -> int:
             skills = [s for s in args.skills.split(",") if s] if args.skills else None
             answer = client.predict_all(images, skills, top_k=args.top_k)
     print(json.dumps(answer, ensure_ascii=True, indent=2))
+    return 0
+
+
+def cmd_analytics(args: argparse.Namespace) -> int:
+    """Mask analytics of a published version, from the state folder's manifest and mask files (no service needed)."""
+    from skillhub.analytics import state_analytics, summary
+
+    result = state_analytics(Path(_config(args).state.dir), args.version)
+    if args.out:
+        from skillhub.atomic import atomic_file
+        from skillhub.dashboard import render_report
+
+        with atomic_file(Path(args.out)) as f:
+            f.write(render_report(result).encode("utf-8"))
+        print(f"{args.out}: the mask analytics of version {result['version']}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(result, ensure_ascii=True, indent=2))
+    elif not args.out:
+        print(summary(result))
     return 0
 
 
