@@ -121,6 +121,13 @@ def test_dashboard_in_chromium(service, browser) -> None:
     assert page.locator("svg.heatmap").count() == 0  # one skill served: no pair to draw
     assert "− b" in page.inner_text("tr.version >> nth=0")
 
+    # A change made elsewhere (the API, as the CLI does): the open page follows the new version by itself.
+    assert svc.post("/v1/skills/b/enable").status_code == 200
+    svc.wait(lambda: _served(svc) == {"a", "b"}, "b enabled again")
+    newest = svc.model()["version"]
+    page.wait_for_selector(f"#served-version[data-version='{newest}']", timeout=20000)
+    assert page.locator("svg.heatmap g.cell").count() == 4
+
     # A fresh tab of the same browser has no token (sessionStorage is per tab): no skill again.
     other = browser.new_page()
     other.goto(url)
