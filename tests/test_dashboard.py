@@ -32,7 +32,7 @@ def _browser_missing() -> str | None:
     return None
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def browser():
     """Chromium on a fresh profile of its own; each page is its own tab, with its own session storage."""
     why = _browser_missing()
@@ -73,7 +73,7 @@ def service(tmp_path_factory):
             svc.proc.wait()
 
 
-def test_dashboard_in_chromium(service, browser) -> None:
+def test_dashboard_in_chromium(browser, service) -> None:  # browser first: a skip starts no daemon
     svc = service
     svc.post("/v1/skills/b/enable")  # whatever ran before: both served
     svc.wait(lambda: _served(svc) == {"a", "b"}, "a and b served")
