@@ -11,8 +11,8 @@ Computed from a version's mask files (:mod:`skillhub.delta`) alone:
   an averaging stitch damages most; 0 when the masks do not overlap).
 
 A *layer* is a group of tensors by key prefix, :func:`layer_of`: the key up to and including its first all-digit
-component (the block index: ``blocks.3.1.conv.weight`` → ``blocks.3``, ``transformer.resblocks.11.attn.in_proj_weight``
-→ ``transformer.resblocks.11``); a key with no such component is grouped by the key less its last component
+component (the block index: ``blocks.3.1.conv.weight`` → ``blocks.3``,
+``transformer.resblocks.11.attn.in_proj_weight`` → ``transformer.resblocks.11``); a key with no such component is grouped by the key less its last component
 (``conv_stem.weight`` → ``conv_stem``).
 
 Cost: one pass over each mask (a dense mask is read once to find its non-zero entries) and, per pair and tensor, a

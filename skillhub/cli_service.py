@@ -1,6 +1,6 @@
 """The ``skillhub`` commands that work on a state folder or talk to the running service: ``run``, ``skills``,
-``predict``, ``analytics``, ``doctor``, ``backup``, ``restore``. A skill change goes through the running service's API when it holds
-the state folder, else to the registry directly."""
+``predict``, ``analytics``, ``doctor``, ``backup``, ``restore``. A skill change goes through the running service's
+API when it holds the state folder, else to the registry directly."""
 
 from __future__ import annotations
 

@@ -61,7 +61,8 @@ def render_page(health: Mapping[str, Any]) -> str:
 def _status(s: Mapping[str, Any], served: Mapping[str, Any]) -> tuple[str, list[str]]:
     """A skill's one-word status and the reasons worth showing beside it."""
     newest = s["versions"][-1] if s["versions"] else {}
-    reasons = [f"v{v['version']}: {v['reason']}" for v in s["versions"] if v.get("status") == "FAILED" and v.get("reason")]
+    reasons = [f"v{v['version']}: {v['reason']}" for v in s["versions"]
+               if v.get("status") == "FAILED" and v.get("reason")]
     if s.get("held"):
         return "held", [s["held"]["reason"], *reasons]
     if s["name"] in served:
