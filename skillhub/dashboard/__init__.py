@@ -95,7 +95,7 @@ def skill_rows(skills: Sequence[Mapping[str, Any]], model: Mapping[str, Any]) ->
                      "enabled": s.get("enabled", True), "pinned": s.get("pinned"), "version": shown,
                      "versions": [v["version"] for v in s["versions"] if v.get("status") == "READY"],
                      "strategy": entry.get("strategy") or "–",
-                     "sparsity": params.get("sparsity", "–") if isinstance(params, Mapping) else "–",
+                     "sparsity": params.get("sparsity", "default") if isinstance(params, Mapping) else "–",
                      "nnz": nnz, "density": pct(nnz / total) if total and nnz else "–",
                      "accuracy": s.get("accuracy") or {}, "note": s.get("quality") or ""})
     return rows

@@ -72,7 +72,7 @@ def heatmap(an: Mapping[str, Any]) -> dict[str, Any]:
             "height": head + size + 6, "top": pct(top) if top else "0%"}
 
 
-def bars(an: Mapping[str, Any], *, width: int = 420, bar: int = 9) -> dict[str, Any]:
+def bars(an: Mapping[str, Any], *, width: int = 380, bar: int = 9) -> dict[str, Any]:
     """Grouped horizontal bars: per layer (in the model's order), one bar per skill, its share of that layer."""
     names = sorted(an["skills"])
     palette = colours(names)
