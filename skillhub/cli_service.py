@@ -166,10 +166,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_analytics(args: argparse.Namespace) -> int:
-    """Mask analytics of a published version, from the state folder's manifest and mask files (no service needed)."""
+    """Mask analytics of a published version: from the running service when it holds the state folder (it knows the
+    skills the quality gate holds since the version was published), else from the folder's manifest and mask files."""
     from skillhub.analytics import state_analytics, summary
+    from skillhub.maintenance import lock_owner
 
-    result = state_analytics(Path(_config(args).state.dir), args.version)
+    cfg = _config(args)
+    state = Path(cfg.state.dir)
+    if lock_owner(state) is not None:
+        from skillhub.client import Client
+
+        token = os.environ.get(cfg.serve.token_env) or _read_token(cfg)
+        with Client(f"http://{cfg.serve.host}:{cfg.serve.port}", token=token) as client:
+            result = client.analytics(args.version)
+    else:
+        result = state_analytics(state, args.version)
     if args.out:
         from skillhub.atomic import atomic_file
         from skillhub.dashboard import render_report

@@ -273,7 +273,7 @@ def test_api_analytics_equal_the_mask_files(tmp_path: Path) -> None:
         assert got["skills"]["a"]["layers"]["enc"] == pytest.approx(44 / 408)
         assert got["skills"]["b"]["tensors"]["head.weight"] == pytest.approx(20 / 120)
 
-        # the CLI computes the same from the state folder's files, beside the running service
+        # the CLI answers the same, through the running service
         env = {k: v for k, v in os.environ.items() if not k.startswith("SKILLHUB_")} | {"SKILLHUB_TOKEN": TOKEN}
         report = root / "report.html"
         r = subprocess.run([sys.executable, "-m", "skillhub", "analytics", "--config", str(root / "config.toml"),
@@ -288,6 +288,14 @@ def test_api_analytics_equal_the_mask_files(tmp_path: Path) -> None:
         assert svc.get("/v1/analytics?version=999").status_code == 404
         assert svc.get(f"/v1/analytics?version={got['version']}").json() == got
         assert svc.stop() == 0
+        # and, the service stopped, from the state folder's manifest and mask files alone
+        r = subprocess.run([sys.executable, "-m", "skillhub", "analytics", "--config", str(root / "config.toml"),
+                            "--json"], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout) == got
+        r = subprocess.run([sys.executable, "-m", "skillhub", "analytics", "--config", str(root / "config.toml")],
+                           cwd=root, env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and "a x b: both 22, jaccard 0.2683, sign conflict 40.9%" in r.stdout, r.stdout
     finally:
         if svc.proc is not None and svc.proc.poll() is None:
             svc.proc.kill()
