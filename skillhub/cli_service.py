@@ -1,6 +1,6 @@
 """The ``skillhub`` commands that work on a state folder or talk to the running service: ``run``, ``skills``,
-``predict``, ``doctor``, ``backup``, ``restore``. A skill change goes through the running service's API when it holds
-the state folder, else to the registry directly."""
+``predict``, ``analytics``, ``doctor``, ``backup``, ``restore``. A skill change goes through the running service's
+API when it holds the state folder, else to the registry directly."""
 
 from __future__ import annotations
 
@@ -31,6 +31,12 @@ def add_service_commands(sub: Any) -> None:
     q.add_argument("--top-k", type=int, default=5)
     q.add_argument("images", nargs="+")
     q.set_defaults(func=cmd_predict)
+
+    q = sub.add_parser("analytics", help="where each served skill's mask lives and how much the masks overlap")
+    q.add_argument("--version", type=int, default=None, help="a kept version (default: the current one)")
+    q.add_argument("--out", default=None, metavar="FILE.html", help="write a self-contained HTML report there")
+    q.add_argument("--json", action="store_true", help="print the analytics as JSON (what GET /v1/analytics says)")
+    q.set_defaults(func=cmd_analytics)
 
     q = sub.add_parser("run", help="run the service (watch the inbox, stitch, serve) in the foreground")
     q.set_defaults(func=cmd_run)
@@ -156,6 +162,36 @@ def cmd_predict(args: argparse.Namespace) -> int:
             skills = [s for s in args.skills.split(",") if s] if args.skills else None
             answer = client.predict_all(images, skills, top_k=args.top_k)
     print(json.dumps(answer, ensure_ascii=True, indent=2))
+    return 0
+
+
+def cmd_analytics(args: argparse.Namespace) -> int:
+    """Mask analytics of a published version: from the running service when it holds the state folder (it knows the
+    skills the quality gate holds since the version was published), else from the folder's manifest and mask files."""
+    from skillhub.analytics import state_analytics, summary
+    from skillhub.maintenance import lock_owner
+
+    cfg = _config(args)
+    state = Path(cfg.state.dir)
+    if lock_owner(state) is not None:
+        from skillhub.client import Client
+
+        token = os.environ.get(cfg.serve.token_env) or _read_token(cfg)
+        with Client(f"http://{cfg.serve.host}:{cfg.serve.port}", token=token) as client:
+            result = client.analytics(args.version)
+    else:
+        result = state_analytics(state, args.version)
+    if args.out:
+        from skillhub.atomic import atomic_file
+        from skillhub.dashboard import render_report
+
+        with atomic_file(Path(args.out)) as f:
+            f.write(render_report(result).encode("utf-8"))
+        print(f"{args.out}: the mask analytics of version {result['version']}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(result, ensure_ascii=True, indent=2))
+    elif not args.out:
+        print(summary(result))
     return 0
 
 

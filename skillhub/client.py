@@ -146,6 +146,19 @@ class Client:
             raise ApiError(f"GET /v1/model/weights: unreadable answer ({type(e).__name__}: {e})",
                            status=response.status_code) from None
 
+    def analytics(self, version: int | None = None) -> dict[str, Any]:
+        """``GET /v1/analytics``: the served version's (or kept ``version``'s) mask analytics: per skill its share of
+        each tensor and layer, per pair the overlap of their masks (:func:`skillhub.analytics.analyze`)."""
+        return dict(self._json("GET", "/v1/analytics", params={"version": version} if version is not None else None))
+
+    def history(self) -> list[dict[str, Any]]:
+        """``GET /v1/history``: what each kept version changed, newest first, with the quality gate's decisions."""
+        return list(self._json("GET", "/v1/history")["versions"])
+
+    def inbox(self) -> dict[str, Any]:
+        """``GET /v1/inbox``: the drops waiting in the inbox and the rejected ones with their reasons."""
+        return dict(self._json("GET", "/v1/inbox"))
+
     def metrics(self) -> str:
         """``GET /metrics``: Prometheus text."""
         return self._request("GET", "/metrics").text

@@ -3,7 +3,8 @@
 It runs before any routing or body parsing and enforces, in order: the ``Host`` header (a loopback service must not
 answer a DNS-rebound browser page), the bearer token (constant-time compare; every route but ``GET /healthz`` needs
 it), the body size limit (413 from ``Content-Length`` before a byte is read, and by counting for chunked bodies), the
-concurrency limit (503 with ``Retry-After``), and per-message receive/send timeouts for slow clients; it also records
+concurrency limit (503 with ``Retry-After``; ``public`` paths, the dashboard's page shell that holds no data, need no
+token but take a slot), and per-message receive/send timeouts for slow clients; it also records
 request latency by route template. What it refuses gets a JSON body ``{"error": "..."}``, like every failed request.
 """
 
@@ -62,8 +63,10 @@ class Guard:
     def __init__(self, app: ASGIApp, *, routes: Callable[[], Sequence[BaseRoute]], token: str | None,
                  allowed_hosts: Iterable[str] | None, max_body_bytes: int, max_concurrency: int,
                  observe: Callable[[str, int, float], None], receive_timeout: float = 30.0,
-                 send_timeout: float = 60.0) -> None:
+                 send_timeout: float = 60.0, public: Iterable[str] = ()) -> None:
         self.app = app
+        # GET-only pages that hold no data (the dashboard's shell): no token, but the Host check and a slot still
+        self.public = frozenset(public)
         self.routes = routes
         self.token = token.encode("utf-8") if token is not None else None
         self.allowed = None if allowed_hosts is None else frozenset(_host_only(h) for h in allowed_hosts)
@@ -126,7 +129,9 @@ class Guard:
             host = _host_only(headers.get("host", ""))
             if host not in self.allowed:
                 return 400, "Host header not allowed (this service only answers to its own host names)", {}
-        if scope["path"] not in EXEMPT_PATHS and self.token is not None:
+        path = scope["path"]
+        public = path in EXEMPT_PATHS or (path in self.public and scope.get("method") in ("GET", "HEAD"))
+        if not public and self.token is not None:
             scheme, _, credentials = headers.get("authorization", "").partition(" ")
             given = credentials.strip().encode("latin-1")
             # compare_digest even when the scheme is wrong, so timing tells nothing about which check failed

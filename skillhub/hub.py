@@ -16,11 +16,14 @@ from typing import Any
 
 import torch
 
+from skillhub.analytics import AnalyticsCache
 from skillhub.checkpoint import Checkpoint, fingerprint, open_checkpoint
 from skillhub.config import Config
-from skillhub.errors import ConfigError, RegistryCorruptError, StitchError
+from skillhub.errors import ConfigError, RegistryCorruptError, RegistryError, StitchError
 from skillhub.gate import Gate
 from skillhub.head import Head, HeadStore
+from skillhub.history import version_history
+from skillhub.inboxview import inbox_view
 from skillhub.inference import InferenceEngine
 from skillhub.ingest import Ingestor
 from skillhub.log import get_logger
@@ -89,6 +92,7 @@ class Hub:
         self.device = resolve_device(cfg.device)
         self.policy = self.plugins.make_policy(cfg.stitch.policy, cfg.stitch.params)
         self.heads = HeadStore(self.registry.load_head)
+        self.mask_analytics = AnalyticsCache(self.registry.load_mask)
         accumulate = torch.float64 if cfg.stitch.accumulate == "float64" else torch.float32
         stitcher = Stitcher({k: self.base.tensor(k) for k in self.included}, self.policy, device=self.device,
                             accumulate=accumulate)
@@ -327,3 +331,35 @@ class Hub:
         return {"version": cur.number, "base": self.base_sha, "policy": self.policy.name,
                 "skills": skills, "held": cur.manifest.get("held") or {}, "included_parameters": numel,
                 "overlap": overlap, "created": cur.created}
+
+    def analytics(self, version: int | None = None) -> dict[str, Any]:
+        """The mask analytics of the served version, or of kept version ``version`` (what ``GET /v1/analytics``
+        answers): :func:`skillhub.analytics.analyze`, cached per version."""
+        cur = self.current
+        if version is None or (cur is not None and version == cur.number):
+            if cur is None:
+                raise StitchError("no model version is being served yet", hint="drop a skill into the inbox")
+            return self.mask_analytics.of(cur.number, cur.manifest)
+        manifest = self.reconciler.publisher.manifest(version)
+        if manifest is None:
+            kept = self.reconciler.publisher.numbers()
+            raise RegistryError(f"unknown version {version}: not among the kept versions "
+                                f"({', '.join(map(str, kept)) or 'none'})", key="version",
+                                hint="older versions are pruned ([state] keep_versions)")
+        return self.mask_analytics.of(version, manifest)
+
+    def history(self) -> list[dict[str, Any]]:
+        """What each kept version changed, newest first, with the gate's decisions (``GET /v1/history``):
+        :func:`skillhub.history.version_history` over the kept manifests (the served one as it is held in memory,
+        where the gate's ``held`` note may be newer than the file)."""
+        publisher = self.reconciler.publisher
+        cur = self.current
+        manifests = [m for n in publisher.numbers() if (cur is None or n != cur.number)
+                     and (m := publisher.manifest(n)) is not None]
+        if cur is not None:
+            manifests.append({**cur.manifest, "version": cur.number, "created": cur.created})
+        return version_history(manifests)
+
+    def inbox(self) -> dict[str, Any]:
+        """The drops waiting in the inbox and the rejected ones with their reasons (``GET /v1/inbox``)."""
+        return inbox_view(Path(self.config.watch.dir))

@@ -115,6 +115,13 @@ class Publisher:
         number = _read_current(models_dir)
         return _read_manifest(models_dir, number) if number is not None else None
 
+    @staticmethod
+    def peek(models_dir: Path, number: int | None = None) -> dict[str, Any] | None:
+        """Version ``number``'s manifest (default: the current one's) read without a publisher, with its number."""
+        number = _read_current(models_dir) if number is None else number
+        found = _read_manifest(models_dir, number) if number is not None else None
+        return None if found is None else {**found, "version": number}
+
     def current_number(self) -> int | None:
         return _read_current(self.dir)
 

@@ -29,6 +29,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
+from skillhub.dashboard import PUBLIC_PATHS
+from skillhub.dashboard.routes import dashboard_router
 from skillhub.errors import (
     DiskFullError,
     RegistryCorruptError,
@@ -67,7 +69,8 @@ class PinRequest(BaseModel):
 
 def _not_found(e: SkillhubError) -> bool:
     """Registry errors that mean "no such skill / version" (HTTP 404) rather than a bad request."""
-    return isinstance(e, RegistryError) and (e.message.startswith(("unknown skill", "no skill version"))
+    return isinstance(e, RegistryError) and (e.message.startswith(("unknown skill", "no skill version",
+                                                                   "unknown version"))
                                              or " has no version " in e.message)
 
 
@@ -100,7 +103,7 @@ def create_app(hub: Hub, *, token: str | None, health: Callable[[], dict[str, An
 
     app.add_middleware(Guard, routes=lambda: app.router.routes, token=token, allowed_hosts=hosts,
                        max_body_bytes=serve.max_body_bytes, max_concurrency=serve.max_concurrency, observe=observe,
-                       receive_timeout=receive_timeout, send_timeout=send_timeout)
+                       receive_timeout=receive_timeout, send_timeout=send_timeout, public=PUBLIC_PATHS)
 
     # --- errors: always JSON, never a traceback ---
 
@@ -133,8 +136,7 @@ def create_app(hub: Hub, *, token: str | None, health: Callable[[], dict[str, An
 
     # --- routes ---
 
-    @app.get("/healthz")
-    def healthz() -> dict[str, Any]:
+    def health_body() -> dict[str, Any]:
         out: dict[str, Any] = {}
         if health is not None:
             try:
@@ -143,6 +145,12 @@ def create_app(hub: Hub, *, token: str | None, health: Callable[[], dict[str, An
                 out["health_error"] = type(e).__name__
         out["status"] = "ok"
         return out
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, Any]:
+        return health_body()
+
+    app.include_router(dashboard_router(hub, health_body))  # GET / (public: what /healthz shows) and its panels
 
     @app.get("/readyz")
     def readyz() -> Response:
@@ -206,6 +214,19 @@ def create_app(hub: Hub, *, token: str | None, health: Callable[[], dict[str, An
     def remove(name: str) -> dict[str, Any]:
         n = hub.remove(name)
         return {"name": name, "removed_versions": n}
+
+    @app.get("/v1/analytics")
+    def analytics(version: int | None = None) -> dict[str, Any]:
+        """Mask analytics of the served version (or a kept ``version``): shares per tensor and layer, overlaps."""
+        return hub.analytics(version)
+
+    @app.get("/v1/history")
+    def history() -> dict[str, Any]:
+        return {"versions": hub.history()}
+
+    @app.get("/v1/inbox")
+    def inbox() -> dict[str, Any]:
+        return hub.inbox()
 
     @app.get("/metrics")
     def metrics() -> Response:
