@@ -19,43 +19,21 @@ were raised, wherever the job ran.
 from __future__ import annotations
 
 from concurrent.futures import Future
-from dataclasses import dataclass
-from pathlib import Path
+from typing import Protocol
 
-from skillhub.config import BaseSection, ExecutorSection
+from skillhub.config import ExecutorSection
 from skillhub.errors import ExecutorError
-from skillhub.job import LocalizeJob, Localized, Workspace
+from skillhub.job import LocalizeJob, Localized, Workspace, WorkspaceSpec
 from skillhub.job import run as run_job
 from skillhub.log import get_logger
 
+__all__ = ["Executor", "LocalExecutor", "WorkspaceSpec", "make_executor"]
 log = get_logger("skillhub.executor")
 
 
-@dataclass(frozen=True)
-class WorkspaceSpec:
-    """How a worker process opens its own :class:`~skillhub.job.Workspace`: the ``[base]`` section, the base's
-    fingerprint (checked against the file the worker sees), the plugin folders and the device setting."""
-
-    base: BaseSection
-    base_sha: str
-    plugin_dirs: tuple[Path, ...]
-    device: str
-
-    def open(self) -> Workspace:
-        """Load the plugins, build the family and open the base, as the daemon does at start-up."""
-        from skillhub.job import open_workspace
-        from skillhub.plugins import load_plugins
-        from skillhub.stitch import resolve_device
-
-        if self.base.weights is None:
-            raise ExecutorError("a localization worker needs [base] weights", key="base.weights")
-        plugins = load_plugins(self.plugin_dirs)
-        family = plugins.family(self.base.family).from_config(self.base)
-        return open_workspace(Path(self.base.weights), self.base_sha, family, plugins, resolve_device(self.device))
-
-
-class Executor:
-    """Runs localization jobs. Subclasses say where; :meth:`submit` never blocks on another job."""
+class Executor(Protocol):
+    """Runs localization jobs (:class:`LocalExecutor`, :class:`skillhub.rayexec.RayExecutor`); :meth:`submit`
+    never blocks on another job."""
 
     #: ``[executor] kind`` of this executor
     kind: str = ""
@@ -66,19 +44,22 @@ class Executor:
 
         :param needs_gpu: the job's strategy is data-driven (it may reserve ``[executor] num_gpus``).
         """
-        raise NotImplementedError
+        ...
 
     def close(self) -> None:
         """Release the executor's resources (jobs in flight are abandoned; their drops stay pending)."""
 
 
-class LocalExecutor(Executor):
+class LocalExecutor:
     """Each job runs at once on the caller's thread, against the daemon's own workspace."""
 
     kind = "local"
 
     def __init__(self, workspace: Workspace) -> None:
         self.workspace = workspace
+
+    def close(self) -> None:
+        pass
 
     def submit(self, job: LocalizeJob, *, needs_gpu: bool = False) -> Future[Localized]:
         future: Future[Localized] = Future()

@@ -22,14 +22,15 @@ import torch
 from skillhub import faultpoints
 from skillhub.autosparsity import choose
 from skillhub.checkpoint import Checkpoint, fingerprint, open_checkpoint
+from skillhub.config import BaseSection
 from skillhub.delta import SparseDelta
-from skillhub.errors import CheckpointError, LocalizeError
+from skillhub.errors import CheckpointError, ExecutorError, LocalizeError
 from skillhub.families import Examples, ModelFamily, Prepared
 from skillhub.head import Head
 from skillhub.localize import LocalizeContext
 from skillhub.log import get_logger
 from skillhub.ops import LocalizeResult, localize_checkpoint
-from skillhub.plugins import Plugins
+from skillhub.plugins import Plugins, load_plugins
 from skillhub.quality import accuracy as accuracy_of
 from skillhub.quality import embed, split
 from skillhub.routing import SkillPatcher
@@ -215,3 +216,24 @@ def open_workspace(base_path: Path, base_sha: str, family: ModelFamily, plugins:
                               f"{base_sha[:12]}…)", path=base_path,
                               hint="every worker must see the same [base] weights at the same path (shared storage)")
     return Workspace(base=base, base_sha=base_sha, family=family, plugins=plugins, device=device)
+
+
+@dataclass(frozen=True)
+class WorkspaceSpec:
+    """How a worker process opens its own :class:`~skillhub.job.Workspace`: the ``[base]`` section, the base's
+    fingerprint (checked against the file the worker sees), the plugin folders and the device setting."""
+
+    base: BaseSection
+    base_sha: str
+    plugin_dirs: tuple[Path, ...]
+    device: str
+
+    def open(self) -> Workspace:
+        """Load the plugins, build the family and open the base, as the daemon does at start-up."""
+        from skillhub.stitch import resolve_device
+
+        if self.base.weights is None:
+            raise ExecutorError("a localization worker needs [base] weights", key="base.weights")
+        plugins = load_plugins(self.plugin_dirs)
+        family = plugins.family(self.base.family).from_config(self.base)
+        return open_workspace(Path(self.base.weights), self.base_sha, family, plugins, resolve_device(self.device))

@@ -27,8 +27,7 @@ import ray.exceptions
 
 from skillhub.config import ExecutorSection
 from skillhub.errors import ExecutorError, JobLostError, SkillhubError
-from skillhub.executor import Executor, WorkspaceSpec
-from skillhub.job import LocalizeJob, Localized, Workspace
+from skillhub.job import LocalizeJob, Localized, Workspace, WorkspaceSpec
 from skillhub.job import run as run_job
 from skillhub.log import get_logger
 
@@ -67,8 +66,8 @@ def _warm(spec: WorkspaceSpec) -> str:
     return f"{os.getpid()}@{socket.gethostname()}"
 
 
-class RayExecutor(Executor):
-    """Runs each localization job as a Ray task.
+class RayExecutor:
+    """Runs each localization job as a Ray task (an :class:`skillhub.executor.Executor`).
 
     Connects at construction: to the Ray session this process already has (an application that called
     ``ray.init`` itself), else as ``[executor] address`` says. Raises :class:`~skillhub.errors.ExecutorError`
