@@ -9,6 +9,13 @@ localized alone in this process (the service idle), so that each drop is compare
 the same machine load (a shared machine's load drifts between the start and the end of a run).
 
     .venv/bin/python bench/loop.py [--skills 3] [--blocks 12] [--stable-seconds 1.0]
+
+With ``--executor ray``: a burst instead (issue #11). The same service twice, with ``[executor] kind = "local"`` and
+then ``kind = "ray"`` (``address = "local"``: a Ray started inside the daemon on this machine), each warmed up with one
+drop first; then ``--drops`` checkpoints (8) renamed into the inbox at once, and the clock runs from the first rename
+until `GET /v1/model` lists all of them. Prints both times and their ratio.
+
+    .venv/bin/python bench/loop.py --executor ray [--drops 8] [--job-cpus 1]
 """
 
 from __future__ import annotations
@@ -48,9 +55,15 @@ def main() -> None:
     ap.add_argument("--skills", type=int, default=3)
     ap.add_argument("--blocks", type=int, default=12)
     ap.add_argument("--stable-seconds", type=float, default=1.0)
+    ap.add_argument("--executor", choices=["local", "ray"], default="local",
+                    help="ray: a burst of --drops drops, local executor vs Ray side by side")
+    ap.add_argument("--drops", type=int, default=8, help="drops in the burst (--executor ray)")
+    ap.add_argument("--job-cpus", type=float, default=1.0, help="[executor] num_cpus of each Ray job")
     ap.add_argument("--poll-ms", type=float, default=5.0, help="how often the client asks GET /v1/model (each ask "
                     "costs the service some CPU: on a 2-core machine, 5 ms polling is felt)")
     args = ap.parse_args()
+    if args.executor == "ray":
+        return _burst(args)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         base = make_base(vit_b_shapes(args.blocks))
@@ -127,6 +140,104 @@ def main() -> None:
               "norms); "
               "consume: -> the "
               "drop removed from the inbox; stitch+publish: -> version published; seen: -> GET /v1/model lists it")
+
+
+def _burst(args: argparse.Namespace) -> None:
+    """Local executor vs Ray: time from the first rename of a burst of drops until all of them are served."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        base = make_base(vit_b_shapes(args.blocks))
+        write_safetensors(root / "base.safetensors", base, {})
+        srcs = []
+        for i in range(args.drops + 1):  # the first one warms each service up
+            p = root / f"src{i}.safetensors"
+            write_safetensors(p, make_finetune(base, seed=300 + i), {})
+            srcs.append(p)
+        size = srcs[0].stat().st_size / 2**20
+        del base
+        results = {}
+        for kind in ("local", "ray"):
+            results[kind] = _burst_one(root / kind, root, srcs, kind, args)
+        print(f"model {args.drops} drops of {size:.0f} MiB at once (85M-parameter float32 base), after one warm-up "
+              f"drop; {os.cpu_count()} CPUs; Ray jobs reserve {args.job_cpus:g} CPU each")
+        for kind, r in results.items():
+            print(f"{kind:>5}: ready {r['ready']:.2f} s; warm-up drop served {r['warm']:.2f} s; all {args.drops} served "
+                  f"{r['all']:.2f} s after the first rename ({r['versions']} versions published on the way); each "
+                  f"drop served at {', '.join(f'{t:.2f}' for t in r['each'])} s; localize* per drop (median) "
+                  f"{r['localize']:.3f} s")
+        print(f"local / ray, time to all served: {results['local']['all'] / results['ray']['all']:.2f}x "
+              "(> 1: Ray is faster)")
+
+
+def _burst_one(root: Path, top: Path, srcs: list[Path], kind: str, args: argparse.Namespace) -> dict[str, Any]:
+    root.mkdir()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    executor = f'[executor]\nkind = "{kind}"\naddress = "local"\nnum_cpus = {args.job_cpus}\n'
+    (root / "config.toml").write_text(
+        f'[base]\nweights = "{top / "base.safetensors"}"\n[watch]\ndir = "inbox"\n'
+        f'stable_seconds = {args.stable_seconds}\n[state]\ndir = "state"\n[serve]\nport = {port}\n{executor}')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SKILLHUB_")} | {"SKILLHUB_TOKEN": TOKEN}
+    log = open(root / "daemon.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "skillhub", "run", "--config", str(root / "config.toml")],
+                            cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=log)
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {TOKEN}"})
+    inbox = root / "inbox"
+    try:
+        t_start = time.perf_counter()
+        _until(lambda: _ok(client, "/readyz"), proc, 300)
+        ready = time.perf_counter() - t_start
+        inbox.mkdir(exist_ok=True)
+
+        def served() -> dict[str, Any]:
+            return client.get("/v1/model").json().get("skills") or {}
+
+        shutil.copyfile(srcs[0], inbox / ".warm.part")
+        t0 = time.perf_counter()
+        os.rename(inbox / ".warm.part", inbox / "warm.safetensors")
+        _until(lambda: "warm" in served(), proc, 300, every=args.poll_ms / 1000)
+        warm = time.perf_counter() - t0
+        _wait_quiet(client, root / "state", proc)
+        first_version = client.get("/v1/model").json().get("version")
+        names = [f"skill{i}" for i in range(1, len(srcs))]
+        for name, src in zip(names, srcs[1:]):  # copied before the clock starts: the burst is the renames
+            shutil.copyfile(src, inbox / f".{name}.part")
+        seen: dict[str, float] = {}
+        t0 = time.perf_counter()
+        for name in names:
+            os.rename(inbox / f".{name}.part", inbox / f"{name}.safetensors")
+
+        def all_served() -> bool:
+            now = time.perf_counter() - t0
+            for n in served():
+                seen.setdefault(n, now)
+            return all(n in seen for n in names)
+
+        _until(all_served, proc, 600, every=args.poll_ms / 1000)
+        total = time.perf_counter() - t0
+        versions = client.get("/v1/model").json().get("version") - first_version
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(120)
+        client.close()
+        log.close()
+    localize = [float(rec.get("seconds") or 0.0) for rec in _records(root / "daemon.log", "skill_registered")
+                if rec.get("skill") in names]
+    return {"ready": ready, "warm": warm, "all": total, "versions": versions,
+            "each": sorted(seen[n] for n in names), "localize": median(localize) if localize else float("nan")}
+
+
+def _records(log_path: Path, event: str) -> list[dict]:
+    out = []
+    for line in log_path.read_text(errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if rec.get("event") == event:
+            out.append(rec)
+    return out
 
 
 def _localize_alone(base: Any, path: Path) -> float:

@@ -26,6 +26,7 @@ from skillhub.errors import ConfigError
 from skillhub.sections import (
     BaseSection,
     Config,
+    ExecutorSection,
     LocalizeSection,
     PluginsSection,
     PublishSection,
@@ -38,8 +39,8 @@ from skillhub.sections import (
 )
 
 __all__ = [
-    "CONFIG_ENV", "DEFAULT_CONFIG_NAME", "ENV_PREFIX", "BaseSection", "Config", "LocalizeSection", "PluginsSection",
-    "PublishSection", "ServeSection", "SkillSection", "SkillsSection", "StateSection", "StitchSection", "WatchSection",
+    "CONFIG_ENV", "DEFAULT_CONFIG_NAME", "ENV_PREFIX", "BaseSection", "Config", "ExecutorSection", "LocalizeSection",
+    "PluginsSection", "PublishSection", "ServeSection", "SkillSection", "SkillsSection", "StateSection", "StitchSection", "WatchSection",
     "load_config",
 ]
 

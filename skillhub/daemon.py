@@ -19,7 +19,7 @@ from types import FrameType
 from typing import Any
 
 from skillhub.config import Config, load_config
-from skillhub.errors import ConfigError, DiskFullError, SkillhubError
+from skillhub.errors import ConfigError, DiskFullError, JobLostError, SkillhubError
 from skillhub.hub import Hub
 from skillhub.log import get_logger
 from skillhub.recovery import RECOVERY_STEPS
@@ -28,6 +28,7 @@ log = get_logger("skillhub.daemon")
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 COALESCE_SECONDS = 3.0
+JOB_POLL_SECONDS = 1.0  # a drop localizing on the executor is looked at again this often, or at once when done
 M_ARENA_MAX = -8  # glibc's mallopt parameter number
 
 
@@ -63,6 +64,7 @@ class Daemon:
         self.hub: Hub | None = None
         self.intake: Any = None
         self.server: Any = None
+        self._arrived: dict[Path, float] = {}  # staged copy -> when it was first handed over (ingest_seconds)
 
     # --- life ---------------------------------------------------------------------------------------------------
 
@@ -129,9 +131,10 @@ class Daemon:
         # No fixed wait first: a burst's later drops are queued (or being staged) by the time the first is
         # registered, which arriving() sees; a lone drop is reconciled as soon as its hand-over is done. While
         # drops arrive, look again every 10 ms, so the last one's hand-over is not followed by a long sleep.
+        # Jobs in flight on the executor are drops arriving too (with the local executor there are none here).
         deadline = time.monotonic() + COALESCE_SECONDS
-        while self.intake is not None and self.intake.arriving() and time.monotonic() < deadline \
-                and not self.should_exit.is_set():
+        while self.intake is not None and (self.intake.arriving() or self.hub is not None and self.hub.localizing()) \
+                and time.monotonic() < deadline and not self.should_exit.is_set():
             time.sleep(0.01)
 
     def _reconcile(self) -> None:
@@ -157,17 +160,29 @@ class Daemon:
 
     def _on_arrival(self, arrival: Any) -> None:
         """Intake callback (intake's worker thread): localize and register the drop (named as :meth:`Hub.ingest`
-        says, the inbox name last)."""
+        says, the inbox name last). With an executor that runs jobs elsewhere (Ray), the first call submits the job
+        and leaves the drop pending, so that intake goes on to the next drop while this one localizes; the job's end
+        pokes the intake, whose next call registers the result."""
         assert self.hub is not None
         from skillhub.intake import RetryLater
 
-        t0 = time.perf_counter()
+        t0 = self._arrived.setdefault(arrival.staged, time.perf_counter())
         try:
-            self.hub.ingest(arrival.staged, default_name=arrival.stem, sha256=arrival.sha256,
-                            sidecar=arrival.sidecar or {}, keep=self.config.state.keep_staged)
+            row = self.hub.offer(arrival.staged, default_name=arrival.stem, sha256=arrival.sha256,
+                                 sidecar=arrival.sidecar or {}, keep=self.config.state.keep_staged,
+                                 on_done=lambda: self.intake.poke(arrival.name))
         except DiskFullError as e:  # C4: nothing was stored; the drop stays pending and is tried again
             log.error("ingest_deferred", error=str(e))
+            self._arrived.pop(arrival.staged, None)
             raise RetryLater() from e
+        except JobLostError as e:  # its worker died: nothing was stored; localize it again at once
+            raise RetryLater("localization job lost", seconds=0.0) from e
+        except BaseException:
+            self._arrived.pop(arrival.staged, None)
+            raise
+        if row is None:  # localizing elsewhere; the poke brings it back (the timeout is only a safety net)
+            raise RetryLater("localizing", seconds=JOB_POLL_SECONDS)
+        self._arrived.pop(arrival.staged, None)
         self.hub.metrics.ingest_seconds.observe(time.perf_counter() - t0)
 
     def health(self) -> dict[str, Any]:

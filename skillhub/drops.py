@@ -29,7 +29,12 @@ class Arrival:
 
 
 class RetryLater(Exception):
-    """``on_arrival`` raises this to leave the drop pending and try again later (after ``stable_seconds``)."""
+    """``on_arrival`` raises this to leave the drop pending and try again later: after ``seconds`` (default
+    ``stable_seconds``), or sooner when the caller calls :meth:`skillhub.intake.Intake.poke`. ``reason`` is logged."""
+
+    def __init__(self, reason: str = "", *, seconds: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason, self.seconds = reason, seconds
 
 
 def ignored(name: str) -> bool:

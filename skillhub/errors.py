@@ -45,6 +45,18 @@ class SkillhubError(Exception):
             parts.append(f". Hint: {self.hint}")
         return "".join(parts)
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # Errors travel back from localization workers in other processes (skillhub.executor): pickled whole, with
+        # path, key and hint, whatever the subclass's constructor takes.
+        return _restore, (type(self), self.__dict__.copy())
+
+
+def _restore(cls: type[SkillhubError], state: dict[str, object]) -> SkillhubError:
+    error = cls.__new__(cls)
+    error.__dict__.update(state)
+    Exception.__init__(error, str(error))
+    return error
+
 
 def printable(text: str) -> str:
     """``text`` safe to log or print: control characters, escapes and undecodable bytes escaped, so a hostile file
@@ -94,6 +106,16 @@ class RegistryCorruptError(RegistryError):
 class DiskFullError(RegistryError):
     """A write to the state folder failed for lack of space; nothing was changed, and the step can be retried once
     space returns (FAULTS C4)."""
+
+
+class ExecutorError(ConfigError):
+    """The executor that runs localization jobs (``[executor]``) cannot be used as configured: Ray is not
+    installed, or its cluster cannot be reached at start-up."""
+
+
+class JobLostError(SkillhubError):
+    """A localization job never came back: its worker process died (killed, out of memory) or its cluster went
+    away. Nothing was stored; the drop stays pending and is localized again."""
 
 
 class StateLockedError(RegistryError):

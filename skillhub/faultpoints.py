@@ -13,6 +13,9 @@ a process a user runs each call is one comparison with ``None``.
 - ``enospc:<point>``: raise ``OSError(ENOSPC)`` there, as a full disk would (used where the test cannot make a
   small file system: not root, or no tmpfs).
 - ``oom:<point>``: raise ``torch.OutOfMemoryError`` there, as a device out of memory would.
+- ``kill:<point>``: SIGKILL this process there, as a crashed or OOM-killed localization worker would die. Worker
+  processes are started afresh and inherit the variable, so this action fires once across processes: only in the
+  process that creates the file ``SKILLHUB_FAULTPOINT_FILE`` names (which it writes ``<point>`` to).
 
 ``<point>`` may end in ``*N`` to fire on the N-th time it is reached (``stop:mask_write*2``), and fires once.
 """
@@ -30,6 +33,7 @@ __all__ = ["POINTS", "reach"]
 #: Every point the service reaches, in the order a drop passes them.
 POINTS = (
     "staging_copy",      # intake: part of a drop copied to staging/ (the copy is a temp file)
+    "localize_job",      # job: a localization job starts (on the executor's thread or worker process)
     "mask_write",        # registry: half of a mask file's bytes written to its temp file
     "mask_renamed",      # registry: the mask file renamed into place; its row is not READY yet
     "mask_committed",    # registry: the row is READY; nothing is stitched or published yet
@@ -49,8 +53,8 @@ _fired = False
 def _parse(spec: str) -> tuple[str, str, int]:
     action, _, point = spec.partition(":")
     point, _, nth = point.partition("*")
-    if action not in ("stop", "enospc", "oom") or point not in POINTS:
-        raise SystemExit(f"SKILLHUB_FAULTPOINT={spec!r}: expected stop|enospc|oom:<point>[*N], point one of "
+    if action not in ("stop", "enospc", "oom", "kill") or point not in POINTS:
+        raise SystemExit(f"SKILLHUB_FAULTPOINT={spec!r}: expected stop|enospc|oom|kill:<point>[*N], point one of "
                          + ", ".join(POINTS))
     return action, point, int(nth or 1)
 
@@ -78,6 +82,15 @@ def reach(point: str) -> None:
 
         raise torch.OutOfMemoryError(f"CUDA out of memory (injected at {point})")
     marker = os.environ.get("SKILLHUB_FAULTPOINT_FILE")
+    if action == "kill":
+        if marker:
+            try:
+                fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return  # another process has died here already
+            os.write(fd, point.encode())
+            os.close(fd)
+        os.kill(os.getpid(), signal.SIGKILL)
     if marker:
         with open(marker, "w") as f:
             f.write(point)

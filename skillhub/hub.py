@@ -1,7 +1,8 @@
 """The in-process service (``skillhub.Hub``): a thin façade that owns the state folder's lock and the service's
 threads, over the two halves of the data's path:
 
-- :class:`~skillhub.ingest.Ingestor`: a staged checkpoint → a registered skill version (intake's thread);
+- :class:`~skillhub.ingest.Ingestor`: a staged checkpoint → a registered skill version (intake's thread; the
+  localization itself runs where the :mod:`~skillhub.executor` puts it);
 - :class:`~skillhub.reconcile.Reconciler`: registry × config → the stitched, checked, published version (one lock);
 
 and the :class:`~skillhub.inference.InferenceEngine` that answers requests on the published versions. The daemon,
@@ -10,7 +11,7 @@ the HTTP server and the CLI are thin layers over this class; an application can 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +21,14 @@ from skillhub.analytics import AnalyticsCache
 from skillhub.checkpoint import Checkpoint, fingerprint, open_checkpoint
 from skillhub.config import Config
 from skillhub.errors import ConfigError, RegistryCorruptError, RegistryError, StitchError
+from skillhub.executor import Executor, WorkspaceSpec, make_executor
 from skillhub.gate import Gate
 from skillhub.head import Head, HeadStore
 from skillhub.history import version_history
 from skillhub.inboxview import inbox_view
 from skillhub.inference import InferenceEngine
 from skillhub.ingest import Ingestor
+from skillhub.job import Workspace
 from skillhub.log import get_logger
 from skillhub.metrics import Metrics
 from skillhub.plugins import Plugins, check_config, load_plugins
@@ -39,7 +42,7 @@ from skillhub.stitch import Stitcher, resolve_device
 
 log = get_logger("skillhub.hub")
 #: config sections a live reload may not change (the edit is refused; a restart applies it)
-RESTART_SECTIONS = ("base", "state", "device", "stitch", "watch", "serve", "plugins")
+RESTART_SECTIONS = ("base", "state", "device", "stitch", "watch", "serve", "plugins", "executor")
 
 
 class Hub:
@@ -58,6 +61,7 @@ class Hub:
         self.read_only: str | None = None  # why the registry cannot be changed (FAULTS C5), or None
         self._engine: InferenceEngine | None = None
         self._ingestor: Ingestor | None = None
+        self.executor: Executor | None = None
 
     # --- life ---------------------------------------------------------------------------------------------------
 
@@ -114,11 +118,15 @@ class Hub:
             log.error("registry_unusable", error=self.read_only, recovery=RECOVERY_STEPS,
                       serving=served.number if served else None)
             return
+        workspace = Workspace(base=self.base, base_sha=self.base_sha, family=self.family, plugins=self.plugins,
+                              device=self.device)
+        self.executor = make_executor(cfg.executor, workspace, WorkspaceSpec(
+            cfg.base, self.base_sha, tuple(cfg.plugins.dirs), cfg.device))
         self._ingestor = Ingestor(registry=self.registry, plugins=self.plugins, family=self.family, base=self.base,
-                                  base_sha=self.base_sha, device=self.device, config=lambda: self.config,
+                                  base_sha=self.base_sha, executor=self.executor, config=lambda: self.config,
                                   metrics=self.metrics, on_registered=lambda: self.on_change(), event=self._event)
         log.info("hub_started", base=str(self.base_path), base_sha=self.base_sha[:16], included=len(self.included),
-                 device=str(self.device), policy=self.policy.name, recovered=report is not None and not report.clean)
+                 device=str(self.device), policy=self.policy.name, executor=self.executor.kind, recovered=report is not None and not report.clean)
         self.reconciler.start()
 
     def close(self) -> None:
@@ -126,6 +134,8 @@ class Hub:
             self._engine.stop()
         if self._ingestor is not None:
             self._ingestor.close()
+        if self.executor is not None:
+            self.executor.close()
         if hasattr(self, "reconciler"):
             self.reconciler.publisher.close()
         if hasattr(self, "registry"):
@@ -147,6 +157,20 @@ class Hub:
             raise RegistryCorruptError(self.read_only or "the hub is not started", hint=RECOVERY_STEPS)
         return self._ingestor.ingest(path, skill=skill, default_name=default_name, sha256=sha256, sidecar=sidecar,
                                      keep=keep)
+
+    def offer(self, path: Path, *, skill: str | None = None, default_name: str | None = None,
+              sha256: str | None = None, sidecar: Mapping[str, Any] | None = None, keep: bool = True,
+              on_done: Callable[[], None] | None = None) -> VersionRow | None:
+        """:meth:`ingest` without waiting for the executor (:meth:`skillhub.ingest.Ingestor.offer`): ``None`` while
+        the drop's job runs; call again after ``on_done`` to register it."""
+        if self._ingestor is None:
+            raise RegistryCorruptError(self.read_only or "the hub is not started", hint=RECOVERY_STEPS)
+        return self._ingestor.offer(path, skill=skill, default_name=default_name, sha256=sha256, sidecar=sidecar,
+                                    keep=keep, on_done=on_done)
+
+    def localizing(self) -> int:
+        """How many drops' localization jobs are in flight (submitted through :meth:`offer`, not yet registered)."""
+        return self._ingestor.in_flight() if self._ingestor is not None else 0
 
     def reconcile(self) -> ModelVersion | None:
         """Stitch the wanted set and publish: :meth:`skillhub.reconcile.Reconciler.reconcile` (nothing while the

@@ -1,41 +1,42 @@
 """Ingest: a staged checkpoint becomes a registered skill version (DESIGN §3, from intake to the registry).
 
-The checkpoint is opened once; its family derives everything from it in one call (keys mapped onto the base's,
-validation, head, few-shot examples when the strategy needs them); the strategy localizes it; the registry stores
-the mask and the head. Exactly once per content: the same bytes are registered once, whatever their name.
+Two halves. The localization job (:mod:`skillhub.job`: the family validates the checkpoint and derives its head and
+few-shot examples in one pass, the strategy localizes it) writes nothing, and runs wherever the executor
+(:mod:`skillhub.executor`, ``[executor]``) puts it: on this thread, or as a Ray task. This module does the rest, in
+the daemon's process only, so that the registry has one writer: it names the skill, opens the version's PENDING row
+before the job and stores the mask, head and examples after it. Exactly once per content: the same bytes are
+registered once, whatever their name, and a job that is retried reuses its row.
 
-Threads: :meth:`Ingestor.ingest` runs on the intake's worker (or the caller's thread), re-localizations on the
-ingestor's own worker; neither holds the service's lock, because localization is the slow part.
+Threads: :meth:`Ingestor.ingest` and :meth:`Ingestor.offer` run on the intake's worker (or the caller's thread),
+re-localizations on the ingestor's own worker; neither holds the service's lock, because localization is the slow
+part.
 """
 
 from __future__ import annotations
 
-import time
+import threading
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from skillhub import faultpoints
-from skillhub.autosparsity import choose
 from skillhub.checkpoint import Checkpoint, fingerprint, open_checkpoint
 from skillhub.config import Config
 from skillhub.copying import staged_sha256
-from skillhub.delta import SparseDelta
 from skillhub.desired import localization
-from skillhub.errors import CheckpointError, DiskFullError, LocalizeError, SkillhubError
-from skillhub.families import ModelFamily, Prepared
-from skillhub.localize import LocalizeContext
+from skillhub.errors import CheckpointError, DiskFullError, JobLostError, LocalizeError, SkillhubError
+from skillhub.executor import Executor
+from skillhub.families import ModelFamily
+from skillhub.job import LocalizeJob, Localized, skill_seed
 from skillhub.log import get_logger
 from skillhub.metrics import Metrics
-from skillhub.ops import LocalizeResult, base_squares, localize_checkpoint
+from skillhub.ops import base_squares
 from skillhub.plugins import Plugins
-from skillhub.quality import accuracy as accuracy_of
-from skillhub.quality import embed, split
 from skillhub.registry import Registry, VersionRow
-from skillhub.routing import SkillPatcher
+
+__all__ = ["Ingestor", "skill_name", "skill_seed"]
 
 log = get_logger("skillhub.ingest")
 
@@ -52,29 +53,37 @@ def skill_name(ft: Checkpoint, *, skill: str | None, sidecar: Mapping[str, Any] 
     return name
 
 
-def skill_seed(source_sha: str) -> int:
-    """The localization seed of a checkpoint: the first 32 bits of its sha256."""
-    return int(source_sha[:8], 16) if source_sha else 0
+@dataclass(frozen=True)
+class _Ticket:
+    """A drop whose job was submitted: its PENDING row, its staged copy and the job's future."""
+
+    row: VersionRow
+    path: Path
+    keep: bool
+    future: Future[Localized]
 
 
 class Ingestor:
-    """Validates, localizes and registers checkpoints against one base.
+    """Validates, localizes (through ``executor``) and registers checkpoints against one base.
 
+    :param executor: runs the localization jobs (:func:`skillhub.executor.make_executor`).
     :param config: returns the config in force (it changes on a live reload).
     :param on_registered: called after a version became READY (the service schedules a reconcile).
     :param event: calls a plugin event hook by name (``skill_registered``, ``skill_failed``).
     """
 
     def __init__(self, *, registry: Registry, plugins: Plugins, family: ModelFamily, base: Checkpoint, base_sha: str,
-                 device: torch.device, config: Callable[[], Config], metrics: Metrics,
+                 executor: Executor, config: Callable[[], Config], metrics: Metrics,
                  on_registered: Callable[[], None], event: Callable[..., None]) -> None:
         self.registry, self.plugins, self.family = registry, plugins, family
-        self.base, self.base_sha, self.device = base, base_sha, device
+        self.base, self.base_sha, self.executor = base, base_sha, executor
         self.config, self.metrics = config, metrics
         self.on_registered, self.event = on_registered, event
         self._jobs = ThreadPoolExecutor(1, thread_name_prefix="skillhub-relocalize")
         self._relocalizing: set[tuple[str, str]] = set()
-        self._patcher: SkillPatcher | None = None  # θ₀ to score masks on (sparsity "auto"); intake's thread only
+        self._lock = threading.Lock()
+        self._tickets: dict[str, _Ticket] = {}  # staged path -> its job in flight (offer)
+        self._losses: dict[int, int] = {}  # version id -> jobs of it that lost their worker
         # θ₀'s side of the distance check (FAULTS B7, B9) depends on the base alone: computed now, in the
         # background, so that no drop pays a pass over the base for it.
         self._jobs.submit(base_squares, base, sorted(family.included_keys(base)), base_sha)
@@ -84,13 +93,58 @@ class Ingestor:
 
     def ingest(self, path: Path, *, skill: str | None = None, default_name: str | None = None,
                sha256: str | None = None, sidecar: Mapping[str, Any] | None = None, keep: bool = True) -> VersionRow:
-        """Validate and localize one (staged) checkpoint and register it; exactly once per content.
+        """Validate and localize one (staged) checkpoint and register it; exactly once per content. Blocks until
+        the executor's job is done (:meth:`offer` does not).
 
         The skill is named as :func:`skill_name` says. ``keep=False``: the staged copy is deleted once its mask is
         durable (it is then not available to re-localize with other params). Returns the READY row (the existing one
         when this content was seen before). Raises a :class:`~skillhub.errors.SkillhubError` naming the problem when
         the checkpoint cannot be used; the registry then holds a FAILED row with that reason.
         """
+        started = self._start(path, skill=skill, default_name=default_name, sha256=sha256, sidecar=sidecar, keep=keep)
+        if isinstance(started, VersionRow):
+            return started
+        wait([started.future])
+        return self._finish(started)
+
+    def offer(self, path: Path, *, skill: str | None = None, default_name: str | None = None,
+              sha256: str | None = None, sidecar: Mapping[str, Any] | None = None, keep: bool = True,
+              on_done: Callable[[], None] | None = None) -> VersionRow | None:
+        """:meth:`ingest` without waiting: the first call for a staged ``path`` submits its job to the executor;
+        calls while the job runs return ``None``; the call after it finished registers the result and returns the
+        READY row (or raises as :meth:`ingest` does). ``on_done`` is called, from any thread, when the job
+        finishes (the daemon then asks again). A job whose worker died raises
+        :class:`~skillhub.errors.JobLostError`: nothing was stored, the row stays PENDING, and the next call
+        submits the job again (at most ``[executor] max_job_losses`` times; then the drop fails with the reason).
+        With the local executor the job runs within the first call, so that call registers it."""
+        key = str(path)
+        with self._lock:
+            ticket = self._tickets.get(key)
+        if ticket is None:
+            started = self._start(path, skill=skill, default_name=default_name, sha256=sha256, sidecar=sidecar,
+                                  keep=keep)
+            if isinstance(started, VersionRow):
+                return started
+            ticket = started
+            with self._lock:
+                self._tickets[key] = ticket
+            if on_done is not None:
+                ticket.future.add_done_callback(lambda _: on_done())
+        if not ticket.future.done():
+            return None
+        with self._lock:
+            self._tickets.pop(key, None)
+        return self._finish(ticket)
+
+    def in_flight(self) -> int:
+        """How many drops' jobs :meth:`offer` has submitted and not yet registered."""
+        with self._lock:
+            return len(self._tickets)
+
+    def _start(self, path: Path, *, skill: str | None, default_name: str | None, sha256: str | None,
+               sidecar: Mapping[str, Any] | None, keep: bool) -> VersionRow | _Ticket:
+        """The cheap part, on the caller's thread: name the skill, check the declared base, look the content up,
+        open (or reuse) its PENDING row and submit its job."""
         ft = open_checkpoint(path)
         name = skill_name(ft, skill=skill, sidecar=sidecar, default_name=default_name, path=path)
         sha = sha256 or fingerprint(ft)
@@ -106,33 +160,57 @@ class Ingestor:
         strategy, params = localization(self.config(), name, sidecar)
         row, _ = self.registry.begin_version(name, sha, strategy, params, source_path=str(path) if keep else None,
                                             meta={"sidecar": dict(sidecar or {})})
+        return _Ticket(row, Path(path), keep, self._submit(row, Path(path), dict(sidecar or {})))
+
+    def _submit(self, row: VersionRow, path: Path, sidecar: dict[str, Any]) -> Future[Localized]:
+        cfg = self.config().localize
+        job = LocalizeJob(path=path, skill=row.skill, version_id=row.id, source_sha=row.source_sha,
+                          strategy=row.strategy, params=row.params, sidecar=sidecar, fallback=cfg.fallback,
+                          max_relative_delta=cfg.max_relative_delta)
+        return self.executor.submit(job, needs_gpu=self.plugins.localizer(row.strategy).needs_examples)
+
+    def _finish(self, ticket: _Ticket) -> VersionRow:
+        """Register a finished job's result (the only writes of ingesting a drop), or record why it failed."""
+        row = ticket.row
         try:
-            prepared = self._prepare(ft, sidecar, strategy)
-            if prepared.head is not None:
-                meta = {**row.meta, "head": self.registry.store_head(*prepared.head.encode()),
-                        "classes": prepared.head.classes}
-                if prepared.examples is not None:  # kept for the quality gate and re-centring the heads
-                    meta["examples"] = self.registry.store_examples(prepared.examples)
-                row = self.registry.update_meta(row.id, meta)
+            out = ticket.future.result()
+        except JobLostError as e:
+            losses = self._losses[row.id] = self._losses.get(row.id, 0) + 1
+            limit = self.config().executor.max_job_losses
+            log.warning("localize_job_lost", skill=row.skill, version=row.version, losses=losses, limit=limit,
+                        error=str(e))
+            if losses < limit:
+                raise  # the row stays PENDING; the caller offers the drop again
+            del self._losses[row.id]
+            e = LocalizeError(f"its localization job lost its worker {losses} times (killed, or out of memory?)",
+                              key=row.skill, hint="check the Ray workers' memory and logs, then drop it again")
+            self._failed(row, e)
+            raise e from None
         except SkillhubError as e:
             self._failed(row, e)
             raise
-        ready = self._localize(row, prepared)
-        self._discard(path, keep)
-        return ready
-
-    def _prepare(self, ft: Checkpoint, sidecar: Mapping[str, Any] | None, strategy: str) -> Prepared:
-        """The family's one pass over the checkpoint, with the drop's examples when the family reads examples (the
-        quality gate scores every skill that brings them); unusable or missing examples only matter to a strategy
-        that needs them."""
-        needs = self.plugins.localizer(strategy).needs_examples
+        self._losses.pop(row.id, None)
         try:
-            return self.family.prepare(self.base, ft, sidecar, examples=needs or self.family.reads_examples)
-        except LocalizeError as e:
-            if needs and self.config().localize.fallback is None:
-                raise
-            prepared = self.family.prepare(self.base, ft, sidecar)
-            return Prepared(prepared.checkpoint, prepared.head, None, examples_error=str(e))
+            meta: dict[str, Any] = dict(out.meta)
+            if out.head is not None:
+                meta |= {"head": self.registry.store_head(*out.head.encode()), "classes": out.head.classes}
+                if out.examples is not None:  # kept for the quality gate and re-centring the heads
+                    meta["examples"] = self.registry.store_examples(out.examples)
+            if meta:
+                row = self.registry.update_meta(row.id, {**row.meta, **meta})
+        except SkillhubError as e:
+            self._failed(row, e)
+            raise
+        self.metrics.localize_seconds.observe(out.elapsed)
+        ready = self.registry.store_mask(row.id, out.delta)
+        faultpoints.reach("mask_committed")
+        log.info("skill_registered", skill=ready.skill, version=ready.version, nnz=ready.nnz,
+                 strategy=ready.strategy, seconds=round(out.seconds, 3), **({"worker": out.worker} if out.worker else {}))
+        self.event("skill_registered", skill=ready.skill, version=ready.version, mask_sha=ready.mask_sha or "",
+                   nnz=ready.nnz or 0, strategy=ready.strategy)
+        self.on_registered()
+        self._discard(ticket.path, ticket.keep)
+        return ready
 
     def _failed(self, row: VersionRow, e: SkillhubError) -> None:
         if not isinstance(e, DiskFullError):  # C4: nothing is wrong with the drop; it stays pending and is retried
@@ -142,97 +220,6 @@ class Ingestor:
     def _discard(self, path: Path, keep: bool) -> None:
         if not keep:
             self.registry.discard_staged(path)
-
-    def _localize(self, row: VersionRow, prepared: Prepared) -> VersionRow:
-        t0 = time.perf_counter()
-        strategy, params = row.strategy, row.params
-        try:
-            # Each skill its own seed, from its content: random strategies (DARE) draw different positions for
-            # different skills, and the same positions for the same checkpoint whenever it is localized again.
-            ctx = LocalizeContext(device=self.device, seed=skill_seed(row.source_sha))
-            if self.plugins.localizer(strategy).needs_examples:
-                try:
-                    if prepared.examples is None:
-                        raise LocalizeError(prepared.examples_error or "no few-shot examples in the drop",
-                                            path=prepared.checkpoint.path)
-                    ctx.examples = self.family.objective(self.base, prepared.head, prepared.examples)
-                except LocalizeError as e:  # B12: unusable few-shot data fail this skill, or fall back if configured
-                    fallback = self.config().localize.fallback
-                    if fallback is None:
-                        raise
-                    log.warning("localize_fallback", skill=row.skill, strategy=strategy, fallback=fallback,
-                                reason=str(e))
-                    strategy, params = fallback, {}
-                    row = self.registry.update_meta(row.id, {**row.meta, "fallback": {"from": row.strategy,
-                                                                                      "reason": str(e)}})
-            def run(p: Mapping[str, Any]) -> LocalizeResult:
-                return localize_checkpoint(self.base, prepared, family=self.family, localizer=strategy, params=p,
-                                           plugins=self.plugins, skill=row.skill, base_sha=self.base_sha,
-                                           source_sha=row.source_sha, ctx=ctx,
-                                           max_relative_delta=self.config().localize.max_relative_delta)
-
-            if (params or {}).get("sparsity") == "auto":
-                result, record = self._auto_sparsity(row, prepared, params, run)
-                row = self.registry.update_meta(row.id, {**row.meta, "auto_sparsity": record})
-            else:
-                result = run(params)
-        except SkillhubError as e:
-            self._failed(row, e)
-            raise
-        self.metrics.localize_seconds.observe(time.perf_counter() - t0)
-        ready = self.registry.store_mask(row.id, result.delta)
-        faultpoints.reach("mask_committed")
-        log.info("skill_registered", skill=ready.skill, version=ready.version, nnz=ready.nnz,
-                 strategy=ready.strategy, seconds=round(result.seconds, 3))
-        self.event("skill_registered", skill=ready.skill, version=ready.version, mask_sha=ready.mask_sha or "",
-                   nnz=ready.nnz or 0, strategy=ready.strategy)
-        self.on_registered()
-        return ready
-
-    def _auto_sparsity(self, row: VersionRow, prepared: Prepared, params: Mapping[str, Any],
-                       run: Callable[[Mapping[str, Any]], LocalizeResult]) -> tuple[LocalizeResult, dict[str, Any]]:
-        """``sparsity = "auto"`` (:mod:`skillhub.autosparsity`): the smallest sparsity of the ladder whose localized
-        model keeps ``auto_keep`` of the finetune's accuracy on the fit examples. Without examples and a head (or a
-        family that runs models), the ladder's smallest rung, and the record says why."""
-        from skillhub.strategies.dataless import Dataless
-
-        p = Dataless.Params.model_validate(dict(params))
-        ladder, keep = sorted(p.auto_ladder), p.auto_keep
-        if prepared.examples is None or prepared.head is None or self._scorer() is None:
-            why = prepared.examples_error or "no examples or no head in the drop"
-            log.warning("auto_sparsity_without_examples", skill=row.skill, sparsity=ladder[0], reason=why)
-            return run({**params, "sparsity": ladder[0]}), {"sparsity": ladder[0], "reason": why}
-        fit = split(prepared.examples).fit
-        results: dict[float, LocalizeResult] = {}
-
-        def localize(s: float) -> SparseDelta:
-            results[s] = run({**params, "sparsity": s})
-            return results[s].delta
-
-        def accuracy(delta: SparseDelta) -> float:
-            patcher = self._scorer()
-            assert patcher is not None and prepared.head is not None
-            rt = patcher.use(f"auto:{row.id}:{delta.nnz}", delta)
-            return accuracy_of(prepared.head, embed(rt, fit.images), fit.labels) or 0.0
-
-        try:
-            choice = choose(localize, accuracy, ladder=ladder, keep=keep)
-        finally:
-            if self._patcher is not None:
-                self._patcher.restore()
-        log.info("auto_sparsity", skill=row.skill, sparsity=choice.sparsity, finetune=round(choice.finetune, 4),
-                 accuracy={repr(s): round(a, 4) for s, a in choice.accuracy.items()}, reached=choice.reached)
-        return results[choice.sparsity], choice.record(keep)
-
-    def _scorer(self) -> SkillPatcher | None:
-        """A runnable copy of θ₀ to score localized models on (built on first use; ``None``: the family runs no
-        model)."""
-        if self._patcher is None:
-            rt = self.family.runtime({k: self.base.tensor(k) for k in self.base})
-            if rt is None:
-                return None
-            self._patcher = SkillPatcher(rt)
-        return self._patcher
 
     # --- re-localization (a config edit changed a skill's strategy or params) -----------------------------------
 
@@ -262,8 +249,9 @@ class Ingestor:
                         "the staged copy no longer matches the checkpoint it was made from", path=staged,
                         hint="drop the skill's checkpoint again to re-localize it"))
                     return
-                ft = open_checkpoint(staged)
-                self._localize(new, self._prepare(ft, row.meta.get("sidecar") or {}, strategy))
+                ticket = _Ticket(new, staged, True, self._submit(new, staged, dict(row.meta.get("sidecar") or {})))
+                wait([ticket.future])
+                self._finish(ticket)
         except SkillhubError as e:
             log.error("relocalize_failed", skill=row.skill, error=str(e))
         finally:

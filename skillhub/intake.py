@@ -137,6 +137,11 @@ class Intake:
             self._scan_requested, self._idle = True, False
         self._wake.set()
 
+    def poke(self, name: str) -> None:
+        """Look at the drop ``name`` again now (thread-safe): the caller's work it waited for (:class:`RetryLater`)
+        is done."""
+        self._on_changes([(name, None)])
+
     @property
     def health(self) -> tuple[bool, str]:
         return self._watch.health
@@ -338,9 +343,11 @@ class Intake:
     def _deliver(self, e: _Entry, path: Path, arrival: Arrival) -> None:
         try:
             self.on_arrival(arrival)
-        except RetryLater:
-            e.held, e.due = arrival, time.monotonic() + self.stable_seconds
-            self.log.info("drop_retry_later", name=show_name(e.name), retry_seconds=self.stable_seconds)
+        except RetryLater as x:
+            wait = self.stable_seconds if x.seconds is None else x.seconds
+            e.held, e.due = arrival, time.monotonic() + wait
+            self.log.info("drop_retry_later", name=show_name(e.name), retry_seconds=wait,
+                          **({"reason": x.reason} if x.reason else {}))
             return
         except SkillhubError as x:
             self._drop_held(e, arrival)

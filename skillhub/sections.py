@@ -184,6 +184,28 @@ class PublishSection(_Section):
     """How far a skill's merged accuracy may fall below the served version's (a fraction: 0.05 = 5 points)."""
 
 
+class ExecutorSection(_Section):
+    """``[executor]``: where localization jobs run (DESIGN §7, :mod:`skillhub.executor`). Only the daemon ever writes
+    the registry; an executor only computes masks."""
+
+    kind: Literal["local", "ray"] = "local"
+    """``local``: each drop is validated and localized on the daemon's intake thread, one at a time. ``ray``: each
+    drop's job is a Ray task, and several drops localize at once (needs the ``ray`` extra)."""
+    address: str = Field("local", min_length=1)
+    """Ray only: ``local`` starts a one-machine Ray inside the daemon's process; ``auto`` joins the cluster this
+    machine is a node of; ``HOST:PORT`` (or ``ray://HOST:10001``) a running cluster."""
+    num_cpus: float = Field(1.0, gt=0)
+    """Ray only: CPUs each job reserves (Ray runs as many jobs at once as its free CPUs allow)."""
+    num_gpus: float = Field(0.0, ge=0)
+    """Ray only: GPUs each job of a data-driven strategy (``trained``) reserves; dataless jobs reserve none."""
+    on_unreachable: Literal["error", "local"] = "error"
+    """Ray only: Ray cannot be imported or its cluster reached at start-up: ``error`` = refuse to start, naming
+    ``[executor] address``; ``local`` = log it and localize with the local executor."""
+    max_job_losses: int = Field(3, ge=1)
+    """Ray only: a drop whose job lost its worker this many times (killed, out of memory) is rejected with that
+    reason; fewer losses leave it pending, and it is localized again."""
+
+
 class PluginsSection(_Section):
     """``[plugins]``: folders whose ``*.py`` files are loaded as plugins."""
 
@@ -203,6 +225,7 @@ class Config(_Section):
     skills: SkillsSection = Field(default_factory=SkillsSection)
     serve: ServeSection = Field(default_factory=ServeSection)
     publish: PublishSection = Field(default_factory=PublishSection)
+    executor: ExecutorSection = Field(default_factory=ExecutorSection)
     plugins: PluginsSection = Field(default_factory=PluginsSection)
     source: Path | None = None
     """The config file this was read from (set by :func:`load_config`; not a setting)."""
