@@ -14,16 +14,12 @@ from typing import Any
 
 import torch
 
-from skillhub.checkpoint import (
-    Checkpoint,
-    fingerprint,
-    open_checkpoint,
-    write_safetensors,
-)
+from skillhub.checkpoint import Checkpoint, fingerprint, open_checkpoint
 from skillhub.delta import Provenance, SparseDelta
 from skillhub.errors import CheckpointError, SkillhubError, StitchError
 from skillhub.families import ModelFamily, Prepared
 from skillhub.localize import LocalizeContext, run_localizer
+from skillhub.modelfolder import Shard, layout_of, write_model
 from skillhub.plugins import Plugins
 from skillhub.stitch import Stitcher, StitchPolicy
 from skillhub.taskvector import TaskVector, squares_of
@@ -133,7 +129,16 @@ def stitch_masks(
     check_base: bool = True,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Offline merge: θ₀ (every tensor of the base) with the masks stitched in, written to ``out``.
+    """Offline merge: θ₀ (every tensor of the base) with the masks stitched in, written to ``out`` in the layout of
+    the base (:mod:`skillhub.modelfolder`): a single file for a single-file base; for a base folder, a folder of the
+    same shards under the base's tensor names, with the index and the config and tokenizer files, which
+    ``transformers.AutoModel.from_pretrained(out)`` loads.
+
+    It streams: the masks are read (and checked) first, then each output shard is written tensor by tensor, each
+    merged tensor computed by a :class:`~skillhub.stitch.Stitcher` over that tensor alone, with the masks' entries for
+    it (the policy's own arithmetic, so the bytes are those of the service's stitch), and the base's mapped pages
+    are given back once written. Peak memory is about the masks plus the largest tensor's stitcher, not the model.
+    A policy with model-wide state (:func:`tensor_local`) is stitched over every included tensor at once instead.
 
     Masks must be made for this base: their ``skillhub.base`` fingerprint is checked unless ``check_base`` is False.
     Returns the manifest that is also written into the output's header metadata (``skillhub.manifest``).
@@ -160,16 +165,10 @@ def stitch_masks(
     missing = [k for k in shapes if k not in base]
     if missing:
         raise StitchError(f"masks cover tensors the base lacks: {missing[:5]}", key=missing[0])
-    stitcher = Stitcher({k: base.tensor(k) for k in shapes}, policy, device=device)
-    for i, (name, d) in enumerate(deltas.items()):
-        stitcher.add(name, d)
-        if progress is not None:
-            progress(i + 1, len(deltas))
-    merged = stitcher.snapshot()
-    for key, t in merged.items():
-        if not bool(torch.isfinite(t).all()):
-            raise StitchError(f"stitching produced NaN or Inf in {key!r}", key=key)
-    tensors = {k: merged[k] if k in merged else base.tensor(k) for k in base}
+    for k, shape in shapes.items():
+        if tuple(base[k].shape) != tuple(shape):
+            raise StitchError(f"masks give {k!r} the shape {list(shape)}, the base {list(base[k].shape)}", key=k,
+                              hint="the masks were made for another base model")
     manifest = {
         "base": base_sha,
         "policy": policy.name,
@@ -178,5 +177,58 @@ def stitch_masks(
                    for n, d in deltas.items()},
         "created": time.time(),
     }
-    write_safetensors(out, tensors, {"skillhub.manifest": json.dumps(manifest, sort_keys=True)})
+    whole = None if tensor_local(policy) else Stitcher({k: base.tensor(k) for k in shapes}, policy, device=device)
+    if whole is not None:
+        for name, d in deltas.items():
+            whole.add(name, d)
+
+    def produce(key: str) -> torch.Tensor:
+        if key not in shapes:
+            return base.tensor(key)
+        if whole is not None:
+            merged = whole.tensor(key)
+        else:
+            one = Stitcher({key: base.tensor(key)}, policy, device=device)
+            for name, d in deltas.items():
+                part = only(d, key)
+                if part.values:
+                    one.add(name, part)
+            merged = one.tensor(key)
+        if not bool(torch.isfinite(merged).all()):
+            raise StitchError(f"stitching produced NaN or Inf in {key!r}", key=key)
+        return merged
+
+    layout = layout_of(base)
+    done = [0]
+
+    def shard_done(shard: Shard) -> None:
+        shard.source.evict()  # the shard's mapped pages leave this process: one shard is resident at a time
+        done[0] += 1
+        if progress is not None:
+            progress(done[0], len(layout.shards))
+
+    layouts = {k: torch.empty(base[k].shape, dtype=base[k].dtype, device="meta") for k in base}
+    write_model(Path(out), layout, layouts, produce, {"skillhub.manifest": json.dumps(manifest, sort_keys=True)},
+                shard_done=shard_done)
     return manifest
+
+
+def tensor_local(policy: StitchPolicy) -> bool:
+    """Whether ``policy``'s merged value at an entry depends on that entry's accumulators alone, so that a tensor
+    (or a shard) can be stitched without the rest of the model. A policy says so with a ``tensor_local`` attribute;
+    without one, a policy that keeps a model-wide quantity (it overrides ``settle``, as TIES's ``majority`` zero
+    sign needs) is taken as not local, except TIES-like policies whose params say they keep none."""
+    declared = getattr(policy, "tensor_local", None)
+    if declared is not None:
+        return bool(declared)
+    if type(policy).settle is StitchPolicy.settle:
+        return True
+    return getattr(policy.params, "zero_sign", "majority") != "majority"
+
+
+def only(delta: SparseDelta, key: str) -> SparseDelta:
+    """``delta`` restricted to one tensor (its entries there and nothing else; no copy)."""
+    return SparseDelta(indices={key: delta.indices[key]} if key in delta.indices else {},
+                       values={key: delta.values[key]} if key in delta.values else {},
+                       shapes={key: delta.shapes[key]}, dtypes={key: delta.dtypes[key]} if key in delta.dtypes else {},
+                       provenance=delta.provenance)
