@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from skillhub.checkpoint import Checkpoint, fingerprint, open_checkpoint
+from skillhub.modelfolder import layout_of
 from skillhub.config import Config
 from skillhub.errors import ConfigError, RegistryCorruptError, StitchError
 from skillhub.gate import Gate
@@ -101,7 +102,8 @@ class Hub:
             registry=self.registry, config=lambda: self.config, stitcher=stitcher,
             passthrough={k: self.base.tensor(k).clone() for k in self.base if k not in included},
             publisher=Publisher(state / "models", keep=cfg.state.keep_versions,
-                                write_weights=cfg.state.write_weights and self.read_only is None),
+                                write_weights=cfg.state.write_weights and self.read_only is None,
+                                layout=layout_of(self.base)),
             describe={"base": self.base_sha, "family": self.family.name, "policy": self.policy.name,
                       "policy_params": self.policy.params.model_dump(mode="json")},
             device=self.device, metrics=self.metrics, relocalize=self._relocalize, event=self._event, gate=self.gate)

@@ -98,8 +98,8 @@ def write_model(out: Path, layout: Layout, layouts: Mapping[str, torch.Tensor],
                 shard_done: Callable[[Shard], None] | None = None, faultpoint: str | None = None) -> list[Path]:
     """Write a merged model to ``out`` in ``layout``, one shard after the other and one tensor at a time:
     ``layouts[key]`` gives each tensor's dtype and shape (meta tensors will do), ``produce(key)`` the tensor when its
-    bytes are due. Each file is written atomically; the index and the side files come last, so a folder with an
-    index is complete. Returns the files written."""
+    bytes are due. Each file is written atomically; the side files come first and the index last, so the last file
+    written (the index, or the one weights file) says the folder is complete. Returns the files written."""
     meta = {**FORMAT_METADATA, **metadata}
     if not layout.folder:
         (only,) = layout.shards
@@ -114,6 +114,10 @@ def write_model(out: Path, layout: Layout, layouts: Mapping[str, torch.Tensor],
     if not out.is_dir():
         raise CheckpointError("the output must be a folder for a base given as a folder", path=out)
     written: list[Path] = []
+    for p in layout.side_files:  # first: the file written last (the index, or the one weights file) says "complete"
+        with atomic_file(out / p.name) as f, open(p, "rb") as src:
+            shutil.copyfileobj(src, f)
+        written.append(out / p.name)
     weight_map: dict[str, str] = {}
     total = 0
     for shard in layout.shards:
@@ -127,10 +131,6 @@ def write_model(out: Path, layout: Layout, layouts: Mapping[str, torch.Tensor],
         written.append(target)
         if shard_done is not None:
             shard_done(shard)
-    for p in layout.side_files:
-        with atomic_file(out / p.name) as f, open(p, "rb") as src:
-            shutil.copyfileobj(src, f)
-        written.append(out / p.name)
     if layout.indexed:
         index = {"metadata": {"total_size": total, **metadata}, "weight_map": dict(sorted(weight_map.items()))}
         with atomic_file(out / INDEX_NAME) as f:

@@ -196,3 +196,37 @@ def test_every_policy_gives_the_service_s_bytes(world: dict, policy: str, params
         want = st.tensor(key) if key in deltas[0].shapes else base.tensor(key)
         assert torch.equal(out.tensor(key).reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8)), key
 
+
+
+def test_the_service_publishes_loadable_model_folders(world: dict, tmp_path: Path) -> None:
+    """A Hub whose base is a model folder: every version's ``state/models/<n>/`` is a folder ``from_pretrained``
+    loads, ``latest`` points to the newest complete one, and its weights are the offline stitch's, byte for byte."""
+    from skillhub.config import load_config
+    from skillhub.hub import Hub
+
+    d, dtype = world["dir"], world["dtype"]
+    (tmp_path / "config.toml").write_text(
+        f'[base]\nfamily = "state_dict"\nweights = "{d / "base"}"\n[state]\ndir = "state"\n'
+        '[localize.params]\nsparsity = 0.05\n')
+    hub = Hub(load_config(tmp_path / "config.toml", env={}))
+    hub.start()
+    try:
+        for i in (1, 2, 3):
+            hub.ingest(d / f"ft{i}", skill=f"skill{i}")
+        version = hub.reconcile()
+        assert version is not None and sorted(version.manifest["skills"]) == ["skill1", "skill2", "skill3"]
+        assert hub.reconciler.publisher.flush()
+    finally:
+        hub.close()
+    models = tmp_path / "state" / "models"
+    folder = models / str(version.number)
+    assert (models / "latest").is_symlink() and (models / "latest").resolve() == folder.resolve()
+    assert json.loads((folder / INDEX_NAME).read_text())["weight_map"] == \
+        json.loads((d / "base" / INDEX_NAME).read_text())["weight_map"]
+    assert (folder / "config.json").read_bytes() == (d / "base" / "config.json").read_bytes()
+    served = transformers.AutoModelForCausalLM.from_pretrained(models / "latest", dtype=dtype).state_dict()
+    offline = transformers.AutoModelForCausalLM.from_pretrained(d / "out", dtype=dtype).state_dict()
+    assert served.keys() == offline.keys()
+    for key in served:
+        assert torch.equal(served[key], offline[key]), key
+    assert transformers.AutoTokenizer.from_pretrained(models / "latest")("hello")["input_ids"] == [3]
