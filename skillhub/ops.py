@@ -84,6 +84,10 @@ def localize_checkpoint(
     return LocalizeResult(delta, time.perf_counter() - t0, finetuned.nbytes)
 
 
+#: entries per piece of the offline stitch (:func:`stitch_tensor`): the stitcher's state for 8M entries stays at a
+#: few hundred MB whatever the tensor (a 128k×4096 embedding is 64 pieces)
+PIECE = 1 << 23
+
 #: ‖θ₀‖² per included tensor, per (base fingerprint, included keys): the base's side of the distance check
 _BASE_SQUARES: dict[tuple[str, tuple[str, ...]], dict[str, float]] = {}
 
@@ -128,6 +132,7 @@ def stitch_masks(
     device: str = "auto",
     check_base: bool = True,
     progress: Callable[[int, int], None] | None = None,
+    piece: int = PIECE,
 ) -> dict[str, Any]:
     """Offline merge: θ₀ (every tensor of the base) with the masks stitched in, written to ``out`` in the layout of
     the base (:mod:`skillhub.modelfolder`): a single file for a single-file base; for a base folder, a folder of the
@@ -135,9 +140,10 @@ def stitch_masks(
     ``transformers.AutoModel.from_pretrained(out)`` loads.
 
     It streams: the masks are read (and checked) first, then each output shard is written tensor by tensor, each
-    merged tensor computed by a :class:`~skillhub.stitch.Stitcher` over that tensor alone, with the masks' entries for
-    it (the policy's own arithmetic, so the bytes are those of the service's stitch), and the base's mapped pages
-    are given back once written. Peak memory is about the masks plus the largest tensor's stitcher, not the model.
+    merged tensor computed by :func:`stitch_tensor` (a :class:`~skillhub.stitch.Stitcher` per piece of at most
+    ``piece`` entries, with the masks' entries there: the policy's own arithmetic, so the bytes are those of the
+    service's stitch), and each shard's mapped pages are given back once it is written. Peak memory is the masks
+    plus the largest tensor plus one piece's stitcher state, not the model nor a shard.
     A policy with model-wide state (:func:`tensor_local`) is stitched over every included tensor at once instead.
 
     Masks must be made for this base: their ``skillhub.base`` fingerprint is checked unless ``check_base`` is False.
@@ -185,15 +191,8 @@ def stitch_masks(
     def produce(key: str) -> torch.Tensor:
         if key not in shapes:
             return base.tensor(key)
-        if whole is not None:
-            merged = whole.tensor(key)
-        else:
-            one = Stitcher({key: base.tensor(key)}, policy, device=device)
-            for name, d in deltas.items():
-                part = only(d, key)
-                if part.values:
-                    one.add(name, part)
-            merged = one.tensor(key)
+        merged = whole.tensor(key) if whole is not None else \
+            stitch_tensor(key, base.tensor(key), deltas, policy, device=device, piece=piece)
         if not bool(torch.isfinite(merged).all()):
             raise StitchError(f"stitching produced NaN or Inf in {key!r}", key=key)
         return merged
@@ -226,9 +225,44 @@ def tensor_local(policy: StitchPolicy) -> bool:
     return getattr(policy.params, "zero_sign", "majority") != "majority"
 
 
-def only(delta: SparseDelta, key: str) -> SparseDelta:
-    """``delta`` restricted to one tensor (its entries there and nothing else; no copy)."""
-    return SparseDelta(indices={key: delta.indices[key]} if key in delta.indices else {},
-                       values={key: delta.values[key]} if key in delta.values else {},
-                       shapes={key: delta.shapes[key]}, dtypes={key: delta.dtypes[key]} if key in delta.dtypes else {},
-                       provenance=delta.provenance)
+def stitch_tensor(key: str, base: torch.Tensor, deltas: Mapping[str, SparseDelta], policy: StitchPolicy, *,
+                  device: str = "auto", piece: int = PIECE) -> torch.Tensor:
+    """One merged tensor, stitched a piece of at most ``piece`` flat entries at a time: a
+    :class:`~skillhub.stitch.Stitcher` over that piece of θ₀ with each delta's entries in it (:func:`part_of`), so
+    the stitcher's accumulators never exceed one piece. Only for a :func:`tensor_local` policy, whose merged entries
+    depend on their own accumulators alone: the result is then the whole-model stitcher's, bit for bit."""
+    flat = base.reshape(-1)
+    n = flat.numel()
+    out: torch.Tensor | None = None
+    for start in range(0, max(n, 1), piece):
+        stop = min(n, start + piece)
+        st = Stitcher({key: flat[start:stop]}, policy, device=device)
+        for name, d in deltas.items():
+            part = part_of(d, key, start, stop)
+            if part is not None:
+                st.add(name, part)
+        merged = st.tensor(key)
+        if start == 0 and stop == n:
+            return merged.reshape(base.shape)
+        if out is None:
+            out = torch.empty(n, dtype=base.dtype)
+        out[start:stop] = merged.to("cpu")
+    assert out is not None
+    return out.reshape(base.shape)
+
+
+def part_of(delta: SparseDelta, key: str, start: int, stop: int) -> SparseDelta | None:
+    """``delta``'s entries of tensor ``key`` within flat positions [start, stop), as a delta over that piece alone
+    (shape ``(stop - start,)``, indices shifted to it), or ``None`` when it has none there. Views, no copy, but the
+    shifted indices."""
+    shape = {key: (stop - start,)}
+    dtypes = {key: delta.dtypes[key]} if key in delta.dtypes else {}
+    if key in delta.indices:
+        idx, vals = delta.indices[key], delta.values[key]
+        lo, hi = (int(i) for i in torch.searchsorted(idx, torch.tensor([start, stop], dtype=idx.dtype)))
+        if hi == lo:
+            return None
+        return SparseDelta({key: idx[lo:hi] - start}, {key: vals[lo:hi]}, shape, dtypes, delta.provenance)
+    if key in delta.values:
+        return SparseDelta({}, {key: delta.values[key][start:stop]}, shape, dtypes, delta.provenance)
+    return None

@@ -14,7 +14,7 @@ import torch
 from skillhub.checkpoint import open_checkpoint, write_safetensors
 from skillhub.delta import SparseDelta
 from skillhub.modelfolder import INDEX_NAME, layout_of, side_files
-from skillhub.ops import only, stitch_masks, tensor_local
+from skillhub.ops import part_of, stitch_masks, tensor_local
 from skillhub.plugins import load_plugins
 from skillhub.stitch import Stitcher
 from tests.test_cli import assert_ok, run_cli
@@ -162,14 +162,28 @@ def test_a_single_file_base_still_gives_a_single_file(tmp_path: Path) -> None:
     assert torch.equal(out.tensor("b.weight"), base["module.b.weight"])
 
 
-def test_only_restricts_a_delta_to_one_tensor() -> None:
-    d = SparseDelta({"a": torch.tensor([0, 2], dtype=torch.int32)}, {"a": torch.tensor([1.0, 2.0]),
-                                                                      "b": torch.tensor([0.0, 3.0])},
-                    {"a": (3,), "b": (2,), "c": (4,)}, {"a": torch.float32, "b": torch.float32, "c": torch.float32})
-    a, b, c = only(d, "a"), only(d, "b"), only(d, "c")
-    assert a.shapes == {"a": (3,)} and a.indices["a"] is d.indices["a"] and a.nnz == 2
-    assert b.is_dense("b") and b.nnz == 1 and b.shapes == {"b": (2,)}
-    assert not c.values and c.nnz == 0
+def test_part_of_cuts_a_delta_to_a_piece_of_one_tensor() -> None:
+    d = SparseDelta({"a": torch.tensor([0, 2, 5, 6], dtype=torch.int32)}, {"a": torch.tensor([1.0, 2.0, 3.0, 4.0]),
+                                                                            "b": torch.tensor([0.0, 3.0, 0.0])},
+                    {"a": (7,), "b": (3,), "c": (4,)}, {"a": torch.float32, "b": torch.float32, "c": torch.float32})
+    a = part_of(d, "a", 2, 6)
+    assert a is not None and a.shapes == {"a": (4,)}
+    assert a.indices["a"].tolist() == [0, 3] and a.values["a"].tolist() == [2.0, 3.0]
+    assert part_of(d, "a", 3, 5) is None
+    b = part_of(d, "b", 1, 3)
+    assert b is not None and b.is_dense("b") and b.values["b"].tolist() == [3.0, 0.0] and b.nnz == 1
+    assert part_of(d, "c", 0, 4) is None
+
+
+@pytest.mark.parametrize("piece", [1, 7, 1000])
+def test_pieces_give_the_same_bytes(world: dict, piece: int, tmp_path: Path) -> None:
+    """Stitched in pieces of a few entries (so every tensor crosses piece boundaries): the same bytes."""
+    d = world["dir"]
+    stitch_masks(d / "base", world["masks"], tmp_path / "out", policy=load_plugins().make_policy("average", {}),
+                 device="cpu", piece=piece)
+    want, got = open_checkpoint(d / "out"), open_checkpoint(tmp_path / "out")
+    for key in want:
+        assert torch.equal(got.tensor(key).reshape(-1).view(torch.uint8), want.tensor(key).reshape(-1).view(torch.uint8))
 
 
 @pytest.mark.parametrize(("policy", "params", "local"), [("average", {}, True), ("sum", {"scale": 0.5}, True),
