@@ -95,7 +95,8 @@ def side_files(folder: Path) -> tuple[Path, ...]:
 
 def write_model(out: Path, layout: Layout, layouts: Mapping[str, torch.Tensor],
                 produce: Callable[[str], torch.Tensor], metadata: Mapping[str, str], *,
-                shard_done: Callable[[Shard], None] | None = None, faultpoint: str | None = None) -> list[Path]:
+                shard_done: Callable[[Shard], None] | None = None, tensor_done: Callable[[str], None] | None = None,
+                faultpoint: str | None = None) -> list[Path]:
     """Write a merged model to ``out`` in ``layout``, one shard after the other and one tensor at a time:
     ``layouts[key]`` gives each tensor's dtype and shape (meta tensors will do), ``produce(key)`` the tensor when its
     bytes are due. Each file is written atomically; the side files come first and the index last, so the last file
@@ -103,7 +104,8 @@ def write_model(out: Path, layout: Layout, layouts: Mapping[str, torch.Tensor],
     meta = {**FORMAT_METADATA, **metadata}
     if not layout.folder:
         (only,) = layout.shards
-        write_safetensors_lazy(out, {k: layouts[k] for k in only.keys}, produce, meta, faultpoint=faultpoint)
+        write_safetensors_lazy(out, {k: layouts[k] for k in only.keys}, produce, meta, faultpoint=faultpoint,
+                               written=tensor_done)
         if shard_done is not None:
             shard_done(only)
         return [out]
@@ -124,7 +126,8 @@ def write_model(out: Path, layout: Layout, layouts: Mapping[str, torch.Tensor],
         raw = {layout.names[k]: k for k in shard.keys}
         target = out / shard.name
         write_safetensors_lazy(target, {n: layouts[k] for n, k in raw.items()}, lambda n: produce(raw[n]), meta,
-                               faultpoint=faultpoint)
+                               faultpoint=faultpoint, written=None if tensor_done is None else
+                               lambda n: tensor_done(raw[n]))
         for n, k in raw.items():
             weight_map[n] = shard.name
             total += layouts[k].numel() * layouts[k].element_size()

@@ -21,6 +21,7 @@ from skillhub.families import ModelFamily, Prepared
 from skillhub.localize import LocalizeContext, run_localizer
 from skillhub.modelfolder import Shard, layout_of, write_model
 from skillhub.plugins import Plugins
+from skillhub.publish import finite
 from skillhub.stitch import Stitcher, StitchPolicy
 from skillhub.taskvector import TaskVector, squares_of
 
@@ -84,9 +85,9 @@ def localize_checkpoint(
     return LocalizeResult(delta, time.perf_counter() - t0, finetuned.nbytes)
 
 
-#: entries per piece of the offline stitch (:func:`stitch_tensor`): the stitcher's state for 8M entries stays at a
-#: few hundred MB whatever the tensor (a 128k×4096 embedding is 64 pieces)
-PIECE = 1 << 23
+#: entries per piece of the offline stitch (:func:`stitch_tensor`): the stitcher's state for 2M entries stays at
+#: some 30 MB whatever the tensor (a 128k×4096 embedding is 256 pieces)
+PIECE = 1 << 21
 
 #: ‖θ₀‖² per included tensor, per (base fingerprint, included keys): the base's side of the distance check
 _BASE_SQUARES: dict[tuple[str, tuple[str, ...]], dict[str, float]] = {}
@@ -193,22 +194,25 @@ def stitch_masks(
             return base.tensor(key)
         merged = whole.tensor(key) if whole is not None else \
             stitch_tensor(key, base.tensor(key), deltas, policy, device=device, piece=piece)
-        if not bool(torch.isfinite(merged).all()):
+        if finite({key: merged}) is not None:
             raise StitchError(f"stitching produced NaN or Inf in {key!r}", key=key)
         return merged
+
+    def tensor_done(key: str) -> None:
+        f, raw = base.locate(key)
+        f.evict(raw)  # its mapped pages leave this process: the base is never resident beyond a tensor
 
     layout = layout_of(base)
     done = [0]
 
     def shard_done(shard: Shard) -> None:
-        shard.source.evict()  # the shard's mapped pages leave this process: one shard is resident at a time
         done[0] += 1
         if progress is not None:
             progress(done[0], len(layout.shards))
 
     layouts = {k: torch.empty(base[k].shape, dtype=base[k].dtype, device="meta") for k in base}
     write_model(Path(out), layout, layouts, produce, {"skillhub.manifest": json.dumps(manifest, sort_keys=True)},
-                shard_done=shard_done)
+                shard_done=shard_done, tensor_done=tensor_done)
     return manifest
 
 
