@@ -31,6 +31,7 @@ from skillhub.localize import LocalizeContext
 from skillhub.log import get_logger
 from skillhub.metrics import Metrics
 from skillhub.ops import LocalizeResult, base_squares, localize_checkpoint
+from skillhub.placement import runtime_on
 from skillhub.plugins import Plugins
 from skillhub.quality import accuracy as accuracy_of
 from skillhub.quality import embed, split
@@ -228,7 +229,7 @@ class Ingestor:
         """A runnable copy of θ₀ to score localized models on (built on first use; ``None``: the family runs no
         model)."""
         if self._patcher is None:
-            rt = self.family.runtime({k: self.base.tensor(k) for k in self.base})
+            rt = runtime_on(self.family.runtime, self.device)({k: self.base.tensor(k) for k in self.base})
             if rt is None:
                 return None
             self._patcher = SkillPatcher(rt)

@@ -183,7 +183,8 @@ def test_pieces_give_the_same_bytes(world: dict, piece: int, tmp_path: Path) -> 
                  device="cpu", piece=piece)
     want, got = open_checkpoint(d / "out"), open_checkpoint(tmp_path / "out")
     for key in want:
-        assert torch.equal(got.tensor(key).reshape(-1).view(torch.uint8), want.tensor(key).reshape(-1).view(torch.uint8))
+        assert torch.equal(got.tensor(key).reshape(-1).view(torch.uint8),
+                           want.tensor(key).reshape(-1).view(torch.uint8)), key
 
 
 @pytest.mark.parametrize(("policy", "params", "local"), [("average", {}, True), ("sum", {"scale": 0.5}, True),
