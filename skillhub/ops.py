@@ -143,8 +143,9 @@ def stitch_masks(
     It streams: the masks are read (and checked) first, then each output shard is written tensor by tensor, each
     merged tensor computed by :func:`stitch_tensor` (a :class:`~skillhub.stitch.Stitcher` per piece of at most
     ``piece`` entries, with the masks' entries there: the policy's own arithmetic, so the bytes are those of the
-    service's stitch), and each shard's mapped pages are given back once it is written. Peak memory is the masks
-    plus the largest tensor plus one piece's stitcher state, not the model nor a shard.
+    service's stitch, with its default float64 accumulators), and each base tensor's mapped pages are given back
+    once it is written. Peak memory is the masks plus the largest tensor plus one piece's stitcher state, not the
+    model nor a shard. ``progress`` is called once per shard written.
     A policy with model-wide state (:func:`tensor_local`) is stitched over every included tensor at once instead.
 
     Masks must be made for this base: their ``skillhub.base`` fingerprint is checked unless ``check_base`` is False.
