@@ -44,6 +44,7 @@ from skillhub.checkpoint import write_safetensors
 from skillhub.config import load_config
 from skillhub.families import Runtime
 from skillhub.hub import Hub
+from skillhub.placement import synchronize
 from skillhub.plugins import load_plugins
 from skillhub.routing import SkillPatcher
 from skillhub.server import Server, create_app
@@ -93,8 +94,10 @@ def switch_cost(density: float, repeats: int) -> None:
     for i in range(repeats):
         t_switch = min(t_switch, best(switch, 1))
         delta = masks[i % 2]
+        synchronize(stitcher.device)  # CUDA runs asynchronously: time the work, not its queuing
         t0 = time.perf_counter()
         stitcher.add("x", delta)
+        synchronize(stitcher.device)
         t_add = min(t_add, time.perf_counter() - t0)
         stitcher.remove("x")  # untimed: the next add starts from the same empty stitcher
     patcher.restore()

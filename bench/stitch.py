@@ -20,8 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import make_base, vit_b_shapes
 
 from skillhub.delta import SparseDelta
+from skillhub.placement import synchronize
 from skillhub.plugins import load_plugins
-from skillhub.stitch import Stitcher
+from skillhub.stitch import Stitcher, resolve_device
 
 
 def random_delta(shapes: dict[str, tuple[int, ...]], density: float, seed: int, dense: bool = False) -> SparseDelta:
@@ -44,9 +45,13 @@ def random_delta(shapes: dict[str, tuple[int, ...]], density: float, seed: int, 
     return SparseDelta(idx, val, dict(shapes), {k: torch.float32 for k in shapes})
 
 
-def timed(fn) -> float:
+def timed(fn, device: str = "auto") -> float:
+    """Seconds of ``fn``, with the device's queued work finished before each clock reading (CUDA is asynchronous)."""
+    dev = resolve_device(device)
+    synchronize(dev)
     t0 = time.perf_counter()
     fn()
+    synchronize(dev)
     return time.perf_counter() - t0
 
 

@@ -15,7 +15,7 @@ import json
 import mmap
 import os
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -70,6 +70,20 @@ class TensorFile:
             return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
         return torch.frombuffer(mm, dtype=info.dtype, count=info.numel, offset=info.start).reshape(info.shape)
 
+    def evict(self, name: str | None = None) -> None:
+        """Give the mapped pages of tensor ``name`` (or of the whole file) back to the kernel: they leave this
+        process's resident memory and are read from the file again if touched. Views stay valid. For the offline
+        stitch, which reads each tensor once and would otherwise keep a whole shard resident. Only for files nobody
+        writes through a view (a write made through one would be discarded)."""
+        mm = self._mm
+        if mm is None or not hasattr(mm, "madvise"):
+            return
+        start, end = (0, len(mm)) if name is None else (self.header.tensors[name].start, self.header.tensors[name].end)
+        page = mmap.PAGESIZE
+        lo, hi = start // page * page, min(len(mm), -(-end // page) * page)
+        if hi > lo:
+            mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
 
 class Checkpoint(Mapping[str, TensorInfo]):
     """A model's tensors by normalised key, read lazily from one file or a sharded folder.
@@ -105,6 +119,10 @@ class Checkpoint(Mapping[str, TensorInfo]):
     def tensor(self, key: str) -> torch.Tensor:
         f, raw = self._where[key]
         return f.tensor(raw)
+
+    def locate(self, key: str) -> tuple[TensorFile, str]:
+        """The file holding ``key`` and the tensor's name as stored there (before prefix stripping and renaming)."""
+        return self._where[key]
 
     def raw_keys(self) -> list[str]:
         """Tensor names as stored in the files (before prefix stripping and renaming)."""
@@ -243,11 +261,22 @@ def write_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor], met
     function of the mask alone. Readable by the reference safetensors library. ``faultpoint`` names the
     :mod:`skillhub.faultpoints` point reached when half the tensors are written (crash tests).
     """
+    return write_safetensors_lazy(path, tensors, tensors.__getitem__, metadata, faultpoint=faultpoint)
+
+
+def write_safetensors_lazy(path: str | Path, layout: Mapping[str, torch.Tensor], produce: Callable[[str], torch.Tensor],
+                           metadata: Mapping[str, str], *, faultpoint: str | None = None,
+                           written: Callable[[str], None] | None = None) -> str:
+    """:func:`write_safetensors` with each tensor made only when its bytes are due: ``layout`` gives dtypes and
+    shapes (meta tensors will do) for the header, ``produce(name)`` the tensor itself, one at a time, and
+    ``written(name)`` is called once its bytes are out. At most one produced tensor is alive at a time, so a file
+    larger than memory can be written (the offline stitch streams a shard this way). Same bytes as
+    :func:`write_safetensors` for the same tensors."""
     import torch
 
     path = Path(path)
     try:
-        prefix, order, _ = safetensors_header(tensors, metadata)
+        prefix, order, _ = safetensors_header(layout, metadata)
     except CheckpointError as e:
         raise CheckpointError(e.message, path=path, key=e.key) from None
     digest = hashlib.sha256(prefix)
@@ -257,11 +286,18 @@ def write_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor], met
             if faultpoint and i == len(order) // 2:
                 f.flush()
                 faultpoints.reach(faultpoint)
-            t = tensors[name].detach().to("cpu").contiguous()
+            t = produce(name).detach().to("cpu").contiguous()
+            want = layout[name]
+            if t.dtype != want.dtype or tuple(t.shape) != tuple(want.shape):
+                raise CheckpointError(f"tensor {name!r} is {t.dtype} {list(t.shape)}, but the header says "
+                                      f"{want.dtype} {list(want.shape)}", path=path, key=name)
             if t.numel():
                 mv = memoryview(t.reshape(-1).view(torch.uint8).numpy())
                 f.write(mv)
                 digest.update(mv)
+            del t
+            if written is not None:
+                written(name)
     return digest.hexdigest()
 
 

@@ -19,6 +19,8 @@ import torch
 
 from skillhub.analytics import AnalyticsCache
 from skillhub.checkpoint import Checkpoint, fingerprint, open_checkpoint
+from skillhub.modelfolder import layout_of
+from skillhub.placement import runtime_on
 from skillhub.config import Config
 from skillhub.errors import ConfigError, RegistryCorruptError, RegistryError, StitchError
 from skillhub.executor import Executor, WorkspaceSpec, make_executor
@@ -101,7 +103,8 @@ class Hub:
         stitcher = Stitcher({k: self.base.tensor(k) for k in self.included}, self.policy, device=self.device,
                             accumulate=accumulate)
         included = set(self.included)
-        self.gate = Gate(runtime=self.family.runtime, base=self._base_tensors, heads=self.heads.get,
+        self.gate = Gate(runtime=runtime_on(self.family.runtime, self.device), base=self._base_tensors,
+                         heads=self.heads.get,
                          examples=self.registry.load_examples, masks=self.registry.load_mask,
                          store_head=lambda head: self.registry.store_head(*head.encode())
                          ) if self.family.reads_examples and self.read_only is None else None
@@ -109,7 +112,8 @@ class Hub:
             registry=self.registry, config=lambda: self.config, stitcher=stitcher,
             passthrough={k: self.base.tensor(k).clone() for k in self.base if k not in included},
             publisher=Publisher(state / "models", keep=cfg.state.keep_versions,
-                                write_weights=cfg.state.write_weights and self.read_only is None),
+                                write_weights=cfg.state.write_weights and self.read_only is None,
+                                layout=layout_of(self.base)),
             describe={"base": self.base_sha, "family": self.family.name, "policy": self.policy.name,
                       "policy_params": self.policy.params.model_dump(mode="json")},
             device=self.device, metrics=self.metrics, relocalize=self._relocalize, event=self._event, gate=self.gate)
@@ -224,7 +228,8 @@ class Hub:
             if self._engine is None:
                 serve = self.config.serve
                 self._engine = InferenceEngine(
-                    self.family.runtime, self.heads.get, family=self.family.name, max_batch=serve.max_batch,
+                    runtime_on(self.family.runtime, self.device), self.heads.get, family=self.family.name,
+                    max_batch=serve.max_batch,
                     max_wait_ms=serve.batch_wait_ms, base=self._base_tensors, masks=self.registry.load_mask,
                     skill_cache_bytes=serve.skill_cache_mb << 20)
                 self._engine.start()

@@ -30,6 +30,7 @@ from skillhub.head import Head
 from skillhub.localize import LocalizeContext
 from skillhub.log import get_logger
 from skillhub.ops import LocalizeResult, localize_checkpoint
+from skillhub.placement import runtime_on
 from skillhub.plugins import Plugins, load_plugins
 from skillhub.quality import accuracy as accuracy_of
 from skillhub.quality import embed, split
@@ -106,7 +107,7 @@ class Workspace:
     def scorer(self) -> SkillPatcher | None:
         """A runnable copy of θ₀ to score localized models on (``None``: the family runs no model)."""
         if self._patcher is None:
-            rt = self.family.runtime({k: self.base.tensor(k) for k in self.base})
+            rt = runtime_on(self.family.runtime, self.device)({k: self.base.tensor(k) for k in self.base})
             if rt is None:
                 return None
             self._patcher = SkillPatcher(rt)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from skillhub.atomic import sha256_file
 from skillhub.errors import RegistryError
+from skillhub.modelfolder import INDEX_NAME
 from skillhub.registry import Registry
 
 DB_NAME = "registry.sqlite3"
@@ -95,8 +96,9 @@ def doctor(state: Path) -> Report:
         try:
             n = int(current.read_text().strip())
             json.loads((state / "models" / str(n) / "manifest.json").read_text())
-            weights = state / "models" / str(n) / "model.safetensors"
-            report.notes.append(f"served version {n}" + ("" if weights.exists() else
+            folder = state / "models" / str(n)  # one file, or (a model-folder base) shards and their index
+            written = (folder / "model.safetensors").exists() or (folder / INDEX_NAME).exists()
+            report.notes.append(f"served version {n}" + ("" if written else
                                                           " (weights file not written yet; rebuilt from the registry)"))
         except (OSError, ValueError):
             report.problems.append("models/current points to a missing or unreadable manifest — restart the service:"

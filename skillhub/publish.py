@@ -3,7 +3,12 @@
 Layout: ``state/models/<n>/manifest.json`` (skills with versions and mask hashes, base fingerprint, stitch policy,
 creation time) and ``state/models/<n>/model.safetensors``; ``state/models/current`` holds the number of the version
 being served. A version directory appears by an atomic rename of a complete temp directory holding its manifest;
-``current`` moves after that. The weights file follows from a background thread (temp + fsync + rename), because
+``current`` moves after that. For a base given as a model folder (``config.json``, tokenizer, shards and an index:
+:mod:`skillhub.modelfolder`), a version's weights are written in the base's layout instead (the same shard files
+and index, the config and tokenizer files beside them), so ``state/models/<n>/`` is a folder that
+``from_pretrained``, vLLM or TGI load, and the symlink ``state/models/latest`` is moved to it once its weights are
+complete: point an external server at ``latest``, never at a folder whose weights are still being written. The
+weights file follows from a background thread (temp + fsync + rename), because
 the manifest alone determines the weights (the registry can always rebuild them) and the drop-to-served path must
 not pay O(model) disk writes that the O(mask) stitch avoided (DESIGN §3, publish): the writer waits for
 ``quiet_seconds`` without a new publication, and during a burst writes only the newest version.
@@ -30,9 +35,12 @@ from skillhub.atomic import atomic_file, fsync_dir
 from skillhub.checkpoint import write_safetensors
 from skillhub.errors import DiskFullError, RegistryError
 from skillhub.log import get_logger
+from skillhub.modelfolder import INDEX_NAME, Layout, write_model
 
 log = get_logger("skillhub.publish")
 IDENTITY_KEYS = ("base", "family", "policy", "policy_params", "skills")
+#: the symlink to the newest version whose weights are complete on disk (a loadable model folder)
+LATEST = "latest"
 
 
 def identity(manifest: Mapping[str, Any]) -> str:
@@ -69,8 +77,11 @@ class Publisher:
     """Owns ``state/models/``: version numbers, manifests, the ``current`` pointer, background weight files."""
 
     def __init__(self, models_dir: Path, *, keep: int = 5, write_weights: bool = True,
-                 quiet_seconds: float = 2.0) -> None:
+                 quiet_seconds: float = 2.0, layout: Layout | None = None) -> None:
+        """:param layout: the base's layout (:func:`skillhub.modelfolder.layout_of`); for a base folder, versions'
+        weights are written in it (a loadable model folder), else as one ``model.safetensors``."""
         self.dir = models_dir
+        self.layout = layout if layout is not None and layout.folder else None
         self.quiet_seconds = quiet_seconds
         self._last_publish = 0.0
         self._hurry = threading.Event()
@@ -96,7 +107,7 @@ class Publisher:
                 shutil.rmtree(self.dir / str(n), ignore_errors=True)
         for p in self.dir.iterdir():
             if p.name.startswith(".") and ".tmp" in p.name:
-                if p.is_dir():
+                if p.is_dir() and not p.is_symlink():
                     shutil.rmtree(p, ignore_errors=True)
                 else:
                     p.unlink(missing_ok=True)
@@ -131,8 +142,14 @@ class Publisher:
     def next_number(self) -> int:
         return max(self.numbers(), default=0) + 1
 
+    def weights_file(self, number: int) -> Path:
+        """The file whose presence says version ``number``'s weights are complete (the one written last)."""
+        if self.layout is None:
+            return self.dir / str(number) / "model.safetensors"
+        return self.dir / str(number) / (INDEX_NAME if self.layout.indexed else self.layout.shards[-1].name)
+
     def has_weights(self, number: int) -> bool:
-        return (self.dir / str(number) / "model.safetensors").is_file()
+        return self.weights_file(number).is_file()
 
     # --- publishing ---------------------------------------------------------------------------------------------
 
@@ -189,7 +206,13 @@ class Publisher:
             try:
                 t0 = time.perf_counter()
                 meta = {"skillhub.manifest": json.dumps(version.manifest, sort_keys=True)}
-                write_safetensors(path, version.tensors, meta, faultpoint="weights_write")
+                if self.layout is None:
+                    write_safetensors(path, version.tensors, meta, faultpoint="weights_write")
+                else:
+                    tensors = version.tensors
+                    write_model(path.parent, self.layout, tensors, tensors.__getitem__, meta,
+                                faultpoint="weights_write")
+                    self._point_latest(version.number)
                 self.written.add(version.number)
                 log.info("weights_written", version=version.number, seconds=round(time.perf_counter() - t0, 3))
             except OSError as e:  # disk full etc.: the version still serves from memory; retried on next publish
@@ -212,11 +235,27 @@ class Publisher:
         n = self._latest_queued
         return n == 0 or self.has_weights(n) or not (self.dir / str(n)).is_dir()
 
+    def _point_latest(self, number: int) -> None:
+        """Move ``latest`` to version ``number`` (atomically: a new symlink renamed over the old one)."""
+        link = self.dir / LATEST
+        tmp = self.dir / f".{LATEST}.{os.getpid()}.tmp"
+        tmp.unlink(missing_ok=True)
+        os.symlink(str(number), tmp)
+        os.replace(tmp, link)
+        fsync_dir(self.dir)
+
+    def latest_number(self) -> int | None:
+        """The version ``latest`` points to (the newest one whose model folder is complete), if any."""
+        try:
+            return int(os.readlink(self.dir / LATEST))
+        except (OSError, ValueError):
+            return None
+
     def prune(self) -> None:
-        """Keep the newest ``keep`` versions; never the current one."""
-        current = self.current_number()
+        """Keep the newest ``keep`` versions; never the current one, nor the one ``latest`` points to."""
+        keep = {self.current_number(), self.latest_number()}
         for n in self.numbers()[: -self.keep]:
-            if n != current:
+            if n not in keep:
                 shutil.rmtree(self.dir / str(n), ignore_errors=True)
 
     def close(self, timeout: float = 30.0) -> None:

@@ -86,7 +86,7 @@ class Reconciler:
         for name, delta in masks.items():
             self.stitcher.add(name, delta.to(self.device))
         shown = {k: v for k, v in manifest.items() if k not in ("version", "created")}
-        self.current = ModelVersion(int(manifest["version"]), {**self.passthrough, **self.stitcher.snapshot()}, shown)
+        self.current = ModelVersion(int(manifest["version"]), self._merged(), shown)
         self.last_error = reason
         return self.current
 
@@ -286,6 +286,11 @@ class Reconciler:
                                "examples": r.meta.get("examples")}
                            for n, r in sorted(self.active.items())}}
 
+    def _merged(self) -> dict[str, torch.Tensor]:
+        """Every tensor of the model now: the stitcher's merged tensors, frozen on its own device (copy on write: no
+        device→CPU copy of the model per version, DESIGN §7), and the passthrough ones (CPU)."""
+        return {**self.passthrough, **self.stitcher.snapshot(self.stitcher.device)}
+
     def _build_version(self) -> ModelVersion:
         manifest = self.manifest()
         on_disk = self._on_disk
@@ -293,7 +298,7 @@ class Reconciler:
             number = int(on_disk["version"])  # a restart rebuilt the version that was being served: same number
         else:
             number = self.publisher.next_number()
-        return ModelVersion(number, {**self.passthrough, **self.stitcher.snapshot()}, manifest)
+        return ModelVersion(number, self._merged(), manifest)
 
     def _publish(self, version: ModelVersion) -> None:
         t0 = time.perf_counter()

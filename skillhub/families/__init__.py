@@ -62,6 +62,10 @@ class Runtime:
         """Example images (uint8 [N, 3, H, W], or float in [0, 1]) → the normalised batch :meth:`embed` takes."""
         raise NotImplementedError
 
+    def to(self, device: torch.device) -> None:
+        """Move the model to ``device`` (:mod:`skillhub.placement`); :meth:`embed` then takes CPU batches and gives
+        CPU embeddings. The default keeps a runtime that does not implement it on the CPU."""
+
     def pack(self) -> None:
         """Optionally make the model's floating tensors views of one buffer, so that the skill route patches a
         mask in with one scatter rather than a few per tensor. The default leaves the model as it is."""

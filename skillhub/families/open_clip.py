@@ -210,11 +210,19 @@ class ClipRuntime(Runtime):
                                                 antialias=True, align_corners=False)
         return (x - self.mean) / self.std
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def to(self, device: torch.device) -> None:
+        self.model.to(device)
+
     def embed(self, batch: torch.Tensor) -> torch.Tensor:
         import torch
 
-        with torch.no_grad():
-            return torch.nn.functional.normalize(self.model.encode_image(batch), dim=-1)
+        with torch.no_grad():  # batches come and embeddings go on the CPU; the model runs where it lives
+            out = torch.nn.functional.normalize(self.model.encode_image(batch.to(self.device)), dim=-1)
+        return out.to("cpu")
 
     def tensors(self) -> Mapping[str, torch.Tensor]:
         return self.model.state_dict()  # detached tensors sharing the parameters' storage
@@ -224,7 +232,7 @@ class ClipRuntime(Runtime):
 
         with torch.no_grad():
             owned = [t for t in (*self.model.parameters(), *self.model.buffers()) if t.dtype == torch.float32]
-            buffer = torch.empty(sum(t.numel() for t in owned), dtype=torch.float32)
+            buffer = torch.empty(sum(t.numel() for t in owned), dtype=torch.float32, device=self.device)
             offset = 0
             for t in owned:  # each tensor's data moves into the buffer; the module keeps its Parameter objects
                 n = t.numel()
