@@ -26,6 +26,7 @@ from skillhub.errors import ConfigError
 from skillhub.sections import (
     BaseSection,
     Config,
+    FollowSection,
     LocalizeSection,
     PluginsSection,
     PublishSection,
@@ -38,9 +39,9 @@ from skillhub.sections import (
 )
 
 __all__ = [
-    "CONFIG_ENV", "DEFAULT_CONFIG_NAME", "ENV_PREFIX", "BaseSection", "Config", "LocalizeSection", "PluginsSection",
-    "PublishSection", "ServeSection", "SkillSection", "SkillsSection", "StateSection", "StitchSection", "WatchSection",
-    "load_config",
+    "CONFIG_ENV", "DEFAULT_CONFIG_NAME", "ENV_PREFIX", "BaseSection", "Config", "FollowSection", "LocalizeSection",
+    "PluginsSection", "PublishSection", "ServeSection", "SkillSection", "SkillsSection", "StateSection", "StitchSection",
+    "WatchSection", "load_config",
 ]
 
 #: prefix of the environment variables that override config keys (``SKILLHUB_SERVE__PORT=9000``).

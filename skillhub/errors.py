@@ -96,6 +96,11 @@ class DiskFullError(RegistryError):
     space returns (FAULTS C4)."""
 
 
+class FollowerError(RegistryError):
+    """A read-only replica (``skillhub run --follow``) was asked to change something: only the primary writes the
+    state folder (answered with 409)."""
+
+
 class StateLockedError(RegistryError):
     """Another live process holds the state folder."""
 
