@@ -19,7 +19,8 @@ not match the primary's) is not served: the last good one keeps serving, the err
 is tried again. When the primary dies, ``current`` stays where it was and so does the follower.
 
 Lag is measured from the moment ``current`` moved (its mtime, written by the primary) to the moment the follower
-serves that version; across machines it includes their clock difference.
+serves that version (for the version a follower starts on, from its own start); across machines it includes their
+clock difference.
 """
 
 from __future__ import annotations
@@ -120,6 +121,7 @@ class Follower:
         self._moved_at: float | None = None  # when ``current`` last moved (its mtime)
         self._seen: tuple[int, int] | None = None  # (inode, mtime) of the ``current`` file last applied
         self._failed: tuple[tuple[int, int], float] | None = None  # the stamp that failed, and when to try again
+        self._started = time.time()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._spares = ThreadPoolExecutor(1, thread_name_prefix="skillhub-follow-spares")
@@ -144,6 +146,7 @@ class Follower:
         while not self._stop.wait(self.poll_seconds):
             try:
                 self.poll()
+                self._lag_now()  # /metrics shows the lag growing while behind, without a /healthz call
             except Exception as e:  # the replica keeps serving whatever goes wrong reading the primary's files
                 log.exception("follow_poll_crashed", error=f"{type(e).__name__}: {e}")
 
@@ -179,7 +182,7 @@ class Follower:
             if version is None:
                 return None
             self.current = version
-            self.lag = max(0.0, time.time() - st.st_mtime)
+            self.lag = max(0.0, time.time() - max(st.st_mtime, self._started))
             self.metrics.follow_version.set(version.number)
             self.metrics.follow_lag.set(self.lag)
             self.metrics.skills.set(len(self.active))
@@ -223,16 +226,25 @@ class Follower:
 
     # --- what /healthz shows -------------------------------------------------------------------------------------
 
-    def health(self) -> dict[str, Any]:
-        """The served version, the one ``current`` names, and the lag: the last version's when caught up, else how
-        long ``current`` has named a version this follower does not serve (it grows)."""
+    def _lag_now(self) -> tuple[bool, float | None]:
+        """(behind, lag): the last version's lag when ``current`` names the version served, else how long it has
+        named another (growing); the lag gauge is set to it."""
         with self.lock:
             served = self.current.number if self.current is not None else None
             behind = self.pointer is not None and self.pointer != served
             lag = self.lag
             if behind and self._moved_at is not None:
-                lag = max(0.0, time.time() - self._moved_at)
+                lag = max(0.0, time.time() - max(self._moved_at, self._started))
+            if lag is not None:
                 self.metrics.follow_lag.set(lag)
+            return behind, lag
+
+    def health(self) -> dict[str, Any]:
+        """The served version, the one ``current`` names, and the lag: the last version's when caught up, else how
+        long ``current`` has named a version this follower does not serve (it grows)."""
+        with self.lock:
+            served = self.current.number if self.current is not None else None
+            behind, lag = self._lag_now()
             out: dict[str, Any] = {"ok": not behind, "version": served, "primary_version": self.pointer,
                                    "lag_seconds": None if lag is None else round(lag, 4)}
             if self.last_error:

@@ -192,7 +192,8 @@ def test_a_follower_hub_serves_the_primarys_versions_writes_nothing_and_refuses_
         primary.set_enabled("s1", False)
         primary.remove("s2")
         primary.reconcile()
-        assert follower.reconciler.poll() is not None
+        follower.reconciler.poll()  # (its watch thread may have been first)
+        assert follower.current.number == primary.current.number
         assert set(follower.current.manifest["skills"]) == {"s0"}
         assert all(torch.equal(follower.current.tensors[k], primary.current.tensors[k]) for k in base)
     finally:
@@ -207,3 +208,54 @@ def test_a_follower_refuses_a_state_folder_nobody_published_in(tmp_path: Path) -
     with pytest.raises(Exception, match="start the primary"):
         hub.start()
     assert not (tmp_path / "state").exists()
+
+
+def test_a_follower_hub_answers_with_the_heads_the_manifest_names(tmp_path: Path) -> None:
+    """The primary's gate re-centres heads per route and names them in the manifest (``quality``); a follower
+    serves those, read from ``state/heads/``."""
+    from skillhub.head import Head
+
+    g = torch.Generator().manual_seed(1)
+    base = {"w": torch.randn(6, 5, generator=g)}
+    write_safetensors(tmp_path / "base.safetensors", base, {})
+    (tmp_path / "config.toml").write_text('[base]\nweights = "base.safetensors"\n[state]\ndir = "state"\n'
+                                          '[localize]\nmax_relative_delta = 100.0\n[localize.params]\n'
+                                          'sparsity = 0.5\n')
+    cfg = load_config(tmp_path / "config.toml", env={})
+    primary = Hub(cfg)
+    primary.start()
+    follower = Hub(cfg, follow=True)
+    try:
+        write_safetensors(tmp_path / "s.safetensors", {"w": base["w"] + torch.randn(6, 5, generator=g)}, {})
+        primary.ingest(tmp_path / "s.safetensors", skill="s")
+        primary.reconcile()
+        heads = {route: primary.registry.store_head(*Head(torch.randn(3, 4, generator=g), None, ["x", "y", "z"],
+                                                               scale).encode())
+                 for route, scale in (("merged", 2.0), ("skill", 3.0))}
+        models = tmp_path / "state" / "models"
+        manifest = json.loads((models / str(primary.current.number) / "manifest.json").read_text())
+        manifest.update(version=manifest["version"] + 1, quality={"s": {"heads": heads}})
+        (models / str(manifest["version"])).mkdir()
+        (models / str(manifest["version"]) / "manifest.json").write_text(json.dumps(manifest))
+        (models / "current").write_text(f"{manifest['version']}\n")
+        follower.start()
+        assert follower.current.number == manifest["version"]
+        assert follower.engine.head(follower.current, "s", "merged").scale == 2.0
+        assert follower.engine.head(follower.current, "s", "skill").scale == 3.0
+    finally:
+        follower.close()
+        primary.close()
+
+
+def test_a_follower_reads_the_primarys_token_and_never_makes_one(tmp_path: Path) -> None:
+    from skillhub.daemon import resolve_token
+    from skillhub.errors import ConfigError
+
+    (tmp_path / "state").mkdir()
+    cfg = load_config(None, env={"SKILLHUB_STATE__DIR": str(tmp_path / "state")})
+    os.environ.pop(cfg.serve.token_env, None)
+    with pytest.raises(ConfigError, match="start the primary first"):
+        resolve_token(cfg, create=False)
+    assert not (tmp_path / "state" / "token").exists()
+    token = resolve_token(cfg)  # the primary makes it; the follower reads the same
+    assert resolve_token(cfg, create=False) == token
