@@ -24,6 +24,7 @@ from typing import Any
 
 from skillhub.config import Config, load_config
 from skillhub.errors import ConfigError, DiskFullError, SkillhubError
+from skillhub.follow import Follower
 from skillhub.hub import Hub
 from skillhub.log import get_logger
 from skillhub.recovery import RECOVERY_STEPS
@@ -188,7 +189,7 @@ class Daemon:
         assert self.hub is not None
         if self.follow:  # the version served, the one the primary's `current` names, and the lag
             follower = self.hub.reconciler
-            return {"role": "follower", "follow": follower.health() if hasattr(follower, "health") else {}}
+            return {"role": "follower", "follow": follower.health() if isinstance(follower, Follower) else {}}
         if self.hub.read_only is not None:
             return {"inbox": {"ok": False, "detail": "not watched: the registry is read-only"},
                     "registry": {"ok": False, "detail": f"{self.hub.read_only}; {RECOVERY_STEPS}"}}

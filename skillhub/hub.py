@@ -148,7 +148,7 @@ class Hub:
             raise RegistryError("no published versions to follow here (models/ is missing)", path=state,
                                 hint="start the primary (`skillhub run`) on this state folder first, or point "
                                      "[state] dir at the primary's")
-        reason = FollowerError(
+        self._refusal = reason = FollowerError(
             "this service is a read-only follower: it serves the primary's published versions and changes nothing",
             path=state, hint="send enable, disable, pin and remove to the primary (`skillhub run` without --follow "
                              "on this state folder)")
@@ -178,8 +178,8 @@ class Hub:
     def ingest(self, path: Path, *, skill: str | None = None, default_name: str | None = None,
                sha256: str | None = None, sidecar: Mapping[str, Any] | None = None, keep: bool = True) -> VersionRow:
         """Validate, localize and register one (staged) checkpoint: :meth:`skillhub.ingest.Ingestor.ingest`."""
-        if self.following:
-            self.registry.get(0)  # raises the follower's FollowerError: only the primary ingests
+        if self.following:  # only the primary ingests
+            raise self._refusal
         if self._ingestor is None:
             raise RegistryCorruptError(self.read_only or "the hub is not started", hint=RECOVERY_STEPS)
         return self._ingestor.ingest(path, skill=skill, default_name=default_name, sha256=sha256, sidecar=sidecar,
