@@ -39,6 +39,10 @@ def add_service_commands(sub: Any) -> None:
     q.set_defaults(func=cmd_analytics)
 
     q = sub.add_parser("run", help="run the service (watch the inbox, stitch, serve) in the foreground")
+    q.add_argument("--follow", action="store_true", help="a read-only replica of the state folder: serve the "
+                                                         "primary's published versions, never write")
+    q.add_argument("--port", type=int, default=None, help="HTTP port (overrides [serve] port; a follower needs "
+                                                          "its own)")
     q.set_defaults(func=cmd_run)
 
     q = sub.add_parser("doctor", help="check a state folder (registry, mask files, versions, disk, lock)")
@@ -200,9 +204,11 @@ def _safe(name: str) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from skillhub.config import load_config
     from skillhub.daemon import Daemon
 
-    return Daemon(_config(args)).run()
+    cfg = load_config(getattr(args, "config", None), overrides={"serve.port": args.port})
+    return Daemon(cfg, follow=args.follow).run()
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:

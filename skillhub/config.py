@@ -27,6 +27,7 @@ from skillhub.sections import (
     BaseSection,
     Config,
     ExecutorSection,
+    FollowSection,
     LocalizeSection,
     PluginsSection,
     PublishSection,
@@ -39,9 +40,9 @@ from skillhub.sections import (
 )
 
 __all__ = [
-    "CONFIG_ENV", "DEFAULT_CONFIG_NAME", "ENV_PREFIX", "BaseSection", "Config", "ExecutorSection", "LocalizeSection",
-    "PluginsSection", "PublishSection", "ServeSection", "SkillSection", "SkillsSection", "StateSection", "StitchSection", "WatchSection",
-    "load_config",
+    "CONFIG_ENV", "DEFAULT_CONFIG_NAME", "ENV_PREFIX", "BaseSection", "Config", "ExecutorSection", "FollowSection",
+    "LocalizeSection", "PluginsSection", "PublishSection", "ServeSection", "SkillSection", "SkillsSection",
+    "StateSection", "StitchSection", "WatchSection", "load_config",
 ]
 
 #: prefix of the environment variables that override config keys (``SKILLHUB_SERVE__PORT=9000``).

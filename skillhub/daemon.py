@@ -5,6 +5,10 @@ stitcher (serving the same version as before a restart), start the HTTP server, 
 full rescan). Main loop: coalesce change notifications (a burst of drops becomes one or a few versions), reconcile
 and publish, poll ``config.toml`` for edits. Shutdown on SIGTERM/SIGINT: stop taking new work, let the step in
 flight finish, stop the server, release the lock. Exit codes: 0 clean shutdown, 1 failure, 2 config error.
+
+``skillhub run --follow`` (``Daemon(config, follow=True)``) runs a read-only replica instead: the hub follows the
+primary's published versions (:mod:`skillhub.follow`), the HTTP server serves them, and there is no inbox, no
+config reload and no write to the state folder.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any
 
 from skillhub.config import Config, load_config
 from skillhub.errors import ConfigError, DiskFullError, JobLostError, SkillhubError
+from skillhub.follow import Follower
 from skillhub.hub import Hub
 from skillhub.log import get_logger
 from skillhub.recovery import RECOVERY_STEPS
@@ -32,9 +37,10 @@ JOB_POLL_SECONDS = 1.0  # a drop localizing on the executor is looked at again t
 M_ARENA_MAX = -8  # glibc's mallopt parameter number
 
 
-def resolve_token(cfg: Config) -> str:
+def resolve_token(cfg: Config, *, create: bool = True) -> str:
     """The bearer token: from the environment variable ``[serve] token_env`` names; else, on a loopback bind, a
-    random one kept in ``state/token`` (mode 0600, reused across restarts) so that local tools can read it."""
+    random one kept in ``state/token`` (mode 0600, reused across restarts) so that local tools can read it. Without
+    ``create`` (a follower, which never writes the state folder) only the primary's existing token file is read."""
     token = os.environ.get(cfg.serve.token_env, "").strip()
     if token:
         return token
@@ -44,6 +50,10 @@ def resolve_token(cfg: Config) -> str:
     path = Path(cfg.state.dir) / "token"
     if path.exists():
         return path.read_text().strip()
+    if not create:
+        raise ConfigError(f"no token: ${cfg.serve.token_env} is not set and the primary has written no {path}",
+                          key="serve.token_env", hint=f"export {cfg.serve.token_env} (the primary's token), or "
+                                                      "start the primary first")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     token = secrets.token_urlsafe(32)
@@ -55,8 +65,9 @@ def resolve_token(cfg: Config) -> str:
 class Daemon:
     """The service process: a :class:`~skillhub.hub.Hub`, its inbox intake and its HTTP server."""
 
-    def __init__(self, config: Config, *, config_path: Path | None = None) -> None:
+    def __init__(self, config: Config, *, config_path: Path | None = None, follow: bool = False) -> None:
         self.config = config
+        self.follow = follow
         self.config_path = config_path or config.source
         self.should_exit = threading.Event()
         self._changed = threading.Event()
@@ -87,8 +98,9 @@ class Daemon:
         from skillhub.server import Server, create_app
 
         self.config = cfg = _with_base(self.config)
-        token = resolve_token(cfg)  # before the hub, so a bad serve config fails before any state is touched
-        self.hub = hub = Hub(cfg)
+        # before the hub, so a bad serve config fails before any state is touched
+        token = resolve_token(cfg, create=not self.follow)
+        self.hub = hub = Hub(cfg, follow=self.follow)
         hub.on_change = self._changed.set
         hub.start()
         if cfg.serve.enabled:
@@ -97,6 +109,9 @@ class Daemon:
             self.server.start()
             log.info("serving", url=f"http://{cfg.serve.host}:{self.server.port}", token_env=cfg.serve.token_env,
                      token_file=str(Path(cfg.state.dir) / "token") if not os.environ.get(cfg.serve.token_env) else None)
+        if self.follow:  # the primary watches the inbox; a follower only serves
+            log.info("follower_ready", version=hub.current.number if hub.current else None, pid=os.getpid())
+            return
         if hub.read_only is not None:  # C5: drops stay in the inbox, untouched, until the registry is restored
             log.error("read_only_mode", reason=hub.read_only, serving=hub.current.number if hub.current else None)
             return
@@ -121,7 +136,7 @@ class Daemon:
             now = time.monotonic()
             if self.hub.retry_at is not None and now >= self.hub.retry_at:  # after disk full (C4) or OOM (C8)
                 self._reconcile()
-            if now >= next_config_check:
+            if now >= next_config_check and not self.follow:  # a follower's config changes need a restart
                 next_config_check = now + 1.0
                 self._check_config()
 
@@ -187,6 +202,9 @@ class Daemon:
 
     def health(self) -> dict[str, Any]:
         assert self.hub is not None
+        if self.follow:  # the version served, the one the primary's `current` names, and the lag
+            follower = self.hub.reconciler
+            return {"role": "follower", "follow": follower.health() if isinstance(follower, Follower) else {}}
         if self.hub.read_only is not None:
             return {"inbox": {"ok": False, "detail": "not watched: the registry is read-only"},
                     "registry": {"ok": False, "detail": f"{self.hub.read_only}; {RECOVERY_STEPS}"}}

@@ -118,6 +118,11 @@ class JobLostError(SkillhubError):
     away. Nothing was stored; the drop stays pending and is localized again."""
 
 
+class FollowerError(RegistryError):
+    """A read-only replica (``skillhub run --follow``) was asked to change something: only the primary writes the
+    state folder (answered with 409)."""
+
+
 class StateLockedError(RegistryError):
     """Another live process holds the state folder."""
 

@@ -22,8 +22,9 @@ from skillhub.checkpoint import Checkpoint, fingerprint, open_checkpoint
 from skillhub.modelfolder import layout_of
 from skillhub.placement import runtime_on
 from skillhub.config import Config
-from skillhub.errors import ConfigError, RegistryCorruptError, RegistryError, StitchError
+from skillhub.errors import ConfigError, FollowerError, RegistryCorruptError, RegistryError, StitchError
 from skillhub.executor import Executor, WorkspaceSpec, make_executor
+from skillhub.follow import Follower
 from skillhub.gate import Gate
 from skillhub.head import Head, HeadStore
 from skillhub.history import version_history
@@ -37,7 +38,7 @@ from skillhub.plugins import Plugins, check_config, load_plugins
 from skillhub.publish import ModelVersion, Publisher
 from skillhub.reconcile import Reconciler
 from skillhub.recovery import RECOVERY_STEPS, check_registry_is_current
-from skillhub.registry import Registry, VersionRow
+from skillhub.registry import RecoveryReport, Registry, VersionRow
 from skillhub.routing import PatchedTensors
 from skillhub.statedir import take_lock
 from skillhub.stitch import Stitcher, resolve_device
@@ -52,10 +53,18 @@ class Hub:
 
     ``config`` must name its base (``[base] weights``); the daemon and the CLI put the built-in demo there when none
     is configured (:func:`skillhub.demo.with_demo_base`).
+
+    With ``follow``, the hub is a read-only replica (``skillhub run --follow``, :mod:`skillhub.follow`): it serves
+    the versions a primary publishes in the same state folder and writes nothing there (no lock, no database, no
+    temp file); every change is refused with :class:`~skillhub.errors.FollowerError`.
     """
 
-    def __init__(self, config: Config, *, plugins: Plugins | None = None) -> None:
+    reconciler: Reconciler | Follower  # what serves the versions: this hub's own, or the primary's (follow)
+    gate: Gate | None
+
+    def __init__(self, config: Config, *, plugins: Plugins | None = None, follow: bool = False) -> None:
         self.config = config
+        self.following = follow
         self.plugins = plugins or load_plugins(config.plugins.dirs)
         check_config(config, self.plugins)
         self.metrics = Metrics()
@@ -68,28 +77,14 @@ class Hub:
     # --- life ---------------------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Lock the state folder, recover from a crash, open the base, replay the registry and publish/serve."""
+        """Lock the state folder, recover from a crash, open the base, replay the registry and publish/serve (as a
+        follower: open the state folder's files read-only and serve the version the primary's ``current`` names)."""
         cfg = self.config
         if cfg.base.weights is None:
             raise ConfigError("no base model: [base] weights is not set", key="base.weights",
                               hint="set [base] weights (and model), or run `skillhub run`, which uses the demo")
         state = Path(cfg.state.dir)
-        report = None
-        try:
-            self.registry = Registry(state)
-            check_registry_is_current(self.registry, state)
-        except RegistryCorruptError as e:  # C5: never an empty registry over the top; serve what files vouch for
-            self.read_only = str(e)
-            self.registry = Registry.files_only(state, take_lock(state), e)
-        else:
-            report = self.registry.recover()
-            for row in report.pending:  # interrupted localizations: the drop is still in the inbox or staging
-                self.registry.mark_failed(row.id, "interrupted by a restart; it is retried when the file is seen "
-                                                  "again")
-            if report.removed_orphans:
-                log.warning("orphan_masks_set_aside", count=len(report.removed_orphans),
-                            folder=str(state / "orphans"),
-                            hint="one is normal after a crash; many mean the registry lost rows: run skillhub doctor")
+        report = self._open_as_follower(state) if self.following else self._open_registry(state)
         self.family = self.plugins.family(cfg.base.family).from_config(cfg.base)
         self.base_path = Path(cfg.base.weights)
         self.base: Checkpoint = open_checkpoint(self.base_path)
@@ -103,20 +98,31 @@ class Hub:
         stitcher = Stitcher({k: self.base.tensor(k) for k in self.included}, self.policy, device=self.device,
                             accumulate=accumulate)
         included = set(self.included)
+        passthrough = {k: self.base.tensor(k).clone() for k in self.base if k not in included}
+        describe = {"base": self.base_sha, "family": self.family.name, "policy": self.policy.name,
+                    "policy_params": self.policy.params.model_dump(mode="json")}
+        if self.following:  # no gate (it stores heads), no publisher, no ingestor: the primary's files only
+            self.gate = None
+            self.reconciler = Follower(
+                masks=lambda sha: self.registry.load_mask(sha, verify=True, device=self.device),
+                models_dir=state / "models", stitcher=stitcher, passthrough=passthrough, describe=describe,
+                metrics=self.metrics, poll_seconds=cfg.follow.poll_seconds)
+            served = self.reconciler.start()
+            log.info("follower_started", state=str(state), base_sha=self.base_sha[:16], device=str(self.device),
+                     serving=served.number if served else None)
+            return
         self.gate = Gate(runtime=runtime_on(self.family.runtime, self.device), base=self._base_tensors,
                          heads=self.heads.get,
                          examples=self.registry.load_examples, masks=self.registry.load_mask,
                          store_head=lambda head: self.registry.store_head(*head.encode())
                          ) if self.family.reads_examples and self.read_only is None else None
         self.reconciler = Reconciler(
-            registry=self.registry, config=lambda: self.config, stitcher=stitcher,
-            passthrough={k: self.base.tensor(k).clone() for k in self.base if k not in included},
+            registry=self.registry, config=lambda: self.config, stitcher=stitcher, passthrough=passthrough,
             publisher=Publisher(state / "models", keep=cfg.state.keep_versions,
                                 write_weights=cfg.state.write_weights and self.read_only is None,
                                 layout=layout_of(self.base)),
-            describe={"base": self.base_sha, "family": self.family.name, "policy": self.policy.name,
-                      "policy_params": self.policy.params.model_dump(mode="json")},
-            device=self.device, metrics=self.metrics, relocalize=self._relocalize, event=self._event, gate=self.gate)
+            describe=describe, device=self.device, metrics=self.metrics, relocalize=self._relocalize,
+            event=self._event, gate=self.gate)
         if self.read_only is not None:
             served = self.reconciler.serve_last_verified(self.read_only)
             log.error("registry_unusable", error=self.read_only, recovery=RECOVERY_STEPS,
@@ -133,6 +139,37 @@ class Hub:
                  device=str(self.device), policy=self.policy.name, executor=self.executor.kind, recovered=report is not None and not report.clean)
         self.reconciler.start()
 
+    def _open_registry(self, state: Path) -> RecoveryReport | None:
+        """Lock and open the registry and recover it from a crash (the report), or, when its database cannot be
+        used (FAULTS C5), open its files only and go read-only (None)."""
+        try:
+            self.registry = Registry(state)
+            check_registry_is_current(self.registry, state)
+        except RegistryCorruptError as e:  # C5: never an empty registry over the top; serve what files vouch for
+            self.read_only = str(e)
+            self.registry = Registry.files_only(state, take_lock(state), e)
+            return None
+        report = self.registry.recover()
+        for row in report.pending:  # interrupted localizations: the drop is still in the inbox or staging
+            self.registry.mark_failed(row.id, "interrupted by a restart; it is retried when the file is seen again")
+        if report.removed_orphans:
+            log.warning("orphan_masks_set_aside", count=len(report.removed_orphans), folder=str(state / "orphans"),
+                        hint="one is normal after a crash; many mean the registry lost rows: run skillhub doctor")
+        return report
+
+    def _open_as_follower(self, state: Path) -> None:
+        """The state folder's files, read by hash, with no lock and no database: a follower writes nothing there,
+        and every query or change of the registry raises :class:`~skillhub.errors.FollowerError`."""
+        if not (state / "models").is_dir():
+            raise RegistryError("no published versions to follow here (models/ is missing)", path=state,
+                                hint="start the primary (`skillhub run`) on this state folder first, or point "
+                                     "[state] dir at the primary's")
+        self._refusal = reason = FollowerError(
+            "this service is a read-only follower: it serves the primary's published versions and changes nothing",
+            path=state, hint="send enable, disable, pin and remove to the primary (`skillhub run` without --follow "
+                             "on this state folder)")
+        self.registry = Registry.files_only(state, None, reason)
+
     def close(self) -> None:
         if self._engine is not None:
             self._engine.stop()
@@ -140,8 +177,10 @@ class Hub:
             self._ingestor.close()
         if self.executor is not None:
             self.executor.close()
-        if hasattr(self, "reconciler"):
+        if isinstance(getattr(self, "reconciler", None), Reconciler):
             self.reconciler.publisher.close()
+        elif hasattr(self, "reconciler"):
+            self.reconciler.stop()
         if hasattr(self, "registry"):
             self.registry.close()
 
@@ -157,6 +196,8 @@ class Hub:
     def ingest(self, path: Path, *, skill: str | None = None, default_name: str | None = None,
                sha256: str | None = None, sidecar: Mapping[str, Any] | None = None, keep: bool = True) -> VersionRow:
         """Validate, localize and register one (staged) checkpoint: :meth:`skillhub.ingest.Ingestor.ingest`."""
+        if self.following:  # only the primary ingests
+            raise self._refusal
         if self._ingestor is None:
             raise RegistryCorruptError(self.read_only or "the hub is not started", hint=RECOVERY_STEPS)
         return self._ingestor.ingest(path, skill=skill, default_name=default_name, sha256=sha256, sidecar=sidecar,
@@ -179,8 +220,8 @@ class Hub:
     def reconcile(self) -> ModelVersion | None:
         """Stitch the wanted set and publish: :meth:`skillhub.reconcile.Reconciler.reconcile` (nothing while the
         registry is read-only)."""
-        if self.read_only is not None:
-            return None
+        if self.read_only is not None or not isinstance(self.reconciler, Reconciler):
+            return None  # read-only, or a follower (its watch thread applies the primary's versions)
         version = self.reconciler.reconcile()
         self._adopt()
         return version
@@ -319,7 +360,7 @@ class Hub:
 
     def skills_view(self) -> list[dict[str, Any]]:
         """Every skill with its settings, served version and versions (what ``GET /v1/skills`` answers)."""
-        if self.read_only is not None:  # no registry to list: what the served version holds
+        if self.read_only is not None or self.following:  # no registry to list: what the served version holds
             cur = self.current.manifest["skills"] if self.current else {}
             return [{"name": n, "enabled": True, "pinned": None, "active_version": s["version"],
                      "versions": [{"version": s["version"], "status": "READY", "reason": None, "nnz": s["nnz"],

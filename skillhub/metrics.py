@@ -30,5 +30,15 @@ class Metrics:
         self.requests = Histogram("skillhub_request_seconds", "HTTP request latency", ["route", "status"],
                                   buckets=_BUCKETS, registry=r)
 
+        # A follower (``skillhub run --follow``): the version it serves, the one the primary's ``current`` names,
+        # and how long each version took from the primary's publication to being served here.
+        self.follow_version = Gauge("skillhub_follow_version", "Version this follower serves", registry=r)
+        self.follow_primary_version = Gauge("skillhub_follow_primary_version",
+                                            "Version the primary's models/current names", registry=r)
+        self.follow_lag = Gauge("skillhub_follow_lag_seconds", "Primary's publication to served here, last version "
+                                "(growing while behind)", registry=r)
+        self.follow_apply_seconds = Histogram("skillhub_follow_apply_seconds", "Follower: applying one version's "
+                                              "manifest (masks replayed, snapshot)", buckets=_BUCKETS, registry=r)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -118,13 +118,13 @@ class Publisher:
 
     def manifest(self, number: int) -> dict[str, Any] | None:
         """A published version's manifest, or None when it is missing or unreadable."""
-        return _read_manifest(self.dir, number)
+        return read_manifest(self.dir, number)
 
     @staticmethod
     def peek_current(models_dir: Path) -> dict[str, Any] | None:
         """The current version's manifest read without a publisher (nothing is created or cleaned)."""
-        number = _read_current(models_dir)
-        return _read_manifest(models_dir, number) if number is not None else None
+        number = read_current(models_dir)
+        return read_manifest(models_dir, number) if number is not None else None
 
     @staticmethod
     def peek(models_dir: Path, number: int | None = None) -> dict[str, Any] | None:
@@ -134,7 +134,7 @@ class Publisher:
         return None if found is None else {**found, "version": number}
 
     def current_number(self) -> int | None:
-        return _read_current(self.dir)
+        return read_current(self.dir)
 
     def numbers(self) -> list[int]:
         return sorted(int(p.name) for p in self.dir.iterdir() if p.is_dir() and p.name.isdigit())
@@ -269,14 +269,17 @@ def _write_text(path: Path, text: str) -> None:
         f.write(text.encode())
 
 
-def _read_current(models_dir: Path) -> int | None:
+def read_current(models_dir: Path) -> int | None:
+    """The number ``models_dir/current`` names, or None when there is none (nothing is created or cleaned)."""
     try:
         return int((models_dir / "current").read_text().strip())
     except (OSError, ValueError):
         return None
 
 
-def _read_manifest(models_dir: Path, number: int) -> dict[str, Any] | None:
+def read_manifest(models_dir: Path, number: int) -> dict[str, Any] | None:
+    """Version ``number``'s manifest as published (with ``version`` and ``created``), or None when it is missing
+    or unreadable."""
     try:
         found = json.loads((models_dir / str(number) / "manifest.json").read_text())
     except (OSError, ValueError):

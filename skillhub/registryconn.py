@@ -50,9 +50,10 @@ class RegistryConnection(StateFiles):
         self._unavailable: RegistryError | None = None
 
     @classmethod
-    def files_only(cls, state_dir: str | Path, lock_fd: int, reason: RegistryError) -> Self:
-        """The mask and head files of a state folder whose database cannot be opened (FAULTS C5): reads files by
-        their hash; every query and mutation raises ``reason``. Owns ``lock_fd`` (the caller took the lock)."""
+    def files_only(cls, state_dir: str | Path, lock_fd: int | None, reason: RegistryError) -> Self:
+        """The mask and head files of a state folder whose database cannot be opened (FAULTS C5), or that a
+        follower reads without writing (``lock_fd`` None: no lock taken): reads files by their hash; every query
+        and mutation raises ``reason``. Owns ``lock_fd`` (the caller took the lock)."""
         self = cls.__new__(cls)
         self._paths(state_dir, True)
         self._lock_fd, self._unavailable = lock_fd, reason

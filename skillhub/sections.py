@@ -206,6 +206,14 @@ class ExecutorSection(_Section):
     reason; fewer losses leave it pending, and it is localized again."""
 
 
+class FollowSection(_Section):
+    """``[follow]``: a read-only replica (``skillhub run --follow``) of the state folder a primary writes."""
+
+    poll_seconds: float = Field(0.1, gt=0, le=60)
+    """How often the follower looks at the primary's ``models/current`` (a stat of one small file; polling, not
+    file-system events, so that it works on network file systems too)."""
+
+
 class PluginsSection(_Section):
     """``[plugins]``: folders whose ``*.py`` files are loaded as plugins."""
 
@@ -226,6 +234,7 @@ class Config(_Section):
     serve: ServeSection = Field(default_factory=ServeSection)
     publish: PublishSection = Field(default_factory=PublishSection)
     executor: ExecutorSection = Field(default_factory=ExecutorSection)
+    follow: FollowSection = Field(default_factory=FollowSection)
     plugins: PluginsSection = Field(default_factory=PluginsSection)
     source: Path | None = None
     """The config file this was read from (set by :func:`load_config`; not a setting)."""

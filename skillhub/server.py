@@ -33,6 +33,7 @@ from skillhub.dashboard import PUBLIC_PATHS
 from skillhub.dashboard.routes import dashboard_router
 from skillhub.errors import (
     DiskFullError,
+    FollowerError,
     RegistryCorruptError,
     RegistryError,
     SkillhubError,
@@ -124,9 +125,10 @@ def create_app(hub: Hub, *, token: str | None, health: Callable[[], dict[str, An
 
     @app.exception_handler(SkillhubError)
     async def _skillhub_error(request: Request, exc: SkillhubError) -> Response:
-        # 503: the registry is read-only until restored (C5); 507: the state folder's disk is full (C4).
+        # 503: the registry is read-only until restored (C5); 507: the state folder's disk is full (C4); 409: a
+        # follower (`skillhub run --follow`) changes nothing, the primary does.
         status = 404 if _not_found(exc) else 503 if isinstance(exc, RegistryCorruptError) else \
-            507 if isinstance(exc, DiskFullError) else 400
+            507 if isinstance(exc, DiskFullError) else 409 if isinstance(exc, FollowerError) else 400
         return JSONResponse({"error": str(exc)}, status_code=status)
 
     @app.exception_handler(Exception)

@@ -86,12 +86,13 @@ def reference(base: dict[str, torch.Tensor], fts: list[dict[str, torch.Tensor]])
 
 
 class Service:
-    """One `skillhub run` child process on ``root/config.toml``; its stderr (JSON log lines) goes to ``daemon.log``."""
+    """One `skillhub run` child process on ``root/config.toml``; its stderr (JSON log lines) goes to ``daemon.log``
+    (or ``log``). ``args`` are more flags of `skillhub run` (``--follow --port N`` for a follower)."""
 
-    def __init__(self, root: Path, port: int) -> None:
-        self.root, self.port = root, port
+    def __init__(self, root: Path, port: int, *, args: tuple[str, ...] = (), log: str = "daemon.log") -> None:
+        self.root, self.port, self.args = root, port, args
         self.proc: subprocess.Popen[bytes] | None = None
-        self.log = root / "daemon.log"
+        self.log = root / log
         self.marker = root / "faultpoint.reached"
 
     def spawn(self, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
@@ -101,7 +102,7 @@ class Service:
         full.update(env or {})
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "skillhub", "run", "--config",
-                                          str(self.root / "config.toml")],
+                                          str(self.root / "config.toml"), *self.args],
                                          cwd=self.root, env=full, stdout=subprocess.DEVNULL, stderr=log)
         return self.proc
 
