@@ -165,7 +165,7 @@ class World:
         self.drops = {n: self.folder / "skills" / f"{n}.safetensors" for n in self.names}
         self.finetune_seconds: dict[str, float] = {}
         if not (self.base.exists() and all(p.exists() for p in self.drops.values())):
-            self._build()
+            self._build()  # (drops an earlier, stopped build finished are kept: each task's finetune is seeded)
         else:
             log(f"reusing the base and drops in {self.folder}")
         # the drop's own head, as the service reads it
@@ -182,6 +182,9 @@ class World:
         (self.folder / "skills").mkdir(exist_ok=True)
         shots = cfg["examples_per_class"]
         for i, task in enumerate(self.tasks):
+            if self.drops[task.name].exists():
+                log(f"reusing the drop of {task.name}")
+                continue
             x, y = task.train
             head = V.prototype_head(tower, x, y, shots)
             t = time.perf_counter()
@@ -197,7 +200,9 @@ class World:
             mean_, std = torch.tensor(V.MEAN).view(1, 3, 1, 1), torch.tensor(V.STD).view(1, 3, 1, 1)
             sd[EX_IMAGES] = ((x[pick] * std + mean_).clamp(0, 1) * 255).round().to(torch.uint8)
             sd[EX_LABELS] = y[pick]
-            write_safetensors(self.drops[task.name], sd, {"skillhub.skill": task.name, **head_meta})
+            tmp = self.drops[task.name].with_suffix(".part")
+            write_safetensors(tmp, sd, {"skillhub.skill": task.name, **head_meta})
+            tmp.rename(self.drops[task.name])  # complete or absent: a stopped build leaves no half drop
         write_safetensors(self.base, base_sd, {"skillhub.demo": "base"})  # last: marks the world complete
 
 
@@ -283,9 +288,10 @@ class Served:
         return _acc(emb, head, y), held
 
 
-def static_rows(world: World, work: Path, batch: int, hubs: Sequence[tuple[str, str]] = tuple(HUBS)
-                ) -> dict[str, dict[str, Any]]:
-    """One Hub per (setup, gate) of ``hubs``: every skill dropped, one reconcile (a burst), both routes scored."""
+def static_rows(world: World, work: Path, batch: int, hubs: Sequence[tuple[str, str]] = tuple(HUBS),
+                done: Any = None) -> dict[str, dict[str, Any]]:
+    """One Hub per (setup, gate) of ``hubs``: every skill dropped, one reconcile (a burst), both routes scored.
+    ``done(out)`` is called after each Hub (the run saves what it has so far)."""
     out: dict[str, dict[str, Any]] = {}
     for setup, gate in hubs:
         if True:
@@ -320,6 +326,8 @@ def static_rows(world: World, work: Path, batch: int, hubs: Sequence[tuple[str, 
                 res["seconds"] = {"ingest": t_ingest, "reconcile": t_reconcile,
                                   "score": time.perf_counter() - t - t_ingest - t_reconcile}
                 out[f"{setup}|{gate}"] = res
+                if done is not None:
+                    done(out)
                 log(f"{setup}, gate {gate}: skill {mean(list(res['skill'].values())):.3f}, merged "
                     f"{mean(list(res['merged'].values())):.3f}, held {sorted(res['held']) or '-'} "
                     f"(ingest {t_ingest:.1f}s, reconcile {t_reconcile:.1f}s, score {res['seconds']['score']:.1f}s)")
@@ -554,7 +562,16 @@ def run(cfg: Mapping[str, Any], seed: int, orders: int, out: Path, continual_gat
     pre, ind = reference_accuracies(world)
     work = out / "work"
     t = time.perf_counter()
-    static = static_rows(world, work, cfg["eval_batch"], hubs)
+    partial = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "seed": seed,
+               "config": dict(cfg), "torch": torch.__version__, "threads": torch.get_num_threads(),
+               "tasks": world.names, "pretrained": pre, "individual": ind, "orders": [], "continual": {},
+               "continual_gate": continual_gate, "partial": True}
+
+    def save(static: dict[str, Any]) -> None:  # a long run that is stopped keeps the Hubs it finished
+        partial["static"], partial["runtime_seconds"] = static, time.perf_counter() - started
+        (out / "results.partial.json").write_text(json.dumps(partial, indent=2, default=str))
+
+    static = static_rows(world, work, cfg["eval_batch"], hubs, save)
     static_s = time.perf_counter() - t
     order_list = draw_orders(world.names, orders, seed) if orders else []
     cont: dict[str, list[dict[str, Any]]] = {}
@@ -607,7 +624,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [x for x in setups if x not in SETUPS] + [g for g in gates if g not in ("hold", "off", "hold+stats")]
     if unknown:
         ap.error(f"unknown setup or gate {unknown[0]!r}")
-    hubs = [(s, g) for s, g in HUBS if s in setups and g in gates]
+    hubs = [(s, g) for s in setups for g in gates if (s, g) in HUBS]  # in the order asked: the first run first
     cfg = dict(QUICK if args.quick else FULL)
     if args.tasks:
         cfg["tasks"] = [t.strip() for t in args.tasks.split(",") if t.strip()]
