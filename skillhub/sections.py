@@ -185,8 +185,9 @@ class PublishSection(_Section):
     recalibrate_statistics: bool = False
     """Before scoring, re-estimate the served models' normalization statistics (BatchNorm running means and
     variances, for families that have them) on the skills' fit examples: a candidate version on every merged skill's
-    pooled, a skill's own route on its own; the served weights carry them. Off by default: measured in BENCHMARKS.md
-    ("Served quality"), it is not a gain on every model. Needs ``gate`` other than ``off``."""
+    pooled, a skill's own route on its own; the served weights carry them. Off by default: on the demo's tower,
+    whose finetunes keep BatchNorm frozen, it costs about 40 points (BENCHMARKS.md). Needs ``gate`` other than
+    ``off``."""
 
 
 class PluginsSection(_Section):
