@@ -300,3 +300,50 @@ def test_without_recalibration_nothing_changes_the_statistics(tmp_path) -> None:
         assert hub.engine.route_mask(v, "one", "skill") == v.manifest["skills"]["one"]["mask"]
         snap = hub.reconciler.stitcher.snapshot()
         assert all(torch.equal(v.tensors[k], snap[k]) for k in snap)
+
+
+def test_the_gate_recalibrates_candidates_and_own_models_only_when_asked() -> None:
+    """The statistics hook is asked for the candidate (every scored skill's fit examples pooled) and for each skill's
+    own model (its own fit examples); the candidate's answer becomes its weights and its manifest names it, the own
+    model's is stored and named in the skill's quality record; without ``statistics`` nothing is asked."""
+    calls: list[tuple[int, torch.Tensor]] = []
+    stored: dict[str, dict[str, torch.Tensor]] = {}
+
+    def statistics(rt, images):
+        calls.append((int(images.shape[0]), rt.tensors()["w"].clone()))
+        return {"w": rt.tensors()["w"] * 2}  # a "statistic" that changes the model visibly
+
+    def store_statistics(tensors):
+        sha = hashlib.sha256(tensors["w"].numpy().tobytes()).hexdigest()
+        stored[sha] = dict(tensors)
+        return sha
+
+    heads: dict[str, Head] = {}
+    gate = make_gate(heads)
+    gate._statistics, gate._store_statistics = statistics, store_statistics  # as Hub wires them
+    fit = int(split_fit_size())
+    off = candidate(2, BASE["w"] + MASK.dense("w"))
+    gate.evaluate(off, None, max_drop=0.05)
+    assert calls == [] and "statistics" not in off.manifest
+
+    on = candidate(3, BASE["w"] + MASK.dense("w"))
+    verdict = gate.evaluate(on, None, max_drop=0.05, statistics=True)
+    # one call for the candidate, one for the skill's own model θ₀ + γ⊙τ, each on the fit examples
+    assert [n for n, _ in calls] == [fit, fit]
+    assert torch.equal(calls[0][1], BASE["w"] + MASK.dense("w"))
+    torch.testing.assert_close(calls[1][1], BASE["w"] + MASK.dense("w"))
+    assert torch.equal(on.tensors["w"], 2 * (BASE["w"] + MASK.dense("w")))  # the candidate's weights carry them
+    assert stored[on.manifest["statistics"]["merged"]]["w"].equal(on.tensors["w"])
+    assert on.manifest["statistics"]["examples"] == ["e"]
+    own = verdict.quality["colours"]["statistics"]["skill"]
+    torch.testing.assert_close(stored[own]["w"], 2 * (BASE["w"] + MASK.dense("w")))
+    assert gate.candidate_runtime is not None and torch.equal(gate.candidate_runtime[1].tensors()["w"], on.tensors["w"])
+    # a second candidate: the own model's score is cached, only the candidate is recalibrated again
+    gate.evaluate(candidate(4, BASE["w"] + MASK.dense("w")), None, max_drop=0.05, statistics=True)
+    assert len(calls) == 3
+
+
+def split_fit_size() -> int:
+    from skillhub.quality import split
+
+    return int(split(colours()).fit.labels.numel())
