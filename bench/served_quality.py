@@ -2,6 +2,9 @@
 and in the continual (one skill at a time) protocol.
 
     .venv/bin/python bench/served_quality.py [--seed 0] [--orders 3] [--out bench/out/served_quality] [--quick]
+        [--setups "L&S 1%,TIES"] [--gates hold,hold+stats]
+
+(``bench/served_quality_seeds.py`` takes the ``results.json`` of several seeds and prints the mean over seeds.)
 
 Unlike ``bench/quality.py`` (library level: localizers and policies called directly, heads re-centred by the
 benchmark), everything measured here goes through the service's own code: a :class:`skillhub.Hub` runs in-process on
@@ -24,7 +27,10 @@ Rows (normalized = served accuracy / the skill's own finetune's accuracy, same t
 2. ``route=merged`` L&S (``average``) at 1% and 5%, gate ``hold`` (re-centred heads) and ``off`` (original heads);
 3. TIES (dataless 20% + ``ties``, λ = the policy's default 1.0) and task arithmetic (dataless 100% + ``sum``,
    λ = 0.3) merged, gate ``hold`` and ``off``;
-4. the gate's decisions: skills held out of the merged model (a merged request for one is answered 409; its cell
+4. ``sparsity = "auto"`` (gate ``hold``), and every setup again with ``[publish] recalibrate_statistics = true``
+   (gate ``hold+stats``: BatchNorm statistics re-estimated on the fit examples before heads are re-centred), with
+   each skill's mask size and the ingest and reconcile times per Hub;
+5. the gate's decisions: skills held out of the merged model (a merged request for one is answered 409; its cell
    then shows the ``route=skill`` accuracy, marked †, which is what the 409's hint sends the client to).
 
 Continual protocol (FusionBench / OPCM / MINGLE style): for each policy, a fresh Hub per order; skills are dropped
@@ -88,25 +94,41 @@ QUICK: dict[str, Any] = FULL | {
 SETUPS: dict[str, tuple[str, dict[str, Any], str, dict[str, Any]]] = {
     "L&S 1%": ("dataless", {"sparsity": 0.01}, "average", {}),
     "L&S 5%": ("dataless", {"sparsity": 0.05}, "average", {}),
+    "L&S auto": ("dataless", {"sparsity": "auto"}, "average", {}),
     "TIES": ("dataless", {"sparsity": 0.2}, "ties", {}),
     "TA": ("dataless", {"sparsity": 1.0}, "sum", {"scale": 0.3}),
 }
 RECIPES = {"L&S 1%": "dataless 1% + average", "L&S 5%": "dataless 5% + average",
+           "L&S auto": "dataless auto + average",
            "TIES": "dataless 20% + ties (λ 1.0)", "TA": "dataless 100% + sum (λ 0.3)"}
+#: the Hubs of the static table: (setup, gate) where gate "hold+stats" is gate hold with
+#: [publish] recalibrate_statistics = true (BatchNorm statistics re-estimated on the fit examples)
+HUBS: list[tuple[str, str]] = [(s, g) for s in SETUPS for g in ("hold", "off") if (s, g) != ("L&S auto", "off")] + [
+    (s, "hold+stats") for s in SETUPS]
 #: the static table: (label, setup, route, gate)
 ROWS: list[tuple[str, str, str, str]] = [
     ("route=skill, service defaults (L&S 1%, gate hold)", "L&S 1%", "skill", "hold"),
     ("route=skill, L&S 5%, gate hold", "L&S 5%", "skill", "hold"),
+    ("route=skill, L&S auto, gate hold", "L&S auto", "skill", "hold"),
+    ("route=skill, L&S 1% + BN statistics", "L&S 1%", "skill", "hold+stats"),
+    ("route=skill, L&S 5% + BN statistics", "L&S 5%", "skill", "hold+stats"),
+    ("route=skill, L&S auto + BN statistics", "L&S auto", "skill", "hold+stats"),
     ("route=skill, L&S 1%, gate off (original heads)", "L&S 1%", "skill", "off"),
     ("route=skill, L&S 5%, gate off (original heads)", "L&S 5%", "skill", "off"),
     ("merged L&S 1% + recalibration (gate hold)", "L&S 1%", "merged", "hold"),
     ("merged L&S 1%, gate off", "L&S 1%", "merged", "off"),
     ("merged L&S 5% + recalibration (gate hold)", "L&S 5%", "merged", "hold"),
     ("merged L&S 5%, gate off", "L&S 5%", "merged", "off"),
+    ("merged L&S auto + recalibration (gate hold)", "L&S auto", "merged", "hold"),
+    ("merged L&S 1% + recalibration + BN statistics", "L&S 1%", "merged", "hold+stats"),
+    ("merged L&S 5% + recalibration + BN statistics", "L&S 5%", "merged", "hold+stats"),
+    ("merged L&S auto + recalibration + BN statistics", "L&S auto", "merged", "hold+stats"),
     ("merged TIES + recalibration (gate hold)", "TIES", "merged", "hold"),
     ("merged TIES, gate off", "TIES", "merged", "off"),
     ("merged TA + recalibration (gate hold)", "TA", "merged", "hold"),
     ("merged TA, gate off", "TA", "merged", "off"),
+    ("merged TIES + recalibration + BN statistics", "TIES", "merged", "hold+stats"),
+    ("merged TA + recalibration + BN statistics", "TA", "merged", "hold+stats"),
 ]
 CONTINUAL = ("L&S 1%", "TA", "TIES")
 
@@ -143,7 +165,7 @@ class World:
         self.drops = {n: self.folder / "skills" / f"{n}.safetensors" for n in self.names}
         self.finetune_seconds: dict[str, float] = {}
         if not (self.base.exists() and all(p.exists() for p in self.drops.values())):
-            self._build()
+            self._build()  # (drops an earlier, stopped build finished are kept: each task's finetune is seeded)
         else:
             log(f"reusing the base and drops in {self.folder}")
         # the drop's own head, as the service reads it
@@ -160,6 +182,9 @@ class World:
         (self.folder / "skills").mkdir(exist_ok=True)
         shots = cfg["examples_per_class"]
         for i, task in enumerate(self.tasks):
+            if self.drops[task.name].exists():
+                log(f"reusing the drop of {task.name}")
+                continue
             x, y = task.train
             head = V.prototype_head(tower, x, y, shots)
             t = time.perf_counter()
@@ -175,7 +200,9 @@ class World:
             mean_, std = torch.tensor(V.MEAN).view(1, 3, 1, 1), torch.tensor(V.STD).view(1, 3, 1, 1)
             sd[EX_IMAGES] = ((x[pick] * std + mean_).clamp(0, 1) * 255).round().to(torch.uint8)
             sd[EX_LABELS] = y[pick]
-            write_safetensors(self.drops[task.name], sd, {"skillhub.skill": task.name, **head_meta})
+            tmp = self.drops[task.name].with_suffix(".part")
+            write_safetensors(tmp, sd, {"skillhub.skill": task.name, **head_meta})
+            tmp.rename(self.drops[task.name])  # complete or absent: a stopped build leaves no half drop
         write_safetensors(self.base, base_sd, {"skillhub.demo": "base"})  # last: marks the world complete
 
 
@@ -215,9 +242,11 @@ def toml_table(d: Mapping[str, Any]) -> str:
 
 def make_hub(root: Path, world: World, setup: str, gate: str) -> Hub:
     """A fresh Hub on a fresh state folder, configured like a user would: open_clip on the world's base, the setup's
-    ``[localize]`` and ``[stitch]``, ``[publish] gate``. Everything else is the service's default, except that no
-    weights file is written per version (disk only; nothing served depends on it)."""
+    ``[localize]`` and ``[stitch]``, ``[publish] gate`` (``"hold+stats"``: ``hold`` with ``recalibrate_statistics =
+    true``). Everything else is the service's default, except that no weights file is written per version (disk
+    only; nothing served depends on it)."""
     strategy, params, policy, pparams = SETUPS[setup]
+    gate, stats = gate.removesuffix("+stats"), gate.endswith("+stats")
     if root.exists():
         shutil.rmtree(root)
     root.mkdir(parents=True)
@@ -226,7 +255,7 @@ def make_hub(root: Path, world: World, setup: str, gate: str) -> Hub:
         f'[state]\ndir = "state"\nwrite_weights = false\n[plugins]\ndirs = []\n'
         f'[localize]\nstrategy = "{strategy}"\n[localize.params]\n{toml_table(params)}'
         f'[stitch]\npolicy = "{policy}"\n[stitch.params]\n{toml_table(pparams)}'
-        f'[publish]\ngate = "{gate}"\n')
+        f'[publish]\ngate = "{gate}"\nrecalibrate_statistics = {"true" if stats else "false"}\n')
     hub = Hub(load_config(root / "config.toml", env={}))
     hub.start()
     return hub
@@ -259,11 +288,13 @@ class Served:
         return _acc(emb, head, y), held
 
 
-def static_rows(world: World, work: Path, batch: int) -> dict[str, dict[str, Any]]:
-    """One Hub per (setup, gate): every skill dropped, one reconcile (a burst), both routes scored."""
+def static_rows(world: World, work: Path, batch: int, hubs: Sequence[tuple[str, str]] = tuple(HUBS),
+                done: Any = None) -> dict[str, dict[str, Any]]:
+    """One Hub per (setup, gate) of ``hubs``: every skill dropped, one reconcile (a burst), both routes scored.
+    ``done(out)`` is called after each Hub (the run saves what it has so far)."""
     out: dict[str, dict[str, Any]] = {}
-    for setup in SETUPS:
-        for gate in ("hold", "off"):
+    for setup, gate in hubs:
+        if True:
             t = time.perf_counter()
             hub = make_hub(work / "hub", world, setup, gate)
             try:
@@ -285,6 +316,9 @@ def static_rows(world: World, work: Path, batch: int) -> dict[str, dict[str, Any
                         if held:
                             res[route + "_held"].append(n)
                 res["held"] = {n: h.get("reason") for n, h in (version.manifest.get("held") or {}).items()}
+                # each skill's mask: its size as a share of the included parameters (what sparsity "auto" chose)
+                included = sum(math.prod(hub.base[k].shape) for k in hub.included)
+                res["density"] = {r.skill: (r.nnz or 0) / included for r in _ready_rows(hub)}
                 res["gate_check"] = {n: q.get("accuracy") for n, q in (version.manifest.get("quality") or {}).items()}
                 res["recentred"] = {n: {r: q.get("heads", {}).get(r) != version.manifest["skills"].get(n, {}).get("head")
                                         for r in ("skill", "merged")}
@@ -292,12 +326,24 @@ def static_rows(world: World, work: Path, batch: int) -> dict[str, dict[str, Any
                 res["seconds"] = {"ingest": t_ingest, "reconcile": t_reconcile,
                                   "score": time.perf_counter() - t - t_ingest - t_reconcile}
                 out[f"{setup}|{gate}"] = res
+                if done is not None:
+                    done(out)
                 log(f"{setup}, gate {gate}: skill {mean(list(res['skill'].values())):.3f}, merged "
                     f"{mean(list(res['merged'].values())):.3f}, held {sorted(res['held']) or '-'} "
                     f"(ingest {t_ingest:.1f}s, reconcile {t_reconcile:.1f}s, score {res['seconds']['score']:.1f}s)")
             finally:
                 hub.close()
     return out
+
+
+def _ready_rows(hub: Hub) -> list[Any]:
+    """The newest READY version row of every skill (held skills too: their manifest entry carries no nnz)."""
+    rows = []
+    for state in hub.registry.skills():
+        ready = [v for v in state.versions if v.status == "READY"]
+        if ready:
+            rows.append(max(ready, key=lambda v: v.version))
+    return rows
 
 
 def continual(world: World, work: Path, setup: str, order: list[str], gate: str, batch: int) -> dict[str, Any]:
@@ -378,7 +424,9 @@ def static_table(res: Mapping[str, Any]) -> str:
     line("pretrained θ₀ (original heads)", "—", pre, [], "—")
     line("individual finetuned (original heads)", "the whole drop", ind, [], "—")
     for label, setup, route, gate in ROWS:
-        r = res["static"][f"{setup}|{gate}"]
+        r = res["static"].get(f"{setup}|{gate}")
+        if r is None:  # a Hub this run left out (--setups, --gates)
+            continue
         held = r[route + "_held"]
         gate_col = ("—" if gate == "off" else ", ".join(sorted(r["held"])) or "none")
         line(label, RECIPES[setup], r[route], held, gate_col)
@@ -388,7 +436,7 @@ def static_table(res: Mapping[str, Any]) -> str:
 def continual_table(res: Mapping[str, Any]) -> str:
     lines = ["| method | route | ACC % | ACC norm. % | BWT (pts) | BWT norm. (pts) | held at the end (per order) |",
              "|---|---|---:|---:|---:|---:|---|"]
-    for setup in CONTINUAL:
+    for setup in res["continual"]:
         runs = res["continual"][setup]
         for route in ("merged", "skill"):
             ms = [protocol_metrics(r, res["individual"], route) for r in runs]
@@ -404,7 +452,7 @@ def continual_curve(res: Mapping[str, Any]) -> str:
     t = len(res["tasks"])
     lines = ["| method | route | " + " | ".join(f"after {k}" for k in range(1, t + 1)) + " |",
              "|---|---|" + "---:|" * t]
-    for setup in CONTINUAL:
+    for setup in res["continual"]:
         for route in ("merged", "skill"):
             cells = []
             for k in range(t):
@@ -420,7 +468,9 @@ def gate_table(res: Mapping[str, Any]) -> str:
     lines = ["| setup | skill | base: check / test | route=skill: check / test | merged: check / test | held |",
              "|---|---|---:|---:|---:|---|"]
     for setup in SETUPS:
-        r = res["static"][f"{setup}|hold"]
+        r = res["static"].get(f"{setup}|hold")
+        if r is None:
+            continue
         for n in names:
             q = r["gate_check"].get(n) or {}
 
@@ -434,9 +484,40 @@ def gate_table(res: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def cost_table(res: Mapping[str, Any]) -> str:
+    """Per Hub with the gate on: each skill's mask size (share of the included parameters; what ``auto`` chose) and
+    the time to ingest every drop (localization; ``auto`` localizes and scores each rung it tries) and to
+    reconcile (stitch, recalibrate, score, publish)."""
+    names = res["tasks"]
+    lines = ["| setup | gate | " + " | ".join(f"{n} mask %" for n in names) + " | mean mask % | ingest s | "
+             "reconcile s |", "|---|---|" + "---:|" * (len(names) + 3)]
+    for setup, gate in HUBS:
+        r = res["static"].get(f"{setup}|{gate}")
+        if gate == "off" or r is None:
+            continue
+        d = r.get("density") or {}
+        cells = [f"{100 * d[n]:.2f}" if n in d else "—" for n in names]
+        lines.append(f"| {RECIPES[setup]} | {gate} | " + " | ".join(cells) +
+                     f" | {100 * mean([d[n] for n in names if n in d]):.2f} | {r['seconds']['ingest']:.1f} | "
+                     f"{r['seconds']['reconcile']:.1f} |")
+    return "\n".join(lines)
+
+
 def markdown(res: Mapping[str, Any]) -> str:
     cfg = res["config"]
     orders = "; ".join(" → ".join(o) for o in res["orders"])
+    continual_part = "" if not res["continual"] else f"""
+Continual protocol: one fresh Hub per policy and order; skills dropped one at a time (ingest → reconcile), gate
+`{res['continual_gate']}`, {len(res['orders'])} seeded orders ({orders}). ACC = mean accuracy over all tasks after the
+last add; BWT = mean over tasks of (final − right after that task was added), the last task counting 0 (×
+T/(T−1) = {len(res['tasks'])}/{len(res['tasks']) - 1} for the 1/(T−1) convention); mean ± sample std over orders.
+
+{continual_table(res)}
+
+Average accuracy (%) over the skills added so far, after each add (mean over orders):
+
+{continual_curve(res)}
+"""
     return f"""### Served quality (through the service)
 
 `.venv/bin/python {res['command']}`: {res['runtime_seconds'] / 60:.1f} min on this machine ({res['threads']} torch
@@ -450,9 +531,17 @@ from a `Hub` on a real state folder (ingest, reconcile, quality gate, publish) a
 normalised by the family runtime, embedded by `hub.engine.embed(version, batch, mask=...)`, classified with
 `hub.engine.head(version, skill, route)`. Normalized = served / the skill's own finetune (whole drop, original head).
 † = held out of the merged model by the gate (a merged request is answered 409): the cell is its route=skill
-accuracy, where the 409 sends the client; "norm. (merged skills only)" leaves those skills out.
+accuracy, where the 409 sends the client; "norm. (merged skills only)" leaves those skills out. "+ BN statistics" =
+gate hold with `[publish] recalibrate_statistics = true` (each BatchNorm layer's running statistics re-estimated on
+the fit examples: a version on every merged skill's pooled, a skill's own route on its own; heads re-centred after).
+"auto" = `sparsity = "auto"` (the smallest of 1, 2, 5, 10, 20 % keeping 99 % of the finetune's fit accuracy).
 
 {static_table(res)}
+
+Mask size per skill (% of the included parameters) and the time each Hub took to ingest the {len(res['tasks'])} drops
+and to reconcile them into one version:
+
+{cost_table(res)}
 
 The quality gate's view (gate `hold` Hubs): accuracy on the check examples (a quarter of the examples each drop
 carries) that the gate compares, beside test accuracy. The gate scores every model with the skill's head re-centred
@@ -460,36 +549,34 @@ on that model's fit examples (base: θ₀; route=skill and merged: the head the 
 column is θ₀ with the drop's original head, the check column θ₀ with the re-centred one. "—": no score.
 
 {gate_table(res)}
-
-Continual protocol: one fresh Hub per policy and order; skills dropped one at a time (ingest → reconcile), gate
-`{res['continual_gate']}`, {len(res['orders'])} seeded orders ({orders}). ACC = mean accuracy over all tasks after the
-last add; BWT = mean over tasks of (final − right after that task was added), the last task counting 0 (×
-T/(T−1) = {len(res['tasks'])}/{len(res['tasks']) - 1} for the 1/(T−1) convention); mean ± sample std over orders.
-
-{continual_table(res)}
-
-Average accuracy (%) over the skills added so far, after each add (mean over orders):
-
-{continual_curve(res)}
-"""
+{continual_part}"""
 
 
 # ------------------------------------------------------------------------------------------------------ the run
 
-def run(cfg: Mapping[str, Any], seed: int, orders: int, out: Path, continual_gate: str, command: str
-        ) -> dict[str, Any]:
+def run(cfg: Mapping[str, Any], seed: int, orders: int, out: Path, continual_gate: str, command: str,
+        hubs: Sequence[tuple[str, str]] = tuple(HUBS)) -> dict[str, Any]:
     started = time.perf_counter()
     torch.manual_seed(seed)
     world = World(cfg, seed, out)
     pre, ind = reference_accuracies(world)
     work = out / "work"
     t = time.perf_counter()
-    static = static_rows(world, work, cfg["eval_batch"])
+    partial = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "seed": seed,
+               "config": dict(cfg), "torch": torch.__version__, "threads": torch.get_num_threads(),
+               "tasks": world.names, "pretrained": pre, "individual": ind, "orders": [], "continual": {},
+               "continual_gate": continual_gate, "partial": True}
+
+    def save(static: dict[str, Any]) -> None:  # a long run that is stopped keeps the Hubs it finished
+        partial["static"], partial["runtime_seconds"] = static, time.perf_counter() - started
+        (out / "results.partial.json").write_text(json.dumps(partial, indent=2, default=str))
+
+    static = static_rows(world, work, cfg["eval_batch"], hubs, save)
     static_s = time.perf_counter() - t
-    order_list = draw_orders(world.names, orders, seed)
+    order_list = draw_orders(world.names, orders, seed) if orders else []
     cont: dict[str, list[dict[str, Any]]] = {}
     t = time.perf_counter()
-    for setup in CONTINUAL:
+    for setup in CONTINUAL if orders else ():
         cont[setup] = []
         for i, order in enumerate(order_list):
             log(f"continual {setup}, order {i + 1}/{orders}: {' → '.join(order)}")
@@ -502,7 +589,7 @@ def run(cfg: Mapping[str, Any], seed: int, orders: int, out: Path, continual_gat
             "finetune_seconds": world.finetune_seconds, "static": static, "orders": order_list,
             "continual_gate": continual_gate, "continual": cont,
             "continual_metrics": {s: {route: [protocol_metrics(r, ind, route) for r in cont[s]]
-                                      for route in ("merged", "skill")} for s in CONTINUAL},
+                                      for route in ("merged", "skill")} for s in cont},
             "seconds": {"static": static_s, "continual": continual_s},
             "runtime_seconds": time.perf_counter() - started}
 
@@ -510,7 +597,10 @@ def run(cfg: Mapping[str, Any], seed: int, orders: int, out: Path, continual_gat
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--orders", type=int, default=3, help="random orders of the continual protocol (≥ 1)")
+    ap.add_argument("--orders", type=int, default=3, help="random orders of the continual protocol (0: no continual "
+                                                           "protocol, the static rows only)")
+    ap.add_argument("--setups", help=f"comma-separated setups of the static rows (default all: {', '.join(SETUPS)})")
+    ap.add_argument("--gates", help="comma-separated gates of the static rows: hold, off, hold+stats (default all)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "served_quality")
     ap.add_argument("--quick", action="store_true", help="2 tasks, tiny sizes: a smoke run of a minute or two")
     ap.add_argument("--tasks", help="comma-separated task names (default: every available task; quick: 2)")
@@ -527,8 +617,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         (args.report.parent / "served_quality.md").write_text(md)
         print(md)
         return 0
-    if args.orders < 1:
-        ap.error("--orders must be at least 1")
+    if args.orders < 0:
+        ap.error("--orders must be 0 or more")
+    setups = [x.strip() for x in args.setups.split(",")] if args.setups else list(SETUPS)
+    gates = [x.strip() for x in args.gates.split(",")] if args.gates else ["hold", "off", "hold+stats"]
+    unknown = [x for x in setups if x not in SETUPS] + [g for g in gates if g not in ("hold", "off", "hold+stats")]
+    if unknown:
+        ap.error(f"unknown setup or gate {unknown[0]!r}")
+    hubs = [(s, g) for s in setups for g in gates if (s, g) in HUBS]  # in the order asked: the first run first
     cfg = dict(QUICK if args.quick else FULL)
     if args.tasks:
         cfg["tasks"] = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -540,7 +636,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out = args.out.resolve()  # the Hubs' config.toml names the base by absolute path
     args.out.mkdir(parents=True, exist_ok=True)
     log(f"served quality: {command.strip()} → {args.out}")
-    res = run(cfg, args.seed, args.orders, args.out, args.continual_gate, command.strip())
+    res = run(cfg, args.seed, args.orders, args.out, args.continual_gate, command.strip(), hubs)
     md = markdown(res)
     (args.out / "results.json").write_text(json.dumps(res, indent=2, default=str))
     (args.out / "served_quality.md").write_text(md)

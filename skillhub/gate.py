@@ -13,6 +13,13 @@ The heads re-centred for the ``skill`` and ``merged`` routes are stored (content
 named in the version's manifest under ``quality``, so the version serves exactly what was scored; a skill the gate
 holds out of the merged model is scored on its own route (:meth:`Gate.own_route`).
 
+With ``[publish] recalibrate_statistics`` the models are first recalibrated (the family's
+:func:`~skillhub.hookspecs.recalibrate_statistics`: BatchNorm running statistics re-estimated on fit examples): a
+candidate on every merged skill's fit examples pooled, a skill's own model on its own. The new statistics become
+the candidate's weights (so the merged route, the weights file and the download serve them) and, for the skill
+route, are stored and named in the manifest beside the head (``quality.<skill>.statistics.skill``), patched in with
+the skill's mask. θ₀ is scored as it is: it is the reference a skill must beat.
+
 A candidate *fails* a skill when its merged accuracy is below the skill's ``base`` accuracy, or more than
 ``max_drop`` below the merged accuracy of the version served now. With ``gate = "hold"`` the skills the candidate
 would newly add are *held*: left out of the merged model (a held skill is still served on its own route), and the
@@ -29,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 from skillhub.head import Head
 from skillhub.log import get_logger
 from skillhub.quality import Score, Split, score, split
-from skillhub.routing import SkillPatcher
+from skillhub.routing import SkillPatcher, route_key, with_statistics
 
 if TYPE_CHECKING:
     import torch
@@ -60,18 +67,25 @@ class Gate:
     :param examples: a skill's stored examples by their sha256.
     :param masks: a mask file's content by its sha256.
     :param store_head: stores a head, returns its sha256.
+    :param statistics: re-estimates a runnable model's normalization statistics on example images (the plugins'
+        :func:`~skillhub.hookspecs.recalibrate_statistics` for the served family), or ``None``: none are.
+    :param store_statistics: stores such statistics, returns their sha256.
     """
 
     def __init__(self, *, runtime: Callable[[Mapping[str, torch.Tensor]], Runtime | None],
                  base: Callable[[], Mapping[str, torch.Tensor]], heads: Callable[[str | None], Head | None],
                  examples: Callable[[str], Examples], masks: Callable[[str], SparseDelta],
-                 store_head: Callable[[Head], str]) -> None:
+                 store_head: Callable[[Head], str],
+                 statistics: Callable[[Runtime, torch.Tensor], Mapping[str, torch.Tensor] | None] | None = None,
+                 store_statistics: Callable[[Mapping[str, torch.Tensor]], str] | None = None) -> None:
         self._runtime, self._base, self._heads = runtime, base, heads
         self._examples, self._masks, self._store_head = examples, masks, store_head
+        self._statistics, self._store_statistics = statistics, store_statistics
         self._patcher: SkillPatcher | None = None
         self._splits: dict[str, Split] = {}
         self._base_scores: dict[tuple[str, str], Score] = {}  # (head, examples) -> θ₀'s score
-        self._skill_scores: dict[tuple[str, str, str], Score] = {}  # (mask, head, examples) -> own model's score
+        # (mask, head, examples, recalibrated) -> own model's score
+        self._skill_scores: dict[tuple[str, str, str, bool], Score] = {}
         #: the last candidate scored and its runnable model: the inference engine takes it over when that candidate
         #: is published, rather than building the same model again
         self.candidate_runtime: tuple[ModelVersion, Runtime] | None = None
@@ -114,8 +128,10 @@ class Gate:
             return "a probe batch through the model gives NaN/Inf outputs"
         return None
 
-    def evaluate(self, candidate: ModelVersion, served: ModelVersion | None, *, max_drop: float) -> Verdict:
-        """Score every skill of ``candidate`` that has a head and examples; name the skills it fails."""
+    def evaluate(self, candidate: ModelVersion, served: ModelVersion | None, *, max_drop: float,
+                 statistics: bool = False) -> Verdict:
+        """Score every skill of ``candidate`` that has a head and examples; name the skills it fails. With
+        ``statistics``, the candidate and each skill's own model are recalibrated first (module docstring)."""
         verdict = Verdict()
         entries = {n: e for n, e in candidate.manifest["skills"].items() if e.get("head") and e.get("examples")}
         if not entries:
@@ -124,8 +140,10 @@ class Gate:
         if rt is None:
             return verdict
         before = (served.manifest.get("quality") or {}) if served is not None else {}
+        if statistics:
+            self._recalibrate(candidate, rt, [entries[n] for n in sorted(entries)])
         for name, entry in sorted(entries.items()):
-            scored = self._own(entry)
+            scored = self._own(entry, statistics)
             if scored is None:
                 continue
             head, ex, base, own = scored
@@ -135,6 +153,8 @@ class Gate:
                                                                    "check": int(ex.check.labels.numel())},
                                      "heads": {"skill": self._store_head(own.head),
                                                "merged": self._store_head(merged.head)}}
+            if own.statistics is not None:
+                verdict.quality[name]["statistics"] = {"skill": own.statistics}
             if merged.accuracy is None:
                 continue
             if base.accuracy is not None and merged.accuracy < base.accuracy:
@@ -146,35 +166,109 @@ class Gate:
                                          f"from {prev:.3f} in the served version on {name!r}'s check examples")
         return verdict
 
-    def own_route(self, entry: Mapping[str, Any]) -> dict[str, Any] | None:
+    def own_route(self, entry: Mapping[str, Any], statistics: bool = False) -> dict[str, Any] | None:
         """The quality record of a skill served on its own route only (held out of the merged model): its ``base``
-        and ``skill`` accuracies and its re-centred head there; ``None`` without a head or examples."""
-        scored = self._own(entry) if entry.get("head") and entry.get("examples") else None
+        and ``skill`` accuracies and its re-centred head (and recalibrated statistics) there; ``None`` without a
+        head or examples."""
+        scored = self._own(entry, statistics) if entry.get("head") and entry.get("examples") else None
         if scored is None:
             return None
         _, ex, base, own = scored
-        return {"accuracy": {"base": base.accuracy, "skill": own.accuracy, "merged": None},
-                "examples": {"fit": int(ex.fit.labels.numel()), "check": int(ex.check.labels.numel())},
-                "heads": {"skill": self._store_head(own.head)}}
+        record: dict[str, Any] = {
+            "accuracy": {"base": base.accuracy, "skill": own.accuracy, "merged": None},
+            "examples": {"fit": int(ex.fit.labels.numel()), "check": int(ex.check.labels.numel())},
+            "heads": {"skill": self._store_head(own.head)}}
+        if own.statistics is not None:
+            record["statistics"] = {"skill": own.statistics}
+        return record
 
-    def _own(self, entry: Mapping[str, Any]) -> tuple[Head, Split, Score, Score] | None:
+    def _own(self, entry: Mapping[str, Any], statistics: bool = False) -> tuple[Head, Split, Score, Score] | None:
         """A skill's head, examples, and its scores on θ₀ and on its own model (both cached)."""
         head = self._heads(entry["head"])
         if head is None:
             return None
         ex = self._split(entry["examples"])
-        base = self._scored(self._base_scores, (entry["head"], entry["examples"]), None, head, ex)
-        own = self._scored(self._skill_scores, (entry["mask"], entry["head"], entry["examples"]), entry["mask"],
-                           head, ex)
-        return head, ex, base, own
-
-    def _scored(self, cache: dict[Any, Score], key: Any, mask: str | None, head: Head, ex: Split) -> Score:
-        if key not in cache:
+        base = self._base_scores.get((entry["head"], entry["examples"]))
+        if base is None:
             patcher = self._base_runtime()
-            if mask is None:
-                patcher.restore()
-                rt = patcher.runtime
-            else:
-                rt = patcher.use(mask, self._masks(mask))
-            cache[key] = score(rt, head, ex)
-        return cache[key]
+            patcher.restore()
+            base = self._base_scores[(entry["head"], entry["examples"])] = score(patcher.runtime, head, ex)
+        recalibrate = statistics and self._statistics is not None
+        key = (entry["mask"], entry["head"], entry["examples"], recalibrate)
+        if key not in self._skill_scores:
+            self._skill_scores[key] = self._own_score(entry["mask"], head, ex, recalibrate)
+        return head, ex, base, self._skill_scores[key]
+
+    def _own_score(self, mask: str, head: Head, ex: Split, recalibrate: bool) -> Score:
+        """The skill's own model θ₀ + γ⊙τ scored, recalibrated first on its fit examples when asked (the statistics
+        are then stored, and the score names them: the skill route patches them in with the mask)."""
+        patcher = self._base_runtime()
+        delta = self._masks(mask)
+        rt = patcher.use(mask, delta)
+        if not recalibrate:
+            return score(rt, head, ex)
+        stats = self._estimate(rt, ex.fit.images)
+        if not stats:
+            return score(rt, head, ex)
+        assert self._store_statistics is not None
+        sha = self._store_statistics(stats)
+        rt = patcher.use(route_key(mask, sha), with_statistics(delta, self._base(), stats))
+        scored = score(rt, head, ex)
+        return Score(scored.head, scored.accuracy, sha)
+
+    def _recalibrate(self, candidate: ModelVersion, rt: Runtime, entries: list[Mapping[str, Any]]) -> None:
+        """Re-estimate ``candidate``'s normalization statistics on the fit examples of ``entries`` pooled, and make
+        them its weights (its runtime's, which the engine adopts, and its tensors, which a rebuild, the weights file
+        and the download read); named in its manifest under ``statistics``. Once per candidate."""
+        if "statistics" in candidate.manifest or self._statistics is None:
+            return
+        fits = [self._split(e["examples"]).fit.images for e in entries]
+        stats = self._estimate(rt, _pooled([f for f in fits if f.shape[0]], rt.image_size))
+        if not stats:
+            return
+        import torch
+
+        live = rt.tensors()
+        tensors = candidate.tensors
+        assert isinstance(tensors, dict)  # a candidate's own dict, built for it and not yet shared with anyone
+        with torch.no_grad():
+            for key, value in stats.items():
+                live[key].copy_(value)
+                tensors[key] = value.to(dtype=tensors[key].dtype)
+        assert self._store_statistics is not None
+        candidate.manifest["statistics"] = {"merged": self._store_statistics(stats),
+                                            "examples": sorted(str(e["examples"]) for e in entries)}
+
+    def _estimate(self, rt: Runtime, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The family's recalibrated statistics for ``rt`` on ``images`` (``{}``: nothing to recalibrate), checked:
+        tensors the model has, of their shape, finite."""
+        import torch
+
+        assert self._statistics is not None
+        stats = dict(self._statistics(rt, images) or {})
+        live = rt.tensors()
+        for key, value in stats.items():
+            if key not in live or tuple(value.shape) != tuple(live[key].shape):
+                raise RuntimeError(f"recalibrated statistics for {key!r} do not fit the model")
+            if not bool(torch.isfinite(value).all()):
+                log.warning("statistics_not_finite", key=key)
+                return {}
+        return {k: v.detach().to(live[k].dtype).cpu() for k, v in stats.items()}
+
+
+def _pooled(images: list[torch.Tensor], size: int) -> torch.Tensor:
+    """Several skills' example images as one batch: as they are when they share a size, else each resized to the
+    model's input ``size`` (kept uint8 when it was: a few hundred images at 224 px stay ~100 MB)."""
+    import torch
+
+    if not images:
+        return torch.zeros(0, 3, max(size, 1), max(size, 1), dtype=torch.uint8)
+    if len({tuple(x.shape[1:]) for x in images}) == 1 and len({x.dtype for x in images}) == 1:
+        return torch.cat(images)
+    out = []
+    for x in images:
+        f = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+        f = torch.nn.functional.interpolate(f, size=(size, size), mode="bilinear", antialias=True,
+                                            align_corners=False)
+        out.append((f.clamp(0, 1) * 255).round().to(torch.uint8))
+    return torch.cat(out)

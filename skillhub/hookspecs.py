@@ -25,6 +25,8 @@ Hooks come in two kinds:
 
 - **registration hooks** (``register_*``) are called once when the plugin manager is built. Every plugin's list
   is collected; return ``[]`` or ``None`` when you register nothing of that kind.
+- **model hooks** (``recalibrate_*``) are asked by the service for a result while it builds a version; the first
+  plugin that answers (not ``None``) wins, so a plugin answers only for the families and models it knows.
 - **event hooks** (``skill_*``, ``version_*``) are called by the service as things happen, on the thread where
   it happened: ``skill_registered`` and ``skill_failed`` on the intake's worker (or the re-localization worker, or
   the thread that called :meth:`Hub.ingest`), ``version_published`` and a stitch's ``skill_failed`` on the thread
@@ -40,7 +42,9 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
-    from skillhub.families import ModelFamily
+    import torch
+
+    from skillhub.families import ModelFamily, Runtime
     from skillhub.localize import Localizer
     from skillhub.stitch import StitchPolicy
 
@@ -90,6 +94,44 @@ def register_families() -> list[type[ModelFamily]] | None:  # type: ignore[empty
     build a runnable model from merged weights.
 
     :return: a list of ``ModelFamily`` subclasses, or ``None``.
+    """
+
+
+# --- models -------------------------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def recalibrate_statistics(family: str, runtime: Runtime, images: torch.Tensor) -> dict[str, torch.Tensor] | None:
+    """Re-estimate a served model's normalization statistics on few-shot example images.
+
+    Merging (and localizing: θ₀ + γ⊙τ) moves the features each layer sees, while the normalization statistics
+    (BatchNorm's running means and variances) stay θ₀'s; re-estimating them on data of the served skills is one of
+    the post-stitch levers DESIGN §9 names. With ``[publish] recalibrate_statistics = true`` the quality gate asks
+    this hook, once per candidate version (the merged route: the fit examples of every skill in it, pooled) and once
+    per skill mask (the skill route: that skill's fit examples), *before* it re-centres heads and scores the check
+    examples, so the accuracy it records is the recalibrated model's. The tensors you return replace the model's:
+    in the version's weights (the merged route's runtime, the weights file and ``/v1/model/weights``) and, for the
+    skill route, patched in with the skill's mask and written back after (θ₀'s stored weights never change).
+
+    Rules for an implementation:
+
+    - answer only for your family (compare ``family`` with your family's ``name``) and runtimes you know; return
+      ``None`` otherwise, so that another plugin may answer;
+    - leave ``runtime`` as you found it (its tensors, train/eval mode): return new tensors, do not keep them in it;
+    - be deterministic: the same runtime and images give the same tensors (a restart rebuilds the same version and
+      must serve the same weights); fixed batch order, no unseeded randomness;
+    - return only tensors the runtime has (:meth:`~skillhub.families.Runtime.tensors` keys), each of the same shape
+      and dtype, finite; return ``{}`` when the model has nothing to recalibrate.
+
+    The built-in open_clip family re-estimates every BatchNorm layer's running mean and variance
+    (:func:`skillhub.families.normstats.batchnorm_statistics`); transformers' LayerNorm keeps no statistics, so a ViT
+    answers ``{}``.
+
+    :param family: the served model family's name (``[base] family``).
+    :param runtime: the runnable model to recalibrate (built by that family's ``runtime``).
+    :param images: example images, uint8 [N, 3, H, W] (or float in [0, 1]), in a fixed order; normalise them with
+        ``runtime.normalise``.
+    :return: checkpoint key → new tensor, or ``None`` (not your family).
     """
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -39,9 +39,13 @@ from skillhub.publish import ModelVersion, Publisher
 from skillhub.reconcile import Reconciler
 from skillhub.recovery import RECOVERY_STEPS, check_registry_is_current
 from skillhub.registry import RecoveryReport, Registry, VersionRow
-from skillhub.routing import PatchedTensors
+from skillhub.routing import PatchedTensors, split_route_key, with_statistics
 from skillhub.statedir import take_lock
 from skillhub.stitch import Stitcher, resolve_device
+
+if TYPE_CHECKING:
+    from skillhub.delta import SparseDelta
+    from skillhub.families import Runtime
 
 log = get_logger("skillhub.hub")
 #: config sections a live reload may not change (the edit is refused; a restart applies it)
@@ -114,7 +118,8 @@ class Hub:
         self.gate = Gate(runtime=runtime_on(self.family.runtime, self.device), base=self._base_tensors,
                          heads=self.heads.get,
                          examples=self.registry.load_examples, masks=self.registry.load_mask,
-                         store_head=lambda head: self.registry.store_head(*head.encode())
+                         store_head=lambda head: self.registry.store_head(*head.encode()),
+                         statistics=self._recalibrate_statistics, store_statistics=self.registry.store_statistics
                          ) if self.family.reads_examples and self.read_only is None else None
         self.reconciler = Reconciler(
             registry=self.registry, config=lambda: self.config, stitcher=stitcher, passthrough=passthrough,
@@ -233,6 +238,20 @@ class Hub:
         if built is not None and self._engine is not None and built[0] is self.current:
             self._engine.adopt(*built)
 
+    def _recalibrate_statistics(self, runtime: Runtime, images: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """The plugins' :func:`~skillhub.hookspecs.recalibrate_statistics` for the served family."""
+        return self.plugins.manager.hook.recalibrate_statistics(family=self.family.name, runtime=runtime,
+                                                                images=images)
+
+    def _route_delta(self, key: str) -> SparseDelta:
+        """What the skill route patches in for a :func:`~skillhub.routing.route_key`: the mask, with the
+        recalibrated statistics the quality gate stored for it when there are any."""
+        mask, stats = split_route_key(key)
+        delta = self.registry.load_mask(mask)
+        if stats is None:
+            return delta
+        return with_statistics(delta, self._base_tensors(), self.registry.load_statistics(stats))
+
     def _base_tensors(self) -> dict[str, torch.Tensor]:
         """θ₀, every tensor (mapped from the base file, not copied)."""
         return {k: self.base.tensor(k) for k in self.base}
@@ -271,7 +290,7 @@ class Hub:
                 self._engine = InferenceEngine(
                     runtime_on(self.family.runtime, self.device), self.heads.get, family=self.family.name,
                     max_batch=serve.max_batch,
-                    max_wait_ms=serve.batch_wait_ms, base=self._base_tensors, masks=self.registry.load_mask,
+                    max_wait_ms=serve.batch_wait_ms, base=self._base_tensors, masks=self._route_delta,
                     skill_cache_bytes=serve.skill_cache_mb << 20)
                 self._engine.start()
                 self._adopt()
@@ -307,8 +326,8 @@ class Hub:
         """θ₀ + γ⊙τ of ``skill``'s mask in ``version`` (default: the current one), every tensor of the model, built
         one tensor at a time as it is read (``GET /v1/model/weights?skill=NAME``)."""
         version = version or self._served()
-        entry = self.engine.entry(version, skill, "skill")
-        return version, PatchedTensors(self._base_tensors(), self.engine.masks.get(entry["mask"]))
+        return version, PatchedTensors(self._base_tensors(),
+                                       self.engine.masks.get(self.engine.route_mask(version, skill, "skill")))
 
     def head(self, row: VersionRow) -> Head | None:
         """A skill version's classification head (families with heads)."""

@@ -31,7 +31,7 @@ from skillhub.families import Runtime
 from skillhub.head import Head
 from skillhub.log import get_logger
 from skillhub.publish import ModelVersion
-from skillhub.routing import MaskCache, SkillPatcher, check_route
+from skillhub.routing import MaskCache, SkillPatcher, check_route, route_key
 
 if TYPE_CHECKING:
     from skillhub.delta import SparseDelta
@@ -203,8 +203,11 @@ class InferenceEngine:
         entry = self.entry(version, skill, check_route(route))
         if route != "skill":
             return None
-        self.masks.get(entry["mask"])  # read now, on the request's thread, not on the worker's
-        return str(entry["mask"])
+        # with the normalization statistics the quality gate re-estimated on this skill's model, if it did
+        stats = (((version.manifest.get("quality") or {}).get(skill) or {}).get("statistics") or {}).get("skill")
+        key = route_key(str(entry["mask"]), stats)
+        self.masks.get(key)  # read now, on the request's thread, not on the worker's
+        return key
 
     def answer(self, version: ModelVersion, skill: str, route: str, emb: torch.Tensor, top_k: int) -> dict[str, Any]:
         """The body of a predict answer: which model answered, and the top-k classes per image."""

@@ -92,6 +92,8 @@ class Score:
 
     head: Head
     accuracy: float | None
+    #: sha256 of the normalization statistics the model was recalibrated with (the skill route), else ``None``
+    statistics: str | None = None
 
 
 def score(runtime: Runtime, head: Head, examples: Split, *, refit: bool = True) -> Score:

@@ -184,7 +184,8 @@ class Reconciler:
         cfg = self.config().publish
         if self.gate is None or cfg.gate == "off":
             return self._show_held(version)
-        verdict = self.gate.evaluate(version, self.current, max_drop=cfg.max_drop)
+        verdict = self.gate.evaluate(version, self.current, max_drop=cfg.max_drop,
+                                     statistics=cfg.recalibrate_statistics)
         if verdict.failing:
             log.warning("quality_gate_failed", version=version.number, failing=verdict.failing, gate=cfg.gate)
             before = (self.current.manifest if self.current is not None else self._on_disk or {}).get("skills", {})
@@ -200,7 +201,8 @@ class Reconciler:
                     for name in added:
                         if not self._add(name, rows[name]):
                             continue
-                        trial = self.gate.evaluate(self._build_version(), self.current, max_drop=cfg.max_drop)
+                        trial = self.gate.evaluate(self._build_version(), self.current, max_drop=cfg.max_drop,
+                                     statistics=cfg.recalibrate_statistics)
                         if trial.failing:
                             self.stitcher.remove(name)
                             self._hold(rows[name], trial.failing)
@@ -211,7 +213,8 @@ class Reconciler:
                     self.current.manifest["quality"] = self._with_held(dict(self.current.manifest.get("quality") or {}))
                     self._show_held(self.current)
                     return None
-                verdict = self.gate.evaluate(version, self.current, max_drop=cfg.max_drop)
+                verdict = self.gate.evaluate(version, self.current, max_drop=cfg.max_drop,
+                                     statistics=cfg.recalibrate_statistics)
         version.manifest["quality"] = self._with_held(verdict.quality)
         for name, q in verdict.quality.items():
             for route, acc in q["accuracy"].items():
@@ -224,7 +227,7 @@ class Reconciler:
         assert self.gate is not None
         for name, (row, _) in self.held.items():
             record = self.gate.own_route({"head": row.meta.get("head"), "examples": row.meta.get("examples"),
-                                          "mask": row.mask_sha})
+                                          "mask": row.mask_sha}, self.config().publish.recalibrate_statistics)
             if record is not None:
                 quality[name] = record
         return quality

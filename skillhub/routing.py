@@ -36,6 +36,37 @@ def check_route(route: str) -> str:
     return route
 
 
+def route_key(mask_sha: str, statistics_sha: str | None = None) -> str:
+    """What the skill route patches in: a mask, or a mask with the normalization statistics the quality gate
+    re-estimated on the skill's own model (``<mask>+<statistics>``; :func:`with_statistics`)."""
+    return f"{mask_sha}+{statistics_sha}" if statistics_sha else mask_sha
+
+
+def split_route_key(key: str) -> tuple[str, str | None]:
+    """The mask and the statistics (or ``None``) a :func:`route_key` names."""
+    mask, _, stats = key.partition("+")
+    return mask, stats or None
+
+
+def with_statistics(delta: SparseDelta, base: Mapping[str, torch.Tensor],
+                    statistics: Mapping[str, torch.Tensor]) -> SparseDelta:
+    """``delta`` with the tensors of ``statistics`` set to those values on θ₀ (``base``): each becomes a dense entry
+    holding new − θ₀, replacing what the mask had there, so that patching the result into θ₀ gives the model the
+    statistics were estimated for with the statistics in place."""
+    from dataclasses import replace
+
+    indices, values = dict(delta.indices), dict(delta.values)
+    shapes, dtypes = dict(delta.shapes), dict(delta.dtypes)
+    for key, new in statistics.items():
+        if key not in base:
+            raise StitchError(f"recalibrated statistics name tensor {key!r}, which θ₀ does not have", key=key)
+        b = base[key]
+        indices.pop(key, None)
+        values[key] = (new.to(b.dtype) - b).reshape(-1)
+        shapes[key], dtypes[key] = tuple(b.shape), b.dtype
+    return replace(delta, indices=indices, values=values, shapes=shapes, dtypes=dtypes)
+
+
 class SkillPatcher:
     """One runnable copy of θ₀ with at most one skill's γ⊙τ patched in at a time.
 

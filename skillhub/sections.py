@@ -182,6 +182,12 @@ class PublishSection(_Section):
     out of the merged model (served on their own route). ``warn``: published, and logged. ``off``: not scored."""
     max_drop: float = Field(0.05, ge=0, le=1)
     """How far a skill's merged accuracy may fall below the served version's (a fraction: 0.05 = 5 points)."""
+    recalibrate_statistics: bool = False
+    """Before scoring, re-estimate the served models' normalization statistics (BatchNorm running means and
+    variances, for families that have them) on the skills' fit examples: a candidate version on every merged skill's
+    pooled, a skill's own route on its own; the served weights carry them. Off by default: on the demo's tower,
+    whose finetunes keep BatchNorm frozen, it costs about 40 points (BENCHMARKS.md). Needs ``gate`` other than
+    ``off``."""
 
 
 class ExecutorSection(_Section):

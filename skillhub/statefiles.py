@@ -52,6 +52,15 @@ class StateFiles:
         tensors, _ = self._load(self.examples_path(sha), "examples file")
         return Examples(tensors["images"], tensors["labels"])
 
+    def store_statistics(self, tensors: Mapping[str, torch.Tensor]) -> str:
+        """Store re-estimated normalization statistics of a served model (``statistics/<sha>.safetensors``, the
+        quality gate's :func:`~skillhub.hookspecs.recalibrate_statistics`); return their sha."""
+        return self._store("statistics", {k: v.contiguous() for k, v in tensors.items()}, {})
+
+    def load_statistics(self, sha: str) -> dict[str, torch.Tensor]:
+        tensors, _ = self._load(self.state_dir / "statistics" / f"{sha}.safetensors", "statistics file")
+        return tensors
+
     def _store(self, kind: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:
         folder = self.state_dir / kind
         folder.mkdir(exist_ok=True)

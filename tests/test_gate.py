@@ -174,3 +174,176 @@ def test_the_probe_batch_fails_a_model_whose_outputs_are_not_finite() -> None:
     assert gate.probe(candidate(5, BASE["w"])) is None
     huge = torch.full((3, 3), 3e38)  # finite weights, but the forward pass overflows
     assert "NaN/Inf outputs" in (gate.probe(candidate(6, huge)) or "")
+
+
+def _rn_world(tmp_path, recalibrate: bool):
+    """A tiny open_clip ResNet base (BatchNorm layers), two learnt skills with examples, and a Hub config."""
+    import json
+
+    from test_normstats import TINY_RN
+    from test_open_clip import finetune
+
+    from skillhub.checkpoint import write_safetensors
+    from skillhub.families.open_clip import create_clip
+
+    cfg = tmp_path / "tiny-rn.json"
+    cfg.write_text(json.dumps(TINY_RN))
+    torch.manual_seed(0)
+    sd = {k: v.detach().clone() for k, v in create_clip(str(cfg)).state_dict().items()}
+    write_safetensors(tmp_path / "base.safetensors", sd, {})
+    for name, seed in (("one", 1), ("two", 2)):
+        # a perturbed tower (no training: what is checked is which statistics are served, not how well)
+        write_safetensors(tmp_path / f"{name}.safetensors", finetune(sd, seed, examples=True),
+                          {"skillhub.classes": json.dumps(["a", "b", "c"]), "skillhub.head_scale": "20"})
+    (tmp_path / "config.toml").write_text(f"""
+[base]
+family = "open_clip"
+model = "{cfg}"
+weights = "{tmp_path / 'base.safetensors'}"
+[state]
+dir = "{tmp_path / 'state'}"
+[plugins]
+dirs = []
+[localize.params]
+sparsity = 0.2
+[publish]
+gate = "warn"
+recalibrate_statistics = {"true" if recalibrate else "false"}
+""")
+    return cfg, sd
+
+
+def test_recalibrated_statistics_are_what_both_routes_serve(tmp_path) -> None:
+    """With [publish] recalibrate_statistics, the served merged model and each skill's own route carry BatchNorm
+    statistics re-estimated on the fit examples, exactly as an independent computation gets them; θ₀ is untouched."""
+    from skillhub.checkpoint import read_tensors
+    from skillhub.config import load_config
+    from skillhub.families.normstats import batchnorm_statistics
+    from skillhub.families.open_clip import ClipRuntime, create_clip
+    from skillhub.hub import Hub
+    from skillhub.quality import split
+    from skillhub.routing import PatchedTensors, split_route_key
+
+    cfg, sd = _rn_world(tmp_path, True)
+    bn = {k for k in sd if k.startswith("visual.") and k.endswith(("running_mean", "running_var"))}
+    x = torch.randint(0, 256, (6, 3, 32, 32), generator=torch.Generator().manual_seed(9), dtype=torch.uint8)
+
+    def runtime(tensors) -> ClipRuntime:
+        model = create_clip(str(cfg))
+        model.load_state_dict(dict(tensors))
+        return ClipRuntime(model.eval())
+
+    def recalibrated(rt: ClipRuntime, images: torch.Tensor) -> ClipRuntime:
+        stats = batchnorm_statistics(rt.model, images, lambda b: rt.model.encode_image(rt.normalise(b)))
+        return runtime({**rt.model.state_dict(), **stats})
+
+    with Hub(load_config(tmp_path / "config.toml", env={})) as hub:
+        for name in ("one", "two"):
+            hub.ingest(tmp_path / f"{name}.safetensors", skill=name)
+        hub.reconcile()
+        v = hub.current
+        assert v is not None and set(v.manifest["skills"]) == {"one", "two"}
+        stats = hub.registry.load_statistics(v.manifest["statistics"]["merged"])
+        assert set(stats) == bn
+        assert all(torch.equal(v.tensors[k], stats[k]) for k in bn)  # the version's weights carry them
+        assert any(not torch.allclose(stats[k], sd[k]) for k in bn)
+        base_now, _ = read_tensors(tmp_path / "base.safetensors")
+        assert all(torch.equal(base_now[k], sd[k]) for k in sd)  # θ₀'s stored weights never change
+
+        # merged route: the stitched model, re-estimated on both skills' fit examples pooled (in skill-name order)
+        fits = {n: split(hub.registry.load_examples(v.manifest["skills"][n]["examples"])).fit.images
+                for n in ("one", "two")}
+        merged = recalibrated(runtime({**sd, **hub.reconciler.stitcher.snapshot()}), torch.cat(list(fits.values())))
+        assert all(torch.allclose(merged.tensors()[k], stats[k], rtol=1e-5, atol=1e-6) for k in bn)
+        want = merged.embed(merged.normalise(x))
+        got = hub.engine.embed(v, hub.engine.runtime(v).normalise(x))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+        # skill route: θ₀ + γ⊙τ of the skill's mask, re-estimated on that skill's own fit examples
+        key = hub.engine.route_mask(v, "one", "skill")
+        mask, own_stats = split_route_key(key)
+        assert mask == v.manifest["skills"]["one"]["mask"]
+        assert own_stats == v.manifest["quality"]["one"]["statistics"]["skill"]
+        own = recalibrated(runtime(PatchedTensors(sd, hub.registry.load_mask(mask))), fits["one"])
+        stored = hub.registry.load_statistics(own_stats)
+        assert all(torch.allclose(own.tensors()[k], stored[k], rtol=1e-5, atol=1e-6) for k in bn)
+        torch.testing.assert_close(hub.engine.embed(v, own.normalise(x), mask=key), own.embed(own.normalise(x)),
+                                   rtol=1e-5, atol=1e-6)
+        # the merged route after a skill batch is still the merged model (the patch does not leak)
+        torch.testing.assert_close(hub.engine.embed(v, hub.engine.runtime(v).normalise(x)), want, rtol=1e-5,
+                                   atol=1e-6)
+        # GET /v1/model/weights?skill=one streams the same weights
+        _, weights = hub.skill_weights("one", v)
+        assert all(torch.allclose(weights[k], stored[k], atol=1e-6) for k in bn)
+        # and an answer on route=skill is the recalibrated model's
+        from PIL import Image
+
+        img = Image.fromarray(x[0].permute(1, 2, 0).numpy())
+        answer = hub.predict("one", [img], top_k=3, route="skill")
+        head = hub.engine.head(v, "one", "skill")
+        top = head.top_k(own.embed(own.preprocess([img])), 3)
+        assert [p["label"] for p in answer["predictions"][0]] == [p["label"] for p in top[0]]
+
+
+def test_without_recalibration_nothing_changes_the_statistics(tmp_path) -> None:
+    from skillhub.config import load_config
+    from skillhub.hub import Hub
+
+    _, sd = _rn_world(tmp_path, False)
+    with Hub(load_config(tmp_path / "config.toml", env={})) as hub:
+        for name in ("one", "two"):
+            hub.ingest(tmp_path / f"{name}.safetensors", skill=name)
+        hub.reconcile()
+        v = hub.current
+        assert v is not None and "statistics" not in v.manifest
+        assert "statistics" not in v.manifest["quality"]["one"]
+        assert hub.engine.route_mask(v, "one", "skill") == v.manifest["skills"]["one"]["mask"]
+        snap = hub.reconciler.stitcher.snapshot()
+        assert all(torch.equal(v.tensors[k], snap[k]) for k in snap)
+
+
+def test_the_gate_recalibrates_candidates_and_own_models_only_when_asked() -> None:
+    """The statistics hook is asked for the candidate (every scored skill's fit examples pooled) and for each skill's
+    own model (its own fit examples); the candidate's answer becomes its weights and its manifest names it, the own
+    model's is stored and named in the skill's quality record; without ``statistics`` nothing is asked."""
+    calls: list[tuple[int, torch.Tensor]] = []
+    stored: dict[str, dict[str, torch.Tensor]] = {}
+
+    def statistics(rt, images):
+        calls.append((int(images.shape[0]), rt.tensors()["w"].clone()))
+        return {"w": rt.tensors()["w"] * 2}  # a "statistic" that changes the model visibly
+
+    def store_statistics(tensors):
+        sha = hashlib.sha256(tensors["w"].numpy().tobytes()).hexdigest()
+        stored[sha] = dict(tensors)
+        return sha
+
+    heads: dict[str, Head] = {}
+    gate = make_gate(heads)
+    gate._statistics, gate._store_statistics = statistics, store_statistics  # as Hub wires them
+    fit = int(split_fit_size())
+    off = candidate(2, BASE["w"] + MASK.dense("w"))
+    gate.evaluate(off, None, max_drop=0.05)
+    assert calls == [] and "statistics" not in off.manifest
+
+    on = candidate(3, BASE["w"] + MASK.dense("w"))
+    verdict = gate.evaluate(on, None, max_drop=0.05, statistics=True)
+    # one call for the candidate, one for the skill's own model θ₀ + γ⊙τ, each on the fit examples
+    assert [n for n, _ in calls] == [fit, fit]
+    assert torch.equal(calls[0][1], BASE["w"] + MASK.dense("w"))
+    torch.testing.assert_close(calls[1][1], BASE["w"] + MASK.dense("w"))
+    assert torch.equal(on.tensors["w"], 2 * (BASE["w"] + MASK.dense("w")))  # the candidate's weights carry them
+    assert stored[on.manifest["statistics"]["merged"]]["w"].equal(on.tensors["w"])
+    assert on.manifest["statistics"]["examples"] == ["e"]
+    own = verdict.quality["colours"]["statistics"]["skill"]
+    torch.testing.assert_close(stored[own]["w"], 2 * (BASE["w"] + MASK.dense("w")))
+    assert gate.candidate_runtime is not None and torch.equal(gate.candidate_runtime[1].tensors()["w"], on.tensors["w"])
+    # a second candidate: the own model's score is cached, only the candidate is recalibrated again
+    gate.evaluate(candidate(4, BASE["w"] + MASK.dense("w")), None, max_drop=0.05, statistics=True)
+    assert len(calls) == 3
+
+
+def split_fit_size() -> int:
+    from skillhub.quality import split
+
+    return int(split(colours()).fit.labels.numel())

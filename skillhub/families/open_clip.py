@@ -244,3 +244,16 @@ class ClipRuntime(Runtime):
 @hookimpl
 def register_families() -> list[type[ModelFamily]]:
     return [OpenClipFamily]
+
+
+@hookimpl
+def recalibrate_statistics(family: str, runtime: Runtime, images: torch.Tensor) -> dict[str, torch.Tensor] | None:
+    """open_clip's answer to :func:`skillhub.hookspecs.recalibrate_statistics`: every BatchNorm layer of the image
+    tower (a timm CNN tower such as EfficientNet or a ResNet has them; a ViT has none and gets ``{}``) re-estimated
+    on ``images`` (:func:`~skillhub.families.normstats.batchnorm_statistics`)."""
+    if family != OpenClipFamily.name or not isinstance(runtime, ClipRuntime):
+        return None
+    from skillhub.families.normstats import batchnorm_statistics
+
+    model = runtime.model
+    return batchnorm_statistics(model, images, lambda x: model.encode_image(runtime.normalise(x)))
