@@ -17,10 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from skillhub import views
 from skillhub.analytics import AnalyticsCache
 from skillhub.checkpoint import Checkpoint, fingerprint, open_checkpoint
-from skillhub.modelfolder import layout_of
-from skillhub.placement import runtime_on
 from skillhub.config import Config
 from skillhub.errors import ConfigError, FollowerError, RegistryCorruptError, RegistryError, StitchError
 from skillhub.executor import Executor, WorkspaceSpec, make_executor
@@ -34,6 +33,8 @@ from skillhub.ingest import Ingestor
 from skillhub.job import Workspace
 from skillhub.log import get_logger
 from skillhub.metrics import Metrics
+from skillhub.modelfolder import layout_of
+from skillhub.placement import runtime_on
 from skillhub.plugins import Plugins, check_config, load_plugins
 from skillhub.publish import ModelVersion, Publisher
 from skillhub.reconcile import Reconciler
@@ -380,46 +381,20 @@ class Hub:
     def skills_view(self) -> list[dict[str, Any]]:
         """Every skill with its settings, served version and versions (what ``GET /v1/skills`` answers)."""
         if self.read_only is not None or self.following:  # no registry to list: what the served version holds
-            cur = self.current.manifest["skills"] if self.current else {}
-            return [{"name": n, "enabled": True, "pinned": None, "active_version": s["version"],
-                     "versions": [{"version": s["version"], "status": "READY", "reason": None, "nnz": s["nnz"],
-                                   "strategy": s["strategy"], "params": s["params"], "mask": s["mask"]}]}
-                    for n, s in sorted(cur.items())]
-        active, held = dict(self.reconciler.active), dict(self.reconciler.held)
+            return views.served_skills(self.current.manifest if self.current else None)
         quality = (self.current.manifest.get("quality") or {}) if self.current is not None else {}
-        return [{"name": s.name,
-                 "enabled": s.enabled and self.config.skills.is_enabled(s.name),
-                 "pinned": self.config.skills.for_skill(s.name).version or s.pinned,
-                 "active_version": active[s.name].version if s.name in active else None,
-                 # served on its own route only: the quality gate held it out of the merged model, and why
-                 "held": {"version": held[s.name][0].version, "reason": held[s.name][1]} if s.name in held else None,
-                 "accuracy": (quality.get(s.name) or {}).get("accuracy"),
-                 "quality": self._quality_note(s.name, quality, held),
-                 "versions": [{"version": v.version, "status": v.status, "reason": v.reason, "nnz": v.nnz,
-                               "strategy": v.strategy, "params": v.params, "mask": v.mask_sha} for v in s.versions]}
-                for s in self.registry.skills()]
-
-    @staticmethod
-    def _quality_note(name: str, quality: Mapping[str, Any], held: Mapping[str, Any]) -> str:
-        if name in held:
-            return "held out of the merged model by the quality gate; served on route=skill"
-        if name in quality:
-            return "scored on its check examples by the quality gate"
-        return "no examples: passed on the smoke check alone"
+        return views.skills(self.registry.skills(), self.config.skills, dict(self.reconciler.active),
+                            dict(self.reconciler.held), quality)
 
     def model_view(self) -> dict[str, Any]:
         """The served version: base, policy, skills, overlap (what ``GET /v1/model`` answers)."""
         cur = self.current
         if cur is None:
             return {"version": None}
-        numel = sum(self.base[k].numel for k in self.included)
         with self.reconciler.lock:  # the stitcher changes under reconcile; overlap describes the served version
             overlap = self.reconciler.stitcher.overlap()
-        quality = cur.manifest.get("quality") or {}
-        skills = {n: {**e, "accuracy": (quality.get(n) or {}).get("accuracy")} for n, e in cur.manifest["skills"].items()}
-        return {"version": cur.number, "base": self.base_sha, "policy": self.policy.name,
-                "skills": skills, "held": cur.manifest.get("held") or {}, "included_parameters": numel,
-                "overlap": overlap, "created": cur.created}
+        return views.model(cur, base_sha=self.base_sha, policy=self.policy.name, overlap=overlap,
+                           included_parameters=sum(self.base[k].numel for k in self.included))
 
     def analytics(self, version: int | None = None) -> dict[str, Any]:
         """The mask analytics of the served version, or of kept version ``version`` (what ``GET /v1/analytics``
