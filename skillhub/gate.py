@@ -159,11 +159,12 @@ class Gate:
                 continue
             if base.accuracy is not None and merged.accuracy < base.accuracy:
                 verdict.failing[name] = (f"merged accuracy {merged.accuracy:.3f} is below the base model's "
-                                         f"{base.accuracy:.3f} on {name!r}'s check examples")
+                                         f"{base.accuracy:.3f} on the check examples of skill {name!r}")
             prev = (before.get(name) or {}).get("accuracy", {}).get("merged")
             if prev is not None and merged.accuracy < prev - max_drop:
                 verdict.failing[name] = (f"merged accuracy {merged.accuracy:.3f} dropped more than {max_drop} "
-                                         f"from {prev:.3f} in the served version on {name!r}'s check examples")
+                                         f"from {prev:.3f} in the served version on the check examples of skill "
+                                         f"{name!r}")
         return verdict
 
     def own_route(self, entry: Mapping[str, Any], statistics: bool = False) -> dict[str, Any] | None:

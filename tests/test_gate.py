@@ -80,6 +80,7 @@ def test_a_drop_larger_than_max_drop_against_the_served_version_fails() -> None:
     verdict = gate.evaluate(candidate(4, COLLAPSED), served, max_drop=0.1)
     assert verdict.quality["colours"]["accuracy"]["base"] == 0.5
     assert "dropped more than 0.1 from 1.000" in verdict.failing["colours"]
+    assert verdict.failing["colours"].endswith("on the check examples of skill 'colours'")
 
 
 # --- the real service: two skills with examples, then a destructive one ------------------------------------------
