@@ -129,8 +129,8 @@ class Publisher:
     @staticmethod
     def peek(models_dir: Path, number: int | None = None) -> dict[str, Any] | None:
         """Version ``number``'s manifest (default: the current one's) read without a publisher, with its number."""
-        number = _read_current(models_dir) if number is None else number
-        found = _read_manifest(models_dir, number) if number is not None else None
+        number = read_current(models_dir) if number is None else number
+        found = read_manifest(models_dir, number) if number is not None else None
         return None if found is None else {**found, "version": number}
 
     def current_number(self) -> int | None:
