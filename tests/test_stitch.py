@@ -18,6 +18,9 @@ from skillhub.stitch import Stitcher, StitchPolicy, resolve_device, stitch
 SHAPES = {"a": (6, 5), "b": (7,), "c": (2, 3, 2)}
 PLUGINS = load_plugins([], entry_points=False)
 TIES_RULES = {"ties": "count", "ties+": "positive", "ties*": "majority"}
+#: Stitcher dense_share values: every tensor's accumulators dense from the start, the default (dense once half
+#: covered), and sparse unless a dense-form mask forces dense
+SHARES = (0.0, 0.5, 2.0)
 
 
 def base_model(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -108,13 +111,14 @@ def mixed_pool(quantized: bool = True) -> dict[int, SparseDelta]:
 @settings(max_examples=60, deadline=None)
 @given(ops=st.lists(st.tuples(st.booleans(), st.integers(0, 5)), min_size=1, max_size=40),
        policy=st.sampled_from(["average", "sum", *TIES_RULES]),
-       accumulate=st.sampled_from([torch.float64, torch.float32]))
-def test_incremental_equals_from_scratch(ops: list[tuple[bool, int]], policy: str, accumulate: torch.dtype) -> None:
+       accumulate=st.sampled_from([torch.float64, torch.float32]), share=st.sampled_from(SHARES))
+def test_incremental_equals_from_scratch(ops: list[tuple[bool, int]], policy: str, accumulate: torch.dtype,
+                                         share: float) -> None:
     base = base_model()
     # TIES elects on the exact sign of a sum: with float32 accumulators an add/remove residue can turn an exact 0
     # into ±1e-8, so exact ties are only meaningful with float64 ones (the default).
     pool = mixed_pool(quantized=accumulate == torch.float64 or policy in ("average", "sum"))
-    s = Stitcher(base, make_policy(policy), device="cpu", accumulate=accumulate)
+    s = Stitcher(base, make_policy(policy), device="cpu", accumulate=accumulate, dense_share=share)
     active: list[int] = []
     for add, i in ops:
         if add and i not in active:
@@ -135,19 +139,22 @@ def test_incremental_equals_from_scratch(ops: list[tuple[bool, int]], policy: st
         assert torch.equal(s.count(k), torch.as_tensor(covered[k]).to(s.count(k).dtype))
     assert s.active == [str(i) for i in active]
     # And a stitch from scratch of the active set gives the same tensors: bit for bit with float64 accumulators
-    # (exact sums, whatever the order of adds, removes and dense or sparse forms), to float32 rounding without.
+    # (exact sums, whatever the order of adds, removes, dense or sparse forms of masks and of accumulators), to
+    # float32 rounding without.
     fresh = stitch(base, {str(i): pool[i] for i in active}, make_policy(policy), accumulate=accumulate)
     for k in base:
         torch.testing.assert_close(s.tensor(k), fresh[k], rtol=0, atol=0 if accumulate == torch.float64 else 1e-5)
 
 
+@pytest.mark.parametrize("share", SHARES)
 @pytest.mark.parametrize("dense", [(), tuple(SHAPES)])
 @pytest.mark.parametrize("policy", ["average", "sum", "ties"])
 @pytest.mark.parametrize("accumulate", [torch.float64, torch.float32])
-def test_many_cycles_return_exactly_to_base(policy: str, accumulate: torch.dtype, dense: tuple[str, ...]) -> None:
+def test_many_cycles_return_exactly_to_base(policy: str, accumulate: torch.dtype, dense: tuple[str, ...],
+                                            share: float) -> None:
     base = base_model()
     deltas = [random_delta(s, density=0.8 if s % 2 else 1.0, dense=dense) for s in range(5)]
-    s = Stitcher(base, PLUGINS.make_policy(policy), device="cpu", accumulate=accumulate)
+    s = Stitcher(base, PLUGINS.make_policy(policy), device="cpu", accumulate=accumulate, dense_share=share)
     for _ in range(50):
         for i, d in enumerate(deltas):
             s.add(str(i), d)
@@ -157,7 +164,7 @@ def test_many_cycles_return_exactly_to_base(policy: str, accumulate: torch.dtype
         assert torch.equal(s.tensor(k), base[k])
         assert int(s.count(k).abs().sum()) == 0
         # Σ reset to 0 where the count returned to 0 (float32 sums of many values leave a residue otherwise)
-        assert all(not bool(t.any()) for t in s._state[k].acc.values()), k
+        assert all(not bool(t.any()) for t in s._state[k].accumulators()), k
 
 
 @pytest.mark.parametrize("policy", ["average", "ties"])
@@ -191,13 +198,15 @@ def test_errors() -> None:
         s.add("other", other)
 
 
+@pytest.mark.parametrize("share", SHARES)
 @pytest.mark.parametrize("dense", [(), ("a", "b")])
 @pytest.mark.parametrize("policy", ["average", "sum", "ties"])
 def test_c8_out_of_memory_half_way_through_an_add_leaves_nothing_behind(policy: str, dense: tuple[str, ...],
-                                                                        monkeypatch) -> None:
-    """FAULTS C8 at the stitcher: a device running out of memory on the second tensor of a mask undoes the first."""
+                                                                        share: float, monkeypatch) -> None:
+    """FAULTS C8 at the stitcher: a device running out of memory on the second tensor of a mask (or the second run
+    of one tensor's sparse accumulators) undoes the first."""
     base = base_model()
-    s = Stitcher(base, PLUGINS.make_policy(policy), device="cpu")
+    s = Stitcher(base, PLUGINS.make_policy(policy), device="cpu", dense_share=share)
     s.add("x", random_delta(1, dense=dense))
     before = s.snapshot()
     counts = {k: s.count(k) for k in base}
@@ -244,13 +253,14 @@ def test_device_resolution() -> None:
 
 
 @settings(max_examples=25, deadline=None)
-@given(ops=st.lists(st.tuples(st.booleans(), st.integers(0, 5)), min_size=1, max_size=30))
-def test_overlap_counters_match_a_recount(ops: list[tuple[bool, int]]) -> None:
+@given(ops=st.lists(st.tuples(st.booleans(), st.integers(0, 5)), min_size=1, max_size=30),
+       share=st.sampled_from(SHARES))
+def test_overlap_counters_match_a_recount(ops: list[tuple[bool, int]], share: float) -> None:
     base = base_model()
     pool = {i: random_delta(200 + i, density=0.6) for i in range(3)}
     pool |= {3: random_delta(203, density=1.0, dense=tuple(SHAPES)), 4: random_delta(204, 1.0, tuple(SHAPES)),
              5: random_delta(205, density=0.6, dense=("a", "b"))}
-    s = Stitcher(base, PLUGINS.make_policy("average"), device="cpu")
+    s = Stitcher(base, PLUGINS.make_policy("average"), device="cpu", dense_share=share)
     for add, i in ops:
         if add and str(i) not in s.active:
             s.add(str(i), pool[i])
@@ -366,13 +376,14 @@ def test_too_many_overlapping_masks_are_refused(dense: tuple[str, ...], monkeypa
     assert s.active == ["x", "y"]
 
 
+@pytest.mark.parametrize("share", SHARES)
 @pytest.mark.parametrize("prepare", [False, True])
 @pytest.mark.parametrize("policy", ["average", "sum", "ties"])
-def test_snapshots_are_shared_copy_on_write_and_never_change(policy: str, prepare: bool) -> None:
+def test_snapshots_are_shared_copy_on_write_and_never_change(policy: str, prepare: bool, share: float) -> None:
     """snapshot() hands out the live merged tensors without copying them; the next change to one writes a copy
     (made beforehand by prepare(), or then), so every published snapshot keeps its values, bit for bit."""
     base = base_model()
-    s = Stitcher(base, make_policy(policy), device="cpu")
+    s = Stitcher(base, make_policy(policy), device="cpu", dense_share=share)
     s.add("x", random_delta(1, dense=("b",)))
     first = s.snapshot()
     kept = {k: t.clone() for k, t in first.items()}
@@ -413,12 +424,13 @@ def test_prepare_beside_changes_never_hands_out_a_wrong_copy() -> None:
     assert all(torch.allclose(want[k], s.tensor(k), atol=1e-6) for k in base)
 
 
+@pytest.mark.parametrize("share", SHARES)
 @pytest.mark.parametrize("dense", [(), ("a",)])
-def test_nonfinite_is_counted_as_entries_change(dense: tuple[str, ...]) -> None:
+def test_nonfinite_is_counted_as_entries_change(dense: tuple[str, ...], share: float) -> None:
     """The smoke check's count of NaN/Inf merged entries, kept per change, agrees with a full scan; it goes back to
     none when the skill that caused it is removed."""
     base = base_model()
-    s = Stitcher(base, make_policy("sum", scale=1e300), device="cpu")  # λ·τ overflows float32: ±inf entries
+    s = Stitcher(base, make_policy("sum", scale=1e300), device="cpu", dense_share=share)  # λ·τ overflows float32: ±inf entries
     assert s.nonfinite() is None
     s.add("x", random_delta(1, dense=dense))
     bad = s.nonfinite()
