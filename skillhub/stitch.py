@@ -84,7 +84,7 @@ class Stitcher:
         self.policy = policy
         self.accumulate = accumulate
         self._state = {k: TensorState(t, policy, self.device, accumulate, dense_share) for k, t in base.items()}
-        self._tasks: dict[str, SparseDelta] = {}
+        self._tasks: dict[str, SparseDelta | None] = {}  # None: added for good
         self._covered = 0
         self._overlapping = 0
         # Copy on write: a merged tensor handed out by snapshot() (id of its state -> that tensor) belongs to a
@@ -118,8 +118,10 @@ class Stitcher:
                 raise StitchError(f"mask shape {list(shape)} for {key!r} differs from the base's "
                                   f"{list(self._state[key].shape)}", key=key)
 
-    def add(self, task_id: str, delta: SparseDelta) -> None:
-        """Stitch one skill in; cost O(its mask)."""
+    def add(self, task_id: str, delta: SparseDelta, *, removable: bool = True) -> None:
+        """Stitch one skill in; cost O(its mask). The stitcher keeps ``delta`` to take it out again; a one-shot
+        merge that never removes passes ``removable=False`` and the delta is not kept (for task arithmetic's dense
+        masks, a model's worth of memory per skill)."""
         if task_id in self._tasks:
             raise StitchError(f"skill {task_id!r} is already stitched in", key=task_id)
         self.check(delta)
@@ -135,14 +137,17 @@ class Stitcher:
             # All or nothing (FAULTS C8): a device running out of memory half-way must not leave half a skill in.
             self._apply(delta, -1, keys=done)
             raise
-        self._tasks[task_id] = delta
+        self._tasks[task_id] = delta if removable else None
         self._settle()
 
     def remove(self, task_id: str) -> SparseDelta:
         """Take one skill out; cost O(its mask). Entries no mask covers any more become exactly θ₀."""
         if task_id not in self._tasks:
             raise StitchError(f"skill {task_id!r} is not stitched in", key=task_id)
+        if self._tasks[task_id] is None:
+            raise StitchError(f"skill {task_id!r} was stitched in for good (removable=False)", key=task_id)
         delta = self._tasks.pop(task_id)
+        assert delta is not None
         self._apply(delta, -1)
         self._settle()
         return delta
@@ -401,7 +406,7 @@ class Stitcher:
         for st in self._state.values():
             for kind, n in st.nbytes().items():
                 out[kind] += n
-        out["masks"] = sum(t.numel() * t.element_size() for d in self._tasks.values()
+        out["masks"] = sum(t.numel() * t.element_size() for d in self._tasks.values() if d is not None
                            for t in (*d.indices.values(), *d.values.values()))
         return out
 
@@ -415,5 +420,5 @@ def stitch(base: Mapping[str, torch.Tensor], deltas: Mapping[str, SparseDelta], 
     """Stitch from scratch: θ₀ with every delta added (one pass per skill). Returns CPU tensors."""
     s = Stitcher(base, policy, device=device, accumulate=accumulate)
     for task_id, delta in deltas.items():
-        s.add(task_id, delta)
+        s.add(task_id, delta, removable=False)
     return s.snapshot()

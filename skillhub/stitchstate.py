@@ -212,6 +212,9 @@ class TensorState:
         if self.covered >= self.dense_share * self.numel:
             self.densify()
             return
+        if not self.covered:
+            self.runs = []  # nothing covered any more: every entry is idle, nothing to keep
+            return
         idle = self.held() - self.covered
         if idle > self.covered and idle >= min(COMPACT_MIN, self.numel // 4 or 1):
             self.compact()

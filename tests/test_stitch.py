@@ -444,3 +444,71 @@ def test_nonfinite_is_counted_as_entries_change(dense: tuple[str, ...], share: f
     nan_base = {k: v.clone() for k, v in base.items()}
     nan_base["b"][2] = float("nan")
     assert Stitcher(nan_base, PLUGINS.make_policy("average"), device="cpu").nonfinite() == "b"
+
+
+# --- memory ---------------------------------------------------------------------------------------------------------
+
+
+def _extra(s: Stitcher) -> int:
+    """The stitcher's state beyond the merged tensors themselves and the masks it keeps."""
+    return sum(v for k, v in s.footprint().items() if k not in ("merged", "masks"))
+
+
+@pytest.mark.parametrize("policy", ["average", "sum", "ties", "ties*"])
+def test_extra_state_is_o_of_the_masks_not_of_the_model(policy: str) -> None:
+    """DESIGN §7: on a model of a million entries, masks of a few hundred entries cost the stitcher a few bytes
+    per covered entry (position, θ₀, count, the policy's accumulators) and nothing per entry of the model beyond
+    the merged tensor itself; taking every mask out gives that memory back."""
+    g = torch.Generator().manual_seed(0)
+    shapes = {"w": (1000, 1000), "b": (1000,)}
+    base = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    s = Stitcher(base, make_policy(policy), device="cpu")
+    numel = sum(t.numel() for t in base.values())
+    pol = make_policy(policy)
+    per_entry = 4 + 2 + 4 + sum(t.element_size() for k, t in pol.accumulators(1, torch.device("cpu"),
+                                                                               torch.float64).items()
+                                if k not in pol.totals)  # position, count, θ₀, accumulators
+    totals = sum(t.numel() * t.element_size() for k, t in pol.accumulators(1, torch.device("cpu"),
+                                                                          torch.float64).items() if k in pol.totals)
+
+    def mask(seed: int, n: int) -> SparseDelta:
+        gen = torch.Generator().manual_seed(seed)
+        idx = {k: torch.randperm(math.prod(sh), generator=gen)[:n].sort().values.to(torch.int32)
+               for k, sh in shapes.items()}
+        return SparseDelta(idx, {k: torch.randn(n, generator=gen) for k in shapes}, dict(shapes),
+                           {k: torch.float32 for k in shapes})
+
+    sizes = 0
+    for i, n in enumerate((300, 50, 200)):
+        s.add(str(i), mask(i, n))
+        sizes += n * len(shapes)
+        covered = s.overlap()["covered"]
+        assert _extra(s) == covered * per_entry + totals * len(shapes)
+        assert _extra(s) <= sizes * per_entry + totals * len(shapes) < numel  # under 1 byte per model entry
+    for i in range(3):
+        s.remove(str(i))
+    assert _extra(s) == totals * len(shapes)  # idle entries compacted away
+    assert all(torch.equal(s.tensor(k), base[k]) for k in base)
+
+
+def test_accumulators_turn_dense_when_most_of_a_tensor_is_covered_and_sparse_again() -> None:
+    base = base_model()
+    s = Stitcher(base, PLUGINS.make_policy("average"), device="cpu")
+    s.add("small", random_delta(1, density=0.02))
+    assert not any(st.dense for st in s._state.values())
+    s.add("big", random_delta(2, density=0.9))
+    assert all(st.dense for st in s._state.values())
+    s.remove("big")
+    assert not any(st.dense for st in s._state.values())
+    want = reference(base, [random_delta(1, density=0.02)], "average")
+    assert all(torch.equal(s.tensor(k), want[k]) for k in base)
+
+
+def test_a_delta_added_for_good_is_not_kept() -> None:
+    base = base_model()
+    s = Stitcher(base, PLUGINS.make_policy("average"), device="cpu")
+    s.add("x", random_delta(1), removable=False)
+    assert s.footprint()["masks"] == 0
+    with pytest.raises(StitchError, match="for good"):
+        s.remove("x")
+    assert all(torch.equal(s.tensor(k), reference(base, [random_delta(1)], "average")[k]) for k in base)
