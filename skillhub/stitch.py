@@ -3,14 +3,16 @@
 Localize-and-Stitch (He et al., arXiv 2408.13656, §3.2): θ = θ₀ + Σₜ γₜ⊙τₜ / max(Σₜ γₜ, 1). Where masks overlap
 the tasks' values are averaged; entries in no mask stay exactly θ₀; there is no scaling factor.
 
-The :class:`Stitcher` keeps, per included tensor and on its device: θ₀, the merged tensor, the per-entry mask count
-C = Σₜ γₜ, and the policy's accumulators (for ``average``, Σ = Σₜ γₜ⊙τₜ). Adding or removing a skill updates the
-accumulators at that skill's indices and recomputes the merged entries there only, so its cost is proportional to
-the mask, not to the model or the number of skills (DESIGN §2).
+The :class:`Stitcher` keeps, per included tensor and on its device, the merged tensor (in the base dtype: the one
+full copy of the model it holds) and, only where masks are, θ₀, the per-entry mask count C = Σₜ γₜ and the policy's
+accumulators (for ``average``, Σ = Σₜ γₜ⊙τₜ): :mod:`skillhub.stitchstate` keeps them in sorted runs of the covered
+entries, or dense once most of a tensor is covered, so the extra state is O(Σ mask sizes), not O(model). Adding or
+removing a skill updates the accumulators at that skill's indices and recomputes the merged entries there only, so
+its cost is proportional to the mask, not to the model or the number of skills (DESIGN §2).
 
 A tensor in the *dense* form (:class:`~skillhub.delta.SparseDelta`: values for every entry, no indices; what
-``localize --sparsity 1`` makes) is added with whole-tensor operations instead of gather/scatter, when the policy
-supports it (``whole_tensor``; every built-in one does). Its merged tensor is then marked stale and recomputed in
+``localize --sparsity 1`` makes) turns the tensor's accumulators dense and is added with whole-tensor operations
+instead of gather/scatter, when the policy supports it (``whole_tensor``; every built-in one does). Its merged tensor is then marked stale and recomputed in
 full, in cache-sized chunks, when it is next read (:meth:`Stitcher.tensor`, :meth:`Stitcher.snapshot`): n dense adds
 in a row cost one recomputation, not n. The arithmetic is the same as on the sparse path, entry for entry, so the
 result does not depend on the form or the order of the adds.
