@@ -227,14 +227,21 @@ class Stitcher:
                 self.policy.update(seg.acc, seg.slots, vals, -sign)
                 seg.count[seg.slots] = before
             raise
-        if new is not None:
-            st.keep(new)
         self._cover(st, sign * moved, sign * doubled)
         for seg, _, _, _, _, idle in plans:
             if idle is not None:
                 self.policy.reset(seg.acc, idle)
-        if st.stale:  # the whole tensor is recomputed before it is read anyway
-            return
+        if not st.stale:  # else the whole tensor is recomputed before it is read anyway
+            self._write_merged(st, idx, plans)
+        del plans, segs, applied  # the new run goes in last, with nothing else holding the runs' arrays
+        if new is not None:
+            st.keep(new)
+
+    def _write_merged(self, st: TensorState, idx: torch.Tensor, plans: list) -> None:
+        """The merged entries at ``idx`` recomputed from the accumulators just changed (``plans`` of
+        :meth:`_apply_sparse`), and the tensor's count of non-finite entries kept up to date."""
+        import torch
+
         # The non-finite count changes by what idx held before and holds after. A tensor with no non-finite entry
         # (and a finite θ₀, which entries no mask covers any more return to) held none before: only the new values
         # need a look, no gather.
