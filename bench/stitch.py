@@ -79,6 +79,11 @@ def main() -> None:
     for i in range(1, args.skills - 1):
         adds.append(timed(lambda: (s.add(str(i), deltas[i]), read(s))))
     t_nth = timed(lambda: (s.add(str(args.skills - 1), deltas[args.skills - 1]), read(s)))
+    if hasattr(s, "footprint"):  # bytes the stitcher holds per parameter, beyond the merged model and the masks
+        fp = s.footprint()
+        extra = sum(v for k, v in fp.items() if k not in ("merged", "masks"))
+        print(f"stitcher state with {args.skills} skills in: merged {fp['merged'] / n:.2f} B/param, extra "
+              f"{extra / n:.2f} B/param, masks kept {fp['masks'] / n:.2f} B/param")
     t_remove = timed(lambda: (s.remove("3"), read(s)))
     t_snapshot = timed(lambda: s.snapshot())
 
