@@ -80,10 +80,15 @@ def main() -> None:
             st.tensor(k)
 
     t_first = timed(lambda: (s.add("0", deltas[0]), read(s)))
+    adds = []  # every add in between, timed: the sparse accumulators' runs are merged every so often (amortised)
     for i in range(1, args.skills - 1):
-        s.add(str(i), deltas[i])
-    read(s)
+        adds.append(timed(lambda: (s.add(str(i), deltas[i]), read(s))))
     t_nth = timed(lambda: (s.add(str(args.skills - 1), deltas[args.skills - 1]), read(s)))
+    if hasattr(s, "footprint"):  # bytes the stitcher holds per parameter, beyond the merged model and the masks
+        fp = s.footprint()
+        extra = sum(v for k, v in fp.items() if k not in ("merged", "masks"))
+        print(f"stitcher state with {args.skills} skills in: merged {fp['merged'] / n:.2f} B/param, extra "
+              f"{extra / n:.2f} B/param, masks kept {fp['masks'] / n:.2f} B/param")
     t_remove = timed(lambda: (s.remove("3"), read(s)))
     t_snapshot = timed(lambda: s.snapshot())
 
@@ -99,6 +104,9 @@ def main() -> None:
                     ("remove a skill", t_remove), ("snapshot (copy merged weights)", t_snapshot),
                     (f"full rebuild of {args.skills} skills", t_rebuild)):
         print(f"{name:<36}{t:>10.4f}{t / t_first:>13.2f}")
+    adds.append(t_nth)
+    print(f"adds 2 to {args.skills}: mean {sum(adds) / len(adds):.4f} s, max {max(adds):.4f} s "
+          f"(mean / 1st add {sum(adds) / len(adds) / t_first:.2f})")
     print(f"16th add / 1st add: {t_nth / t_first:.2f}; rebuild / one add: {t_rebuild / t_nth:.1f}")
 
 

@@ -149,13 +149,13 @@ def _merge(inputs: Inputs, out: str | Path, *, plugins: Plugins, family: ModelFa
                 if done + AHEAD <= len(items):
                     pending.append(worker.submit(localize, *items[done + AHEAD - 1]))
                 t0 = time.perf_counter()
-                stitcher.add(name, delta)
+                stitcher.add(name, delta, removable=False)  # never taken out: the stitcher need not keep it
                 seconds["stitch"] += time.perf_counter() - t0
                 skills[name] = {"source": delta.provenance.source, "strategy": delta.provenance.strategy,
                                 "nnz": delta.nnz}
                 if masks is not None:
                     skills[name]["mask"] = delta.save(masks / f"{name}.mask.safetensors")
-                del delta  # the stitcher keeps what it needs of it
+                del delta  # the stitcher keeps its accumulators only
                 if progress is not None:
                     progress(done, len(items))
         except BaseException:

@@ -3,14 +3,16 @@
 Localize-and-Stitch (He et al., arXiv 2408.13656, §3.2): θ = θ₀ + Σₜ γₜ⊙τₜ / max(Σₜ γₜ, 1). Where masks overlap
 the tasks' values are averaged; entries in no mask stay exactly θ₀; there is no scaling factor.
 
-The :class:`Stitcher` keeps, per included tensor and on its device: θ₀, the merged tensor, the per-entry mask count
-C = Σₜ γₜ, and the policy's accumulators (for ``average``, Σ = Σₜ γₜ⊙τₜ). Adding or removing a skill updates the
-accumulators at that skill's indices and recomputes the merged entries there only, so its cost is proportional to
-the mask, not to the model or the number of skills (DESIGN §2).
+The :class:`Stitcher` keeps, per included tensor and on its device, the merged tensor (in the base dtype: the one
+full copy of the model it holds) and, only where masks are, θ₀, the per-entry mask count C = Σₜ γₜ and the policy's
+accumulators (for ``average``, Σ = Σₜ γₜ⊙τₜ): :mod:`skillhub.stitchstate` keeps them in sorted runs of the covered
+entries, or dense once most of a tensor is covered, so the extra state is O(Σ mask sizes), not O(model). Adding or
+removing a skill updates the accumulators at that skill's indices and recomputes the merged entries there only, so
+its cost is proportional to the mask, not to the model or the number of skills (DESIGN §2).
 
 A tensor in the *dense* form (:class:`~skillhub.delta.SparseDelta`: values for every entry, no indices; what
-``localize --sparsity 1`` makes) is added with whole-tensor operations instead of gather/scatter, when the policy
-supports it (``whole_tensor``; every built-in one does). Its merged tensor is then marked stale and recomputed in
+``localize --sparsity 1`` makes) turns the tensor's accumulators dense and is added with whole-tensor operations
+instead of gather/scatter, when the policy supports it (``whole_tensor``; every built-in one does). Its merged tensor is then marked stale and recomputed in
 full, in cache-sized chunks, when it is next read (:meth:`Stitcher.tensor`, :meth:`Stitcher.snapshot`): n dense adds
 in a row cost one recomputation, not n. The arithmetic is the same as on the sparse path, entry for entry, so the
 result does not depend on the form or the order of the adds.
@@ -29,19 +31,13 @@ from typing import TYPE_CHECKING
 from skillhub.delta import SparseDelta
 from skillhub.errors import StitchError
 from skillhub.stitchpolicy import Index, ScaleParams, StitchPolicy, zero_at
+from skillhub.stitchstate import DENSE_SHARE, Segment, TensorState, count_dtype
 
 __all__ = ["CHUNK", "COUNT_MAX", "Index", "ScaleParams", "StitchPolicy", "Stitcher", "count_dtype", "resolve_device",
            "stitch", "zero_at"]
 
 if TYPE_CHECKING:
     import torch
-
-
-def count_dtype() -> torch.dtype:
-    """The dtype of the per-entry mask counts: int16, whose largest value is :data:`COUNT_MAX`."""
-    import torch
-
-    return torch.int16
 
 
 COUNT_MAX = 2**15 - 1  # torch.iinfo(count_dtype()).max, without importing torch
@@ -69,26 +65,6 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
     return dev
 
 
-class _TensorState:
-    __slots__ = ("acc", "base", "count", "covered", "merged", "overlapping", "shape", "stale")
-
-    def __init__(self, base: torch.Tensor, policy: StitchPolicy, device: torch.device, dtype: torch.dtype) -> None:
-        import torch
-
-        self.shape = tuple(base.shape)
-        self.base = base.detach().reshape(-1).to(device, copy=True)
-        self.merged = self.base.clone()
-        self.count = torch.zeros(self.base.numel(), dtype=count_dtype(), device=device)
-        self.acc = policy.accumulators(self.base.numel(), device, dtype)
-        self.stale = False  # merged must be recomputed in full before it is read
-        self.covered = 0  # entries with a count ≥ 1, and ≥ 2: kept so a dense add needs no pass to update them
-        self.overlapping = 0
-        # Touch the fresh (lazily zero-mapped) memory now: start-up pays the page faults, not the first add.
-        self.count.zero_()
-        for t in self.acc.values():
-            t.zero_()
-
-
 class Stitcher:
     """Incremental stitcher over the included tensors of one base model.
 
@@ -96,18 +72,21 @@ class Stitcher:
     :param policy: the stitch policy (``average`` is Localize-and-Stitch).
     :param device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda:1"``...
     :param accumulate: accumulator dtype; float64 (default) makes add/remove cycles drift-free.
+    :param dense_share: covered share of a tensor from which its accumulators are kept dense
+        (:mod:`skillhub.stitchstate`); 0 keeps every tensor dense from the start, above 1 keeps them sparse unless a
+        dense-form mask arrives.
     """
 
     def __init__(self, base: Mapping[str, torch.Tensor], policy: StitchPolicy, *, device: str | torch.device = "auto",
-                 accumulate: torch.dtype | None = None) -> None:
+                 accumulate: torch.dtype | None = None, dense_share: float = DENSE_SHARE) -> None:
         import torch
 
         accumulate = torch.float64 if accumulate is None else accumulate
         self.device = resolve_device(device)
         self.policy = policy
         self.accumulate = accumulate
-        self._state = {k: _TensorState(t, policy, self.device, accumulate) for k, t in base.items()}
-        self._tasks: dict[str, SparseDelta] = {}
+        self._state = {k: TensorState(t, policy, self.device, accumulate, dense_share) for k, t in base.items()}
+        self._tasks: dict[str, SparseDelta | None] = {}  # None: added for good
         self._covered = 0
         self._overlapping = 0
         # Copy on write: a merged tensor handed out by snapshot() (id of its state -> that tensor) belongs to a
@@ -141,17 +120,17 @@ class Stitcher:
                 raise StitchError(f"mask shape {list(shape)} for {key!r} differs from the base's "
                                   f"{list(self._state[key].shape)}", key=key)
 
-    def add(self, task_id: str, delta: SparseDelta) -> None:
-        """Stitch one skill in; cost O(its mask)."""
+    def add(self, task_id: str, delta: SparseDelta, *, removable: bool = True) -> None:
+        """Stitch one skill in; cost O(its mask). The stitcher keeps ``delta`` to take it out again; a one-shot
+        merge that never removes passes ``removable=False`` and the delta is not kept (for task arithmetic's dense
+        masks, a model's worth of memory per skill)."""
         if task_id in self._tasks:
             raise StitchError(f"skill {task_id!r} is already stitched in", key=task_id)
         self.check(delta)
         delta = delta.to(self.device)
         if len(self._tasks) >= COUNT_MAX:  # a count never exceeds the number of skills in: only then look
             for key in delta.values:
-                count = self._state[key].count
-                top = count[delta.indices[key].long()] if key in delta.indices else count
-                if top.numel() and int(top.max()) >= COUNT_MAX:
+                if self._state[key].max_count() >= COUNT_MAX:
                     raise StitchError(f"more than {COUNT_MAX} masks overlap in {key!r}", key=key)
         done: list[str] = []
         try:
@@ -160,20 +139,23 @@ class Stitcher:
             # All or nothing (FAULTS C8): a device running out of memory half-way must not leave half a skill in.
             self._apply(delta, -1, keys=done)
             raise
-        self._tasks[task_id] = delta
+        self._tasks[task_id] = delta if removable else None
         self._settle()
 
     def remove(self, task_id: str) -> SparseDelta:
         """Take one skill out; cost O(its mask). Entries no mask covers any more become exactly θ₀."""
         if task_id not in self._tasks:
             raise StitchError(f"skill {task_id!r} is not stitched in", key=task_id)
+        if self._tasks[task_id] is None:
+            raise StitchError(f"skill {task_id!r} was stitched in for good (removable=False)", key=task_id)
         delta = self._tasks.pop(task_id)
+        assert delta is not None
         self._apply(delta, -1)
         self._settle()
         return delta
 
     def _settle(self) -> None:
-        for key in self.policy.settle({k: st.acc for k, st in self._state.items()}):
+        for key in self.policy.settle({k: st.settle_view() for k, st in self._state.items()}):
             self._state[key].stale = True
 
     def _apply(self, delta: SparseDelta, sign: int, done: list[str] | None = None,
@@ -182,7 +164,12 @@ class Stitcher:
         appending each finished tensor's key to ``done``."""
         for key in delta.values if keys is None else keys:
             st = self._state[key]
-            if key not in delta.indices and self.policy.whole_tensor:
+            # A dense-form mask goes in with whole-tensor operations when the policy takes them and the tensor is,
+            # or is about to be, mostly covered; else through its indices (a sparse tensor stays sparse).
+            whole = key not in delta.indices and self.policy.whole_tensor and (
+                st.dense or st.covered + delta.nnz_of(key) >= st.dense_share * st.numel)
+            if whole:
+                st.densify()
                 self._apply_dense(st, delta.values[key], delta.nnz_of(key), sign)
             else:
                 # Sparse, or a dense mask given to a policy that only takes indices: its non-zero entries.
@@ -190,53 +177,98 @@ class Stitcher:
                 if idx.numel():
                     values = delta.values[key] if key in delta.indices else delta.values[key][idx]
                     self._apply_sparse(st, idx, values, sign)
+            self._tidy(st)
             if done is not None:
                 done.append(key)
 
-    def _apply_sparse(self, st: _TensorState, idx: torch.Tensor, values: torch.Tensor, sign: int) -> None:
-        # Everything is allocated and counted before the first in-place change, so running out of memory leaves
-        # this tensor as it was (FAULTS C8).
+    def _tidy(self, st: TensorState) -> None:
+        """Compact, densify or sparsify ``st`` when its covered share calls for it (:meth:`TensorState.tidy`)."""
+        if st.wants_sparse():
+            if st.stale:  # entries a dense removal freed are θ₀ again only once recomputed
+                self._materialise(st)
+            st.sparsify()
+        else:
+            st.tidy()
+
+    def _apply_sparse(self, st: TensorState, idx: torch.Tensor, values: torch.Tensor, sign: int) -> None:
+        """One mask's entries of one tensor (sorted unique int64 ``idx``) in or out, in each stretch of accumulators
+        that holds them (:meth:`TensorState.segments`), and the merged entries there recomputed."""
+        import torch
+
         if not st.stale:
             self._writable(st)
-        before = st.count[idx]
-        count = before + sign
+        segs, new = st.segments(idx, sign > 0)
         values = values.to(self.accumulate)
-        # Coverage statistics kept incrementally, so reading them is O(1), not a pass over the model.
-        edge, double = ((before == 0, before == 1) if sign > 0 else (before == 1, before == 2))
-        moved, doubled = int(edge.sum()), int(double.sum())
-        idle = idx[edge] if sign < 0 and moved else None  # entries no mask covers any more
-        st.count[idx] = count  # indices are unique: a plain scatter
+        # Everything is allocated and counted before the first in-place change, so running out of memory leaves
+        # this tensor as it was (FAULTS C8).
+        plans: list[tuple[Segment, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+        moved = doubled = 0
+        for seg in segs:
+            before = seg.count[seg.slots]
+            # Coverage statistics kept incrementally, so reading them is O(1), not a pass over the model.
+            edge, double = ((before == 0, before == 1) if sign > 0 else (before == 1, before == 2))
+            m = int(edge.sum())
+            moved, doubled = moved + m, doubled + int(double.sum())
+            idle = seg.slots[edge] if sign < 0 and m else None  # entries no mask covers any more
+            vals, flat = (values, idx) if seg.sel is None else (values[seg.sel], idx[seg.sel])
+            plans.append((seg, before, before + sign, vals, flat, idle))
+        applied: list[tuple[Segment, torch.Tensor, torch.Tensor]] = []
         try:
-            self.policy.update(st.acc, idx, values, sign)
+            for seg, before, after, vals, _, _ in plans:
+                seg.count[seg.slots] = after  # slots are unique: a plain scatter
+                try:
+                    self.policy.update(seg.acc, seg.slots, vals, sign)
+                except BaseException:
+                    seg.count[seg.slots] = before
+                    raise
+                applied.append((seg, before, vals))
         except BaseException:
-            st.count[idx] = before
+            for seg, before, vals in applied:  # exact with float64 sums: the stretches done so far, undone
+                self.policy.update(seg.acc, seg.slots, vals, -sign)
+                seg.count[seg.slots] = before
             raise
         self._cover(st, sign * moved, sign * doubled)
-        if idle is not None:
-            self.policy.reset(st.acc, idle)
-        if st.stale:  # the whole tensor is recomputed before it is read anyway
-            return
+        for seg, _, _, _, _, idle in plans:
+            if idle is not None:
+                self.policy.reset(seg.acc, idle)
+        if not st.stale:  # else the whole tensor is recomputed before it is read anyway
+            self._write_merged(st, idx, plans)
+        del plans, segs, applied  # the new run goes in last, with nothing else holding the runs' arrays
+        if new is not None:
+            st.keep(new)
+
+    def _write_merged(self, st: TensorState, idx: torch.Tensor, plans: list) -> None:
+        """The merged entries at ``idx`` recomputed from the accumulators just changed (``plans`` of
+        :meth:`_apply_sparse`), and the tensor's count of non-finite entries kept up to date."""
+        import torch
+
         # The non-finite count changes by what idx held before and holds after. A tensor with no non-finite entry
         # (and a finite θ₀, which entries no mask covers any more return to) held none before: only the new values
         # need a look, no gather.
         sid = id(st)
         exact = sid in self._bad or sid in self._base_bad
         bad_before = _nonfinite(st.merged[idx]) if exact else 0
-        merged = (st.base[idx].to(self.accumulate) + self.policy.delta(st.acc, count, idx)).to(st.base.dtype)
-        st.merged[idx] = merged
-        if idle is not None:
-            st.merged[idle] = st.base[idle]
-        bad = self._bad.get(sid, 0) + (_nonfinite(st.merged[idx]) if exact else _nonfinite(merged)) - bad_before
+        fresh = 0
+        for seg, _, after, _, flat, idle in plans:
+            base = seg.base[seg.slots]
+            merged = (base.to(self.accumulate) + self.policy.delta(seg.acc, after, seg.slots)).to(st.merged.dtype)
+            if idle is not None:  # exactly θ₀ where no mask is any more (θ₀ + 0.0 would turn -0.0 into +0.0)
+                merged = torch.where(after == 0, base, merged)
+            st.merged[flat] = merged
+            if not exact:
+                fresh += _nonfinite(merged)
+        bad = self._bad.get(sid, 0) + (_nonfinite(st.merged[idx]) if exact else fresh) - bad_before
         if bad:
-            self._bad[id(st)] = bad
+            self._bad[sid] = bad
         else:
-            self._bad.pop(id(st), None)
+            self._bad.pop(sid, None)
 
-    def _apply_dense(self, st: _TensorState, values: torch.Tensor, nnz: int, sign: int) -> None:
-        """One dense mask (the non-zero ``values``) in or out with whole-tensor operations: no index is built, no
-        gather or scatter is done; the merged tensor is recomputed when next read."""
+    def _apply_dense(self, st: TensorState, values: torch.Tensor, nnz: int, sign: int) -> None:
+        """One dense mask (the non-zero ``values``) in or out of a dense ``st`` with whole-tensor operations: no
+        index is built, no gather or scatter is done; the merged tensor is recomputed when next read."""
         import torch
 
+        assert st.count is not None
         numel = values.numel()
         inside = None if nnz == numel else values != 0
         # Coverage changes and the entries that become free, from the counts before the change (and allocated
@@ -268,29 +300,40 @@ class Stitcher:
             self.policy.reset(st.acc, free)
         st.stale = True
 
-    def _cover(self, st: _TensorState, covered: int, overlapping: int) -> None:
+    def _cover(self, st: TensorState, covered: int, overlapping: int) -> None:
         st.covered += covered
         st.overlapping += overlapping
         self._covered += covered
         self._overlapping += overlapping
 
-    def _materialise(self, st: _TensorState) -> None:
-        """Recompute a stale merged tensor in full: the sparse path's arithmetic, chunk by chunk, and θ₀ bit for bit
-        wherever the count is 0."""
+    def _materialise(self, st: TensorState) -> None:
+        """Recompute a stale merged tensor: the sparse path's arithmetic, chunk by chunk, and θ₀ bit for bit
+        wherever the count is 0. Dense: every entry; sparse: the entries the runs hold (the others are θ₀)."""
         import torch
 
-        self._writable(st, whole=True)
-        n = st.base.numel()
-        for start in range(0, n, CHUNK):
-            part = slice(start, min(start + CHUNK, n))
-            idx: Index = part if self.policy.whole_tensor else torch.arange(part.start, part.stop, device=self.device)
-            count = st.count[part]
-            merged = (st.base[part].to(self.accumulate) + self.policy.delta(st.acc, count, idx)).to(st.base.dtype)
-            st.merged[part] = torch.where(count == 0, st.base[part], merged)
+        self._writable(st, whole=st.dense)
+        if st.dense:
+            assert st.base is not None and st.count is not None
+            n = st.numel
+            for start in range(0, n, CHUNK):
+                part = slice(start, min(start + CHUNK, n))
+                idx: Index = part if self.policy.whole_tensor else torch.arange(part.start, part.stop,
+                                                                                device=self.device)
+                count = st.count[part]
+                merged = (st.base[part].to(self.accumulate) + self.policy.delta(st.acc, count, idx)
+                          ).to(st.merged.dtype)
+                st.merged[part] = torch.where(count == 0, st.base[part], merged)
+        for run in st.runs:
+            acc = {**run.acc, **st.totals}
+            for start in range(0, len(run), CHUNK):
+                slots = torch.arange(start, min(start + CHUNK, len(run)), device=self.device)
+                count, base = run.count[slots], run.base[slots]
+                merged = (base.to(self.accumulate) + self.policy.delta(acc, count, slots)).to(st.merged.dtype)
+                st.merged[run.pos[slots].long()] = torch.where(count == 0, base, merged)
         st.stale = False
         self._count_bad(st)
 
-    def _count_bad(self, st: _TensorState) -> None:
+    def _count_bad(self, st: TensorState) -> None:
         """Count the non-finite entries of a whole merged tensor (start-up, and after a full recomputation)."""
         bad = _nonfinite(st.merged) if st.merged.is_floating_point() else 0
         if bad:
@@ -342,7 +385,7 @@ class Stitcher:
             if spare is None or spare[0] is not src:
                 self._spare[sid] = (src, src.clone())
 
-    def _writable(self, st: _TensorState, *, whole: bool = False) -> None:
+    def _writable(self, st: TensorState, *, whole: bool = False) -> None:
         """Before ``st.merged`` is written: if a published version holds it, switch to a copy (the spare when it
         is a copy of this very tensor; else an exact copy now, or an uninitialised one when ``whole`` is about to
         be overwritten)."""
@@ -362,7 +405,19 @@ class Stitcher:
     def count(self, key: str) -> torch.Tensor:
         """Per-entry number of active masks covering ``key`` (a copy)."""
         st = self._state[key]
-        return st.count.reshape(st.shape).clone()
+        return st.counts().reshape(st.shape)
+
+    def footprint(self) -> dict[str, int]:
+        """Bytes the stitcher holds, by kind: ``merged`` (the live merged tensors: the model itself, in its dtype),
+        ``base``, ``count``, ``accumulators`` and ``positions`` (its extra state: O(Σ mask sizes) for tensors kept
+        sparse, :mod:`skillhub.stitchstate`) and ``masks`` (the deltas of the skills in, kept to take them out)."""
+        out = {"merged": 0, "base": 0, "count": 0, "accumulators": 0, "positions": 0}
+        for st in self._state.values():
+            for kind, n in st.nbytes().items():
+                out[kind] += n
+        out["masks"] = sum(t.numel() * t.element_size() for d in self._tasks.values() if d is not None
+                           for t in (*d.indices.values(), *d.values.values()))
+        return out
 
     def overlap(self) -> dict[str, int]:
         """Entries covered by at least one mask and by two or more, over all tensors (kept incrementally)."""
@@ -374,5 +429,5 @@ def stitch(base: Mapping[str, torch.Tensor], deltas: Mapping[str, SparseDelta], 
     """Stitch from scratch: θ₀ with every delta added (one pass per skill). Returns CPU tensors."""
     s = Stitcher(base, policy, device=device, accumulate=accumulate)
     for task_id, delta in deltas.items():
-        s.add(task_id, delta)
+        s.add(task_id, delta, removable=False)
     return s.snapshot()

@@ -54,12 +54,17 @@ class StitchPolicy:
     #: masks are then stitched with whole-tensor operations. Without it a dense mask reaches the policy as the
     #: indices of its non-zero values (the same result, through gather/scatter).
     whole_tensor: ClassVar[bool] = False
+    #: Names of accumulators that hold one value per tensor rather than one per entry (TIES's model-wide balance).
+    #: The stitcher keeps every other accumulator only where masks are (:mod:`skillhub.stitchstate`), so it asks
+    #: for them in pieces of any length, possibly 0; these it keeps once per tensor and passes along with each piece.
+    totals: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, params: BaseModel | None = None) -> None:
         self.params: Any = params if params is not None else self.Params()
 
     def accumulators(self, numel: int, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """Fresh, zeroed per-entry accumulators for a tensor of ``numel`` elements."""
+        """Fresh, zeroed per-entry accumulators for ``numel`` entries (a whole tensor, or the entries of it that
+        masks cover: ``idx`` then counts within those), plus the ``totals``."""
         raise NotImplementedError
 
     def update(self, acc: dict[str, torch.Tensor], idx: Index, values: torch.Tensor, sign: int) -> None:
@@ -76,7 +81,7 @@ class StitchPolicy:
             zero_at(t, idx)
 
     def settle(self, accs: Mapping[str, dict[str, torch.Tensor]]) -> list[str]:
-        """Called after every whole add or remove with the accumulators of every tensor; returns the keys whose
-        merged tensors must be recomputed in full because some model-wide quantity changed (TIES's model-wide
-        majority sign). The default policy has none."""
+        """Called after every whole add or remove with the accumulators of every tensor (for a tensor kept sparse,
+        only its ``totals``); returns the keys whose merged tensors must be recomputed because some model-wide
+        quantity changed (TIES's model-wide majority sign). The default policy has none."""
         return []

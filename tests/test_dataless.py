@@ -13,7 +13,7 @@ from skillhub.delta import Provenance
 from skillhub.localize import LocalizeContext, run_localizer
 from skillhub.strategies import dataless
 from skillhub.strategies.dataless import Dataless, global_topk
-from skillhub.taskvector import TaskVector
+from skillhub.taskvector import StateDict, TaskVector
 
 
 def brute_force(tv: TaskVector, k: int) -> dict[str, list[int]]:
@@ -254,3 +254,37 @@ def test_a_sparsity_one_mask_file_is_the_size_of_the_checkpoint_not_twice_it(tmp
     delta.save(path)
     data = 3 * 64 * 32 * 4
     assert delta.nbytes == data and path.stat().st_size < data + 2048  # values and the header, no indices
+
+
+@pytest.mark.parametrize("scope", ["global", "tensor"])
+@pytest.mark.parametrize("quantize", [False, True])
+def test_tensors_read_in_pieces_give_the_same_mask_byte_for_byte(monkeypatch: pytest.MonkeyPatch, scope: str,
+                                                                 quantize: bool) -> None:
+    """Bounded scratch: tensors over PIECE entries are read in pieces (no buffer the size of the largest tensor);
+    the mask, its values, the tie rule's choices and the recorded ‖τ‖² are the same bits as with whole tensors."""
+    from skillhub.taskvector import SQUARES_DOT
+
+    g = torch.Generator().manual_seed(11)
+    shapes = {"emb": (40, 1000), "w": (3 * SQUARES_DOT + 17,), "small": (30, 7)}
+    base = {k: torch.randn(s, generator=g).to(torch.bfloat16) for k, s in shapes.items()}
+    ft = {}
+    for k, v in base.items():
+        d = torch.randn(v.shape, generator=g) * (1 + 20 * (torch.rand(v.shape, generator=g) < 0.01))
+        ft[k] = (v.float() + (torch.round(d * 2) / 2 if quantize else d * 0.01)).to(torch.bfloat16)
+
+    def localize() -> tuple[object, dict[str, float]]:
+        tv = TaskVector(StateDict(base), StateDict(ft), list(shapes), norms=True)
+        delta = run_localizer(Dataless, tv, {"sparsity": 0.03, "scope": scope}, LocalizeContext(), Provenance())
+        return delta, dict(tv.squares)
+
+    whole, whole_sq = localize()
+    monkeypatch.setattr(dataless, "PIECE", SQUARES_DOT)  # every tensor but "small" in pieces
+    monkeypatch.setattr(dataless, "SAMPLE_SIZE", 256)  # and the sampled-threshold path taken
+    pieces, pieces_sq = localize()
+    assert whole.nnz == pieces.nnz > 0
+    assert set(whole.values) == set(pieces.values)
+    for key in whole.values:
+        assert torch.equal(whole.indices[key], pieces.indices[key]) and whole.indices[key].dtype == torch.int32
+        assert torch.equal(whole.values[key].view(torch.int16), pieces.values[key].view(torch.int16))
+    assert whole_sq == pieces_sq
+

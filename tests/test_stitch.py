@@ -18,6 +18,9 @@ from skillhub.stitch import Stitcher, StitchPolicy, resolve_device, stitch
 SHAPES = {"a": (6, 5), "b": (7,), "c": (2, 3, 2)}
 PLUGINS = load_plugins([], entry_points=False)
 TIES_RULES = {"ties": "count", "ties+": "positive", "ties*": "majority"}
+#: Stitcher dense_share values: every tensor's accumulators dense from the start, the default (dense once half
+#: covered), and sparse unless a dense-form mask forces dense
+SHARES = (0.0, 0.5, 2.0)
 
 
 def base_model(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -108,13 +111,14 @@ def mixed_pool(quantized: bool = True) -> dict[int, SparseDelta]:
 @settings(max_examples=60, deadline=None)
 @given(ops=st.lists(st.tuples(st.booleans(), st.integers(0, 5)), min_size=1, max_size=40),
        policy=st.sampled_from(["average", "sum", *TIES_RULES]),
-       accumulate=st.sampled_from([torch.float64, torch.float32]))
-def test_incremental_equals_from_scratch(ops: list[tuple[bool, int]], policy: str, accumulate: torch.dtype) -> None:
+       accumulate=st.sampled_from([torch.float64, torch.float32]), share=st.sampled_from(SHARES))
+def test_incremental_equals_from_scratch(ops: list[tuple[bool, int]], policy: str, accumulate: torch.dtype,
+                                         share: float) -> None:
     base = base_model()
     # TIES elects on the exact sign of a sum: with float32 accumulators an add/remove residue can turn an exact 0
     # into ±1e-8, so exact ties are only meaningful with float64 ones (the default).
     pool = mixed_pool(quantized=accumulate == torch.float64 or policy in ("average", "sum"))
-    s = Stitcher(base, make_policy(policy), device="cpu", accumulate=accumulate)
+    s = Stitcher(base, make_policy(policy), device="cpu", accumulate=accumulate, dense_share=share)
     active: list[int] = []
     for add, i in ops:
         if add and i not in active:
@@ -135,19 +139,22 @@ def test_incremental_equals_from_scratch(ops: list[tuple[bool, int]], policy: st
         assert torch.equal(s.count(k), torch.as_tensor(covered[k]).to(s.count(k).dtype))
     assert s.active == [str(i) for i in active]
     # And a stitch from scratch of the active set gives the same tensors: bit for bit with float64 accumulators
-    # (exact sums, whatever the order of adds, removes and dense or sparse forms), to float32 rounding without.
+    # (exact sums, whatever the order of adds, removes, dense or sparse forms of masks and of accumulators), to
+    # float32 rounding without.
     fresh = stitch(base, {str(i): pool[i] for i in active}, make_policy(policy), accumulate=accumulate)
     for k in base:
         torch.testing.assert_close(s.tensor(k), fresh[k], rtol=0, atol=0 if accumulate == torch.float64 else 1e-5)
 
 
+@pytest.mark.parametrize("share", SHARES)
 @pytest.mark.parametrize("dense", [(), tuple(SHAPES)])
 @pytest.mark.parametrize("policy", ["average", "sum", "ties"])
 @pytest.mark.parametrize("accumulate", [torch.float64, torch.float32])
-def test_many_cycles_return_exactly_to_base(policy: str, accumulate: torch.dtype, dense: tuple[str, ...]) -> None:
+def test_many_cycles_return_exactly_to_base(policy: str, accumulate: torch.dtype, dense: tuple[str, ...],
+                                            share: float) -> None:
     base = base_model()
     deltas = [random_delta(s, density=0.8 if s % 2 else 1.0, dense=dense) for s in range(5)]
-    s = Stitcher(base, PLUGINS.make_policy(policy), device="cpu", accumulate=accumulate)
+    s = Stitcher(base, PLUGINS.make_policy(policy), device="cpu", accumulate=accumulate, dense_share=share)
     for _ in range(50):
         for i, d in enumerate(deltas):
             s.add(str(i), d)
@@ -157,7 +164,7 @@ def test_many_cycles_return_exactly_to_base(policy: str, accumulate: torch.dtype
         assert torch.equal(s.tensor(k), base[k])
         assert int(s.count(k).abs().sum()) == 0
         # Σ reset to 0 where the count returned to 0 (float32 sums of many values leave a residue otherwise)
-        assert all(not bool(t.any()) for t in s._state[k].acc.values()), k
+        assert all(not bool(t.any()) for t in s._state[k].accumulators()), k
 
 
 @pytest.mark.parametrize("policy", ["average", "ties"])
@@ -191,13 +198,15 @@ def test_errors() -> None:
         s.add("other", other)
 
 
+@pytest.mark.parametrize("share", SHARES)
 @pytest.mark.parametrize("dense", [(), ("a", "b")])
 @pytest.mark.parametrize("policy", ["average", "sum", "ties"])
 def test_c8_out_of_memory_half_way_through_an_add_leaves_nothing_behind(policy: str, dense: tuple[str, ...],
-                                                                        monkeypatch) -> None:
-    """FAULTS C8 at the stitcher: a device running out of memory on the second tensor of a mask undoes the first."""
+                                                                        share: float, monkeypatch) -> None:
+    """FAULTS C8 at the stitcher: a device running out of memory on the second tensor of a mask (or the second run
+    of one tensor's sparse accumulators) undoes the first."""
     base = base_model()
-    s = Stitcher(base, PLUGINS.make_policy(policy), device="cpu")
+    s = Stitcher(base, PLUGINS.make_policy(policy), device="cpu", dense_share=share)
     s.add("x", random_delta(1, dense=dense))
     before = s.snapshot()
     counts = {k: s.count(k) for k in base}
@@ -244,13 +253,14 @@ def test_device_resolution() -> None:
 
 
 @settings(max_examples=25, deadline=None)
-@given(ops=st.lists(st.tuples(st.booleans(), st.integers(0, 5)), min_size=1, max_size=30))
-def test_overlap_counters_match_a_recount(ops: list[tuple[bool, int]]) -> None:
+@given(ops=st.lists(st.tuples(st.booleans(), st.integers(0, 5)), min_size=1, max_size=30),
+       share=st.sampled_from(SHARES))
+def test_overlap_counters_match_a_recount(ops: list[tuple[bool, int]], share: float) -> None:
     base = base_model()
     pool = {i: random_delta(200 + i, density=0.6) for i in range(3)}
     pool |= {3: random_delta(203, density=1.0, dense=tuple(SHAPES)), 4: random_delta(204, 1.0, tuple(SHAPES)),
              5: random_delta(205, density=0.6, dense=("a", "b"))}
-    s = Stitcher(base, PLUGINS.make_policy("average"), device="cpu")
+    s = Stitcher(base, PLUGINS.make_policy("average"), device="cpu", dense_share=share)
     for add, i in ops:
         if add and str(i) not in s.active:
             s.add(str(i), pool[i])
@@ -366,13 +376,14 @@ def test_too_many_overlapping_masks_are_refused(dense: tuple[str, ...], monkeypa
     assert s.active == ["x", "y"]
 
 
+@pytest.mark.parametrize("share", SHARES)
 @pytest.mark.parametrize("prepare", [False, True])
 @pytest.mark.parametrize("policy", ["average", "sum", "ties"])
-def test_snapshots_are_shared_copy_on_write_and_never_change(policy: str, prepare: bool) -> None:
+def test_snapshots_are_shared_copy_on_write_and_never_change(policy: str, prepare: bool, share: float) -> None:
     """snapshot() hands out the live merged tensors without copying them; the next change to one writes a copy
     (made beforehand by prepare(), or then), so every published snapshot keeps its values, bit for bit."""
     base = base_model()
-    s = Stitcher(base, make_policy(policy), device="cpu")
+    s = Stitcher(base, make_policy(policy), device="cpu", dense_share=share)
     s.add("x", random_delta(1, dense=("b",)))
     first = s.snapshot()
     kept = {k: t.clone() for k, t in first.items()}
@@ -413,12 +424,13 @@ def test_prepare_beside_changes_never_hands_out_a_wrong_copy() -> None:
     assert all(torch.allclose(want[k], s.tensor(k), atol=1e-6) for k in base)
 
 
+@pytest.mark.parametrize("share", SHARES)
 @pytest.mark.parametrize("dense", [(), ("a",)])
-def test_nonfinite_is_counted_as_entries_change(dense: tuple[str, ...]) -> None:
+def test_nonfinite_is_counted_as_entries_change(dense: tuple[str, ...], share: float) -> None:
     """The smoke check's count of NaN/Inf merged entries, kept per change, agrees with a full scan; it goes back to
     none when the skill that caused it is removed."""
     base = base_model()
-    s = Stitcher(base, make_policy("sum", scale=1e300), device="cpu")  # λ·τ overflows float32: ±inf entries
+    s = Stitcher(base, make_policy("sum", scale=1e300), device="cpu", dense_share=share)  # λ·τ overflows float32: ±inf entries
     assert s.nonfinite() is None
     s.add("x", random_delta(1, dense=dense))
     bad = s.nonfinite()
@@ -432,3 +444,71 @@ def test_nonfinite_is_counted_as_entries_change(dense: tuple[str, ...]) -> None:
     nan_base = {k: v.clone() for k, v in base.items()}
     nan_base["b"][2] = float("nan")
     assert Stitcher(nan_base, PLUGINS.make_policy("average"), device="cpu").nonfinite() == "b"
+
+
+# --- memory ---------------------------------------------------------------------------------------------------------
+
+
+def _extra(s: Stitcher) -> int:
+    """The stitcher's state beyond the merged tensors themselves and the masks it keeps."""
+    return sum(v for k, v in s.footprint().items() if k not in ("merged", "masks"))
+
+
+@pytest.mark.parametrize("policy", ["average", "sum", "ties", "ties*"])
+def test_extra_state_is_o_of_the_masks_not_of_the_model(policy: str) -> None:
+    """DESIGN §7: on a model of a million entries, masks of a few hundred entries cost the stitcher a few bytes
+    per covered entry (position, θ₀, count, the policy's accumulators) and nothing per entry of the model beyond
+    the merged tensor itself; taking every mask out gives that memory back."""
+    g = torch.Generator().manual_seed(0)
+    shapes = {"w": (1000, 1000), "b": (1000,)}
+    base = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    s = Stitcher(base, make_policy(policy), device="cpu")
+    numel = sum(t.numel() for t in base.values())
+    pol = make_policy(policy)
+    per_entry = 4 + 2 + 4 + sum(t.element_size() for k, t in pol.accumulators(1, torch.device("cpu"),
+                                                                               torch.float64).items()
+                                if k not in pol.totals)  # position, count, θ₀, accumulators
+    totals = sum(t.numel() * t.element_size() for k, t in pol.accumulators(1, torch.device("cpu"),
+                                                                          torch.float64).items() if k in pol.totals)
+
+    def mask(seed: int, n: int) -> SparseDelta:
+        gen = torch.Generator().manual_seed(seed)
+        idx = {k: torch.randperm(math.prod(sh), generator=gen)[:n].sort().values.to(torch.int32)
+               for k, sh in shapes.items()}
+        return SparseDelta(idx, {k: torch.randn(n, generator=gen) for k in shapes}, dict(shapes),
+                           {k: torch.float32 for k in shapes})
+
+    sizes = 0
+    for i, n in enumerate((300, 50, 200)):
+        s.add(str(i), mask(i, n))
+        sizes += n * len(shapes)
+        covered = s.overlap()["covered"]
+        assert _extra(s) == covered * per_entry + totals * len(shapes)
+        assert _extra(s) <= sizes * per_entry + totals * len(shapes) < numel  # under 1 byte per model entry
+    for i in range(3):
+        s.remove(str(i))
+    assert _extra(s) == totals * len(shapes)  # idle entries compacted away
+    assert all(torch.equal(s.tensor(k), base[k]) for k in base)
+
+
+def test_accumulators_turn_dense_when_most_of_a_tensor_is_covered_and_sparse_again() -> None:
+    base = base_model()
+    s = Stitcher(base, PLUGINS.make_policy("average"), device="cpu")
+    s.add("small", random_delta(1, density=0.02))
+    assert not any(st.dense for st in s._state.values())
+    s.add("big", random_delta(2, density=0.9))
+    assert all(st.dense for st in s._state.values())
+    s.remove("big")
+    assert not any(st.dense for st in s._state.values())
+    want = reference(base, [random_delta(1, density=0.02)], "average")
+    assert all(torch.equal(s.tensor(k), want[k]) for k in base)
+
+
+def test_a_delta_added_for_good_is_not_kept() -> None:
+    base = base_model()
+    s = Stitcher(base, PLUGINS.make_policy("average"), device="cpu")
+    s.add("x", random_delta(1), removable=False)
+    assert s.footprint()["masks"] == 0
+    with pytest.raises(StitchError, match="for good"):
+        s.remove("x")
+    assert all(torch.equal(s.tensor(k), reference(base, [random_delta(1)], "average")[k]) for k in base)

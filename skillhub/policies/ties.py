@@ -62,6 +62,7 @@ class Ties(StitchPolicy):
     name = "ties"
     Params = TiesParams
     whole_tensor = True
+    totals = ("balance", "zero_sums", "zero_sign")
 
     def accumulators(self, numel: int, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         import torch

@@ -9,7 +9,8 @@ the earliest in *canonical order* win (included tensors in sorted key order, the
 exception: entries with τ = 0 carry nothing and are never selected, so a task vector with fewer than k non-zeros
 gets all its non-zeros.
 
-**Streaming.** The model is never concatenated. A random sample of |τ| (about 2¹⁸ entries, drawn from every tensor
+**Streaming, in bounded memory.** The model is never concatenated, and no scratch buffer is sized to the largest
+tensor: tensors over :data:`PIECE` entries are read in pieces of that size. A random sample of |τ| (about 2¹⁸ entries, drawn from every tensor
 in proportion to its size) gives a threshold t that, with a wide statistical margin, lies just below the k-th largest
 value. One pass over the tensors keeps the candidates |τ| ≥ t (about 1.05 k of them); an exact selection among
 the candidates finishes the job. If the sample was unlucky and fewer than k candidates pass, the threshold is
@@ -51,6 +52,12 @@ if TYPE_CHECKING:
     import torch
 
 SAMPLE_SIZE = 1 << 18
+#: Scratch per worker thread is sized to at most this many entries (16 MiB of float32 τ): a larger tensor (a
+#: 128k×4096 embedding) is read in pieces of this size, so selection needs no buffer the size of the largest tensor.
+#: Large enough that the tensors of usual vision models are still taken whole (pieces of a few hundred kB were 1.6×
+#: slower on two cores: thousands of small numpy calls contend for the GIL with the other thread). A multiple of
+#: ``taskvector.SQUARES_DOT``, so that ‖τ‖² comes out the same float as from a whole tensor.
+PIECE = 1 << 22
 
 
 class Dataless(Localizer):
@@ -136,11 +143,25 @@ def per_tensor_topk(task: TaskVector, sparsity: float, *,
     lock = threading.Lock()
 
     def run(keys: list[str]) -> Entries:
-        biggest = max((math.prod(task.shapes[k]) for k in keys), default=0)
+        small = [k for k in keys if math.prod(task.shapes[k]) <= PIECE]
+        biggest = max((math.prod(task.shapes[k]) for k in small), default=0)
         work = torch.empty(biggest, dtype=task.dtype)
         abs_work = np.empty(biggest, dtype=work.numpy().dtype)
         out: Entries = {}
         for key in keys:
+            if key not in small:
+                # Too large for one workspace: the global selection on this tensor alone, which streams it in
+                # pieces and keeps the same rule (larger |τ| first, ties by earliest flat index, τ = 0 never).
+                one = TaskVector(task.base, task.finetuned, [key], task.dtype, norms=task.norms)
+                found_one = global_topk(one, math.floor(sparsity * math.prod(task.shapes[key])))
+                task.squares.update(one.squares)
+                if key in found_one:
+                    out[key] = found_one[key]
+                if progress is not None:
+                    with lock:
+                        done[0] += 1
+                        progress(done[0], len(order))
+                continue
             flat = task.tensor(key, out=work).reshape(-1)
             n = flat.numel()
             k = math.floor(sparsity * n)
@@ -229,22 +250,28 @@ def _candidates(task: TaskVector, threshold: float,
     lock = threading.Lock()
 
     def run(keys: list[str]) -> dict[str, tuple[torch.Tensor, ...]]:
-        # Whole tensors, one reused workspace: measured side by side, τ in cache-sized pieces (TaskVector.pieces)
-        # was 1.6× slower on two cores (thousands of small numpy calls contend for the GIL with the other thread).
-        biggest = max((math.prod(task.shapes[k]) for k in keys), default=0)
-        work = torch.empty(biggest, dtype=task.dtype)
+        # One reused workspace of at most PIECE entries: whole tensors up to that size, pieces beyond.
+        size = min(PIECE, max((math.prod(task.shapes[k]) for k in keys), default=0))
+        work = torch.empty(size, dtype=task.dtype)
         np_dtype = work.numpy().dtype
-        abs_work = np.empty(biggest, dtype=np_dtype)
-        keep_work = np.empty(biggest, dtype=bool)
-        out: dict[str, tuple[torch.Tensor, ...]] = {}
-        for key in keys:
-            flat = task.tensor(key, out=work).reshape(-1)
+        abs_work = np.empty(size, dtype=np_dtype)
+        keep_work = np.empty(size, dtype=bool)
+
+        def select(flat: torch.Tensor, offset: int) -> tuple[torch.Tensor, ...]:
             m = flat.numel()
             a = np.abs(flat.numpy(), out=abs_work[:m])
             keep = np.greater_equal(a, threshold, out=keep_work[:m]) if threshold > 0 else \
                 np.greater(a, 0, out=keep_work[:m])
             idx = torch.from_numpy(np.flatnonzero(keep))
-            out[key] = (idx, flat[idx], torch.from_numpy(a[idx.numpy()]))
+            return idx + offset if offset else idx, flat[idx], torch.from_numpy(a[idx.numpy()])
+
+        out: dict[str, tuple[torch.Tensor, ...]] = {}
+        for key in keys:
+            if math.prod(task.shapes[key]) <= size:
+                out[key] = select(task.tensor(key, out=work).reshape(-1), 0)
+            else:
+                parts = [select(piece, start) for start, piece in task.pieces(key, work)]
+                out[key] = tuple(torch.cat([p[i] for p in parts]) for i in range(3))
             if progress is not None:
                 with lock:
                     done[0] += 1
