@@ -22,7 +22,9 @@ from common import make_base, vit_b_shapes
 from skillhub.delta import SparseDelta
 from skillhub.placement import synchronize
 from skillhub.plugins import load_plugins
-from skillhub.stitch import Stitcher, resolve_device
+from skillhub.sections import StitchSection
+from skillhub.stitch import Stitcher, dense_share_for, resolve_device
+from skillhub.stitchstate import DENSE_SHARE
 
 
 def random_delta(shapes: dict[str, tuple[int, ...]], density: float, seed: int, dense: bool = False) -> SparseDelta:
@@ -62,17 +64,22 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=12)
     ap.add_argument("--policy", default="average")
     ap.add_argument("--dense", action="store_true", help="masks in the dense form (no indices)")
+    ap.add_argument("--state", choices=("service", "dense", "sparse"), default="service",
+                    help="the stitcher's accumulators: as the service keeps them for this model size ([stitch] "
+                         "sparse_from, default 500M parameters), always dense, or always sparse")
     args = ap.parse_args()
     shapes = vit_b_shapes(args.blocks)
     base = make_base(shapes)
     deltas = [random_delta(shapes, args.density, s, args.dense) for s in range(args.skills + 1)]
     policy = load_plugins([], entry_points=False).make_policy(args.policy)
     n = sum(t.numel() for t in base.values())
+    share = {"service": dense_share_for(n, StitchSection().sparse_from), "dense": 0.0, "sparse": DENSE_SHARE}[args.state]
     print(f"model {n / 1e6:.1f}M params, {args.skills} skills of {deltas[0].nnz} entries ({args.density:.1%}), "
-          f"policy {args.policy}, device {Stitcher({}, policy).device}")
+          f"policy {args.policy}, device {Stitcher({}, policy).device}, accumulators "
+          f"{'dense' if share == 0 else 'sparse'} (--state {args.state})")
 
-    t_init = timed(lambda: Stitcher(base, policy, device="auto"))
-    s = Stitcher(base, policy, device="auto")
+    t_init = timed(lambda: Stitcher(base, policy, device="auto", dense_share=share))
+    s = Stitcher(base, policy, device="auto", dense_share=share)
     # A dense add leaves its merged tensors to be recomputed when next read: each change is timed with that read
     # (free after a sparse add), not with a copy.
     def read(st: Stitcher) -> None:
@@ -93,7 +100,7 @@ def main() -> None:
     t_snapshot = timed(lambda: s.snapshot())
 
     def rebuild() -> None:
-        r = Stitcher(base, policy, device="auto")
+        r = Stitcher(base, policy, device="auto", dense_share=share)
         for i in range(args.skills):
             r.add(str(i), deltas[i])
         read(r)

@@ -100,6 +100,10 @@ class StitchSection(_Section):
     params: dict[str, Any] = Field(default_factory=dict)
     accumulate: Literal["float32", "float64"] = "float64"
     """dtype of the running sums while stitching."""
+    sparse_from: int = Field(500_000_000, ge=0)
+    """Models of at least this many included parameters keep the stitcher's sums and counts only where masks are
+    (O(Σ mask sizes) of memory, adds O(mask · log) amortised); smaller ones keep them dense (about 14 bytes per
+    parameter beside the merged model, every add flat O(mask)). 0: always sparse."""
 
 
 class SkillSection(_Section):

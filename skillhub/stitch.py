@@ -65,6 +65,14 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
     return dev
 
 
+def dense_share_for(parameters: int, sparse_from: int) -> float:
+    """The ``dense_share`` the service gives its :class:`Stitcher` for a model of ``parameters`` included entries
+    (``[stitch] sparse_from``): 0 (dense accumulators from the start: flat O(mask) adds, for models whose dense state
+    fits) below ``sparse_from``, else :data:`~skillhub.stitchstate.DENSE_SHARE` (sums and counts only where masks
+    are, for big models)."""
+    return 0.0 if parameters < sparse_from else DENSE_SHARE
+
+
 class Stitcher:
     """Incremental stitcher over the included tensors of one base model.
 

@@ -512,3 +512,18 @@ def test_a_delta_added_for_good_is_not_kept() -> None:
     with pytest.raises(StitchError, match="for good"):
         s.remove("x")
     assert all(torch.equal(s.tensor(k), reference(base, [random_delta(1)], "average")[k]) for k in base)
+
+
+def test_the_service_keeps_dense_accumulators_below_sparse_from_and_sparse_ones_from_there() -> None:
+    from skillhub.stitch import dense_share_for
+    from skillhub.stitchstate import DENSE_SHARE
+
+    assert dense_share_for(10, 11) == 0.0
+    assert dense_share_for(11, 11) == DENSE_SHARE
+    assert dense_share_for(0, 0) == DENSE_SHARE  # 0: always sparse
+    base = {"w": torch.zeros(1000)}
+    dense = Stitcher(base, make_policy("average"), device="cpu", dense_share=dense_share_for(1000, 10**6))
+    sparse = Stitcher(base, make_policy("average"), device="cpu", dense_share=dense_share_for(1000, 0))
+    extra = ("base", "count", "accumulators")
+    assert sum(dense.footprint()[k] for k in extra) >= 1000 * (4 + 8)  # θ₀ float32 and float64 sums per entry
+    assert sum(sparse.footprint()[k] for k in extra) == 0  # nothing covered yet: nothing kept
