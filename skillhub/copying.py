@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import mmap
 import os
 import stat
 import threading
@@ -49,26 +50,22 @@ def _copy_stream(src: int, dst: int, stop: threading.Event) -> str:
     else:  # a reflink: the blocks are shared copy-on-write, so a later write to the source leaves ours alone
         _hash_range(dst, 0, os.fstat(dst).st_size, digest, bytearray(CHUNK), stop)
         return digest.hexdigest()
+    if (mapped := _copy_kernel_mapped(src, dst, os.fstat(src).st_size, digest, stop)) is not None:
+        return mapped
+    # No in-kernel copy here: read(2) and write(2), each chunk hashed from the buffer while the next is read.
     buffers = [bytearray(CHUNK) for _ in range(3)]
     pending: list[Future[None]] = []
-    kernel, off, i = True, 0, 0
+    off, i = 0, 0
     with ThreadPoolExecutor(1, thread_name_prefix="skillhub-sha256") as pool:  # one worker: chunks hash in order
         try:
             while not stop.is_set():
                 if len(pending) == len(buffers):
                     pending.pop(0).result()  # the task of three chunks ago is done: its buffer is free
                 buf, i = buffers[i % len(buffers)], i + 1
-                n = _copy_chunk_kernel(src, dst, off) if kernel else None
-                if n:  # hash our copy: a read from the page cache the kernel just filled
-                    pending.append(pool.submit(_hash_range, dst, off, n, digest, buf, stop))
-                else:
-                    # No in-kernel copy here, or it reports the end: read(2) is the judge of where the file ends
-                    # (some file systems answer 0 to copy_file_range for data they cannot copy in the kernel).
-                    kernel = False
-                    if not (n := os.preadv(src, [buf], off)):
-                        break
-                    _write_all(dst, memoryview(buf)[:n], off)
-                    pending.append(pool.submit(digest.update, memoryview(buf)[:n]))
+                if not (n := os.preadv(src, [buf], off)):
+                    break
+                _write_all(dst, memoryview(buf)[:n], off)
+                pending.append(pool.submit(digest.update, memoryview(buf)[:n]))
                 off += n
                 faultpoints.reach("staging_copy")
             else:
@@ -77,6 +74,48 @@ def _copy_stream(src: int, dst: int, stop: threading.Event) -> str:
             wait(pending)  # never leave the helper reading a buffer or a file we are about to drop
         for f in pending:
             f.result()
+    return digest.hexdigest()
+
+
+def _copy_kernel_mapped(src: int, dst: int, size: int, digest: Any, stop: threading.Event) -> str | None:
+    """Copy ``size`` bytes inside the kernel into ``dst``, set to that size first, hashing each chunk through a
+    mapping of our own copy (no read into a buffer: about a fifth faster than :func:`_hash_range`); ``None``, with
+    nothing written, for an empty file or when the kernel cannot copy here (it refused, or answered 0 at offset 0,
+    as some file systems do for data they cannot copy in the kernel: then read(2) decides where the file ends). Mapping ``dst`` is safe (FAULTS A6): it is our file,
+    and nobody else can truncate it; the dropper's file is never mapped.
+
+    :raises Changed: the source ended before ``size`` (it was truncated while copied).
+    """
+    if stop.is_set():
+        raise Transient("stopping")
+    if not size or not (first := _copy_chunk_kernel(src, dst, 0)):
+        return None
+    os.ftruncate(dst, size)  # the copy fills it; the mapping sees every chunk as soon as it is copied
+    mapping = mmap.mmap(dst, size, prot=mmap.PROT_READ)
+    view = memoryview(mapping)
+    pending: list[Future[None]] = []
+    try:
+        with ThreadPoolExecutor(1, thread_name_prefix="skillhub-sha256") as pool:  # one worker: in order
+            try:
+                pending.append(pool.submit(digest.update, view[:first]))
+                off = first
+                faultpoints.reach("staging_copy")
+                while off < size:
+                    if stop.is_set():
+                        raise Transient("stopping")
+                    n = os.copy_file_range(src, dst, min(CHUNK, size - off), off, off)
+                    if not n:
+                        raise Changed()  # the source is shorter than it was: truncated while we copied
+                    pending.append(pool.submit(digest.update, view[off:off + n]))
+                    off += n
+                    faultpoints.reach("staging_copy")
+            finally:
+                wait(pending)  # never leave the helper reading the mapping we are about to close
+            for f in pending:
+                f.result()
+    finally:
+        view.release()
+        mapping.close()
     return digest.hexdigest()
 
 

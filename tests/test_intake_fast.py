@@ -226,6 +226,22 @@ def test_every_copy_way_gives_the_bytes_and_their_hash(tmp_path: Path, monkeypat
         assert calls["cfr"] == 1  # 0 at offset 0 is not trusted as the end of the file: read(2) decides
 
 
+def test_a_source_that_ends_early_under_the_kernel_copy_is_a_change(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # The in-kernel copy sizes our copy to the source first; a source cut short meanwhile (FAULTS A6) must not
+    # leave zeros hashed as if they were its bytes.
+    monkeypatch.setattr(copying_mod, "CHUNK", 4096)
+    monkeypatch.setattr(copying_mod.fcntl, "ioctl", _no(errno.EOPNOTSUPP))
+    real_cfr, calls = os.copy_file_range, []
+
+    def cfr(*a: Any) -> int:
+        calls.append(a)
+        return real_cfr(*a) if len(calls) < 3 else 0  # the file "ends" after two chunks
+    monkeypatch.setattr(copying_mod.os, "copy_file_range", cfr)
+    with pytest.raises(copying_mod.Changed):
+        _copy(tmp_path, os.urandom(10 * 4096))
+
+
 def test_copy_errors_other_than_unsupported_are_raised(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(copying_mod.fcntl, "ioctl", _no(errno.EOPNOTSUPP))
     monkeypatch.setattr(copying_mod.os, "copy_file_range", _no(errno.ENOSPC))
