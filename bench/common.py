@@ -123,3 +123,22 @@ def best_of(fn, repeats: int = 3) -> tuple[float, object]:
         result = fn()
         best = min(best, time.perf_counter() - t0)
     return best, result
+
+
+def until(cond, procs, timeout: float, every: float = 0.05) -> None:
+    """Wait until ``cond()`` is true, asking every ``every`` seconds (an HTTP error counts as not yet); stop at once
+    if one of the service processes ``procs`` exits, and after ``timeout`` seconds."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for proc in procs:
+            if proc.poll() is not None:
+                raise SystemExit(f"a service exited with {proc.returncode}")
+        try:
+            if cond():
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(every)
+    raise TimeoutError(f"timed out after {timeout} s")

@@ -34,7 +34,7 @@ import httpx
 from safetensors.torch import load as load_safetensors
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import make_base, make_finetune, vit_b_shapes  # noqa: E402
+from common import make_base, make_finetune, until, vit_b_shapes  # noqa: E402
 
 from skillhub.checkpoint import write_safetensors  # noqa: E402
 
@@ -71,13 +71,13 @@ def main() -> None:
                                               stdout=subprocess.DEVNULL, stderr=logs[-1]))
                 clients.append(httpx.Client(base_url=f"http://127.0.0.1:{ports[n]}", timeout=60,
                                             headers={"Authorization": f"Bearer {TOKEN}"}))
-                _until(lambda: _ok(clients[-1], "/readyz"), procs, 300)
+                until(lambda: _ok(clients[-1], "/readyz"), procs, 300)
                 if n == 0:  # the skills first, so that the follower starts on a version with masks in it
                     (root / "inbox").mkdir(exist_ok=True)
                     for i in range(args.skills):
                         shutil.copyfile(root / f"src{i}.safetensors", root / "inbox" / f".s{i}.part")
                         os.rename(root / "inbox" / f".s{i}.part", root / "inbox" / f"s{i}.safetensors")
-                    _until(lambda: len(_model(clients[0]).get("skills") or {}) == args.skills, procs, 600)
+                    until(lambda: len(_model(clients[0]).get("skills") or {}) == args.skills, procs, 600)
             primary, follower = clients
             models = root / "state" / "models"
             seen, own, masks, files = [], [], [], []
@@ -85,28 +85,28 @@ def main() -> None:
             enabled = set(range(args.skills))
             for v in range(args.versions):
                 number = _model(primary)["version"]
-                _until(lambda: _model(follower).get("version") == number, procs, 60)
-                _until(lambda: (models / str(number) / "model.safetensors").exists(), procs, 120)  # primary quiet
+                until(lambda: _model(follower).get("version") == number, procs, 60)
+                until(lambda: (models / str(number) / "model.safetensors").exists(), procs, 120)  # primary quiet
                 skill = v % args.skills
                 action = "disable" if skill in enabled else "enable"
                 enabled ^= {skill}
                 r = primary.post(f"/v1/skills/s{skill}/{action}")
                 r.raise_for_status()
-                _until(lambda: _current(models) not in (None, number), procs, 60, every=0.0005)
+                until(lambda: _current(models) not in (None, number), procs, 60, every=0.0005)
                 new = _current(models)
                 published = (models / "current").stat().st_mtime
-                _until(lambda: _model(follower).get("version") == new, procs, 60, every=args.poll_ms / 1000)
+                until(lambda: _model(follower).get("version") == new, procs, 60, every=args.poll_ms / 1000)
                 seen.append(time.time() - published)
                 own.append(float(follower.get("/healthz").json()["follow"]["lag_seconds"]))
                 masks.append(_model(primary)["skills"].get(f"s{skill}", {}).get("nnz") or 0)
                 weights_file = models / str(new) / "model.safetensors"
-                _until(weights_file.exists, procs, 120)
+                until(weights_file.exists, procs, 120)
                 files.append(weights_file.stat().st_mtime - published)
             after = _applied(follower)
             apply_sum, apply_count = after[0] - applied[0], after[1] - applied[1]
             last = _model(primary)["version"]
             weights = models / str(last) / "model.safetensors"
-            _until(weights.exists, procs, 120)
+            until(weights.exists, procs, 120)
             t0 = time.perf_counter()
             load_safetensors(weights.read_bytes())  # read and copied into tensors, as a follower would have to
             full_read = time.perf_counter() - t0
@@ -168,21 +168,6 @@ def _ok(client: httpx.Client, route: str) -> bool:
         return client.get(route).status_code == 200
     except httpx.HTTPError:
         return False
-
-
-def _until(cond, procs: list[subprocess.Popen[bytes]], timeout: float, every: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for proc in procs:
-            if proc.poll() is not None:
-                raise SystemExit(f"a service exited with {proc.returncode}")
-        try:
-            if cond():
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(every)
-    raise TimeoutError(f"timed out after {timeout} s")
 
 
 if __name__ == "__main__":

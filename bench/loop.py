@@ -38,7 +38,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import make_base, make_finetune, vit_b_shapes  # noqa: E402
+from common import make_base, make_finetune, until, vit_b_shapes  # noqa: E402
 
 from skillhub.checkpoint import open_checkpoint, write_safetensors  # noqa: E402
 from skillhub.delta import Provenance  # noqa: E402
@@ -91,7 +91,7 @@ def main() -> None:
         client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {TOKEN}"})
         try:
             t_start = time.perf_counter()
-            _until(lambda: _ok(client, "/readyz"), proc, 300)
+            until(lambda: _ok(client, "/readyz"), [proc], 300)
             t_ready = time.perf_counter() - t_start
             (root / "inbox").mkdir(exist_ok=True)
             latencies: list[float] = []
@@ -105,7 +105,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 renamed_at.append(time.time())
                 os.rename(tmp_name, root / "inbox" / f"skill{i}.safetensors")
-                _until(lambda i=i: f"skill{i}" in (client.get("/v1/model").json().get("skills") or {}), proc, 300,
+                until(lambda i=i: f"skill{i}" in (client.get("/v1/model").json().get("skills") or {}), [proc], 300,
                        every=args.poll_ms / 1000)
                 latencies.append(time.perf_counter() - t0)
                 seen_at.append(time.time())
@@ -186,7 +186,7 @@ def _burst_one(root: Path, top: Path, srcs: list[Path], kind: str, args: argpars
     inbox = root / "inbox"
     try:
         t_start = time.perf_counter()
-        _until(lambda: _ok(client, "/readyz"), proc, 300)
+        until(lambda: _ok(client, "/readyz"), [proc], 300)
         ready = time.perf_counter() - t_start
         inbox.mkdir(exist_ok=True)
 
@@ -196,7 +196,7 @@ def _burst_one(root: Path, top: Path, srcs: list[Path], kind: str, args: argpars
         shutil.copyfile(srcs[0], inbox / ".warm.part")
         t0 = time.perf_counter()
         os.rename(inbox / ".warm.part", inbox / "warm.safetensors")
-        _until(lambda: "warm" in served(), proc, 300, every=args.poll_ms / 1000)
+        until(lambda: "warm" in served(), [proc], 300, every=args.poll_ms / 1000)
         warm = time.perf_counter() - t0
         _wait_quiet(client, root / "state", proc)
         first_version = client.get("/v1/model").json().get("version")
@@ -214,7 +214,7 @@ def _burst_one(root: Path, top: Path, srcs: list[Path], kind: str, args: argpars
                 seen.setdefault(n, now)
             return all(n in seen for n in names)
 
-        _until(all_served, proc, 600, every=args.poll_ms / 1000)
+        until(all_served, [proc], 600, every=args.poll_ms / 1000)
         total = time.perf_counter() - t0
         versions = client.get("/v1/model").json().get("version") - first_version
     finally:
@@ -280,7 +280,7 @@ def _wait_quiet(client: httpx.Client, state: Path, proc: subprocess.Popen[bytes]
         return version is None or (state / "models" / str(version) / "model.safetensors").exists()
 
     try:
-        _until(written, proc, timeout)
+        until(written, [proc], timeout)
     except TimeoutError:
         pass
 
@@ -290,20 +290,6 @@ def _ok(client: httpx.Client, route: str) -> bool:
         return client.get(route).status_code == 200
     except httpx.HTTPError:
         return False
-
-
-def _until(cond, proc: subprocess.Popen[bytes], timeout: float, every: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"daemon exited with {proc.returncode}")
-        try:
-            if cond():
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(every)
-    raise TimeoutError(f"timed out after {timeout} s")
 
 
 if __name__ == "__main__":
