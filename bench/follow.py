@@ -71,7 +71,7 @@ def main() -> None:
                                               stdout=subprocess.DEVNULL, stderr=logs[-1]))
                 clients.append(httpx.Client(base_url=f"http://127.0.0.1:{ports[n]}", timeout=60,
                                             headers={"Authorization": f"Bearer {TOKEN}"}))
-                until(lambda: _ok(clients[-1], "/readyz"), procs, 300)
+                until(lambda: clients[-1].get("/readyz").status_code == 200, procs, 300)
                 if n == 0:  # the skills first, so that the follower starts on a version with masks in it
                     (root / "inbox").mkdir(exist_ok=True)
                     for i in range(args.skills):
@@ -161,13 +161,6 @@ def _applied(client: httpx.Client) -> tuple[float, float]:
 def _metric(text: str, name: str) -> float:
     found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
     return float(found.group(1)) if found else 0.0
-
-
-def _ok(client: httpx.Client, route: str) -> bool:
-    try:
-        return client.get(route).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 if __name__ == "__main__":

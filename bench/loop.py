@@ -91,7 +91,7 @@ def main() -> None:
         client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {TOKEN}"})
         try:
             t_start = time.perf_counter()
-            until(lambda: _ok(client, "/readyz"), [proc], 300)
+            until(lambda: client.get("/readyz").status_code == 200, [proc], 300)
             t_ready = time.perf_counter() - t_start
             (root / "inbox").mkdir(exist_ok=True)
             latencies: list[float] = []
@@ -186,7 +186,7 @@ def _burst_one(root: Path, top: Path, srcs: list[Path], kind: str, args: argpars
     inbox = root / "inbox"
     try:
         t_start = time.perf_counter()
-        until(lambda: _ok(client, "/readyz"), [proc], 300)
+        until(lambda: client.get("/readyz").status_code == 200, [proc], 300)
         ready = time.perf_counter() - t_start
         inbox.mkdir(exist_ok=True)
 
@@ -283,13 +283,6 @@ def _wait_quiet(client: httpx.Client, state: Path, proc: subprocess.Popen[bytes]
         until(written, [proc], timeout)
     except TimeoutError:
         pass
-
-
-def _ok(client: httpx.Client, route: str) -> bool:
-    try:
-        return client.get(route).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 if __name__ == "__main__":
