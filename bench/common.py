@@ -37,6 +37,20 @@ def vit_b_shapes(blocks: int = 12, width: int = 768) -> dict[str, tuple[int, ...
     return shapes
 
 
+def llama_shapes(blocks: int, vocab: int, width: int, mlp: int) -> dict[str, tuple[int, ...]]:
+    """An LLM's tensor shapes under LLaMA's names: embedding, ``blocks`` blocks of attention (q, k, v, o) and MLP
+    (gate, up, down) weights with their two norms, the final norm and an untied output head."""
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, width)}
+    for b in range(blocks):
+        p = f"model.layers.{b}."
+        shapes |= {p + "input_layernorm.weight": (width,), p + "post_attention_layernorm.weight": (width,)}
+        shapes |= {p + f"self_attn.{n}_proj.weight": (width, width) for n in "qkvo"}
+        shapes |= {p + "mlp.gate_proj.weight": (mlp, width), p + "mlp.up_proj.weight": (mlp, width),
+                   p + "mlp.down_proj.weight": (width, mlp)}
+    shapes |= {"model.norm.weight": (width,), "lm_head.weight": (vocab, width)}
+    return shapes
+
+
 def make_base(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return {k: torch.randn(s, generator=g) * 0.02 for k, s in shapes.items()}

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import proc_status
+from common import llama_shapes, proc_status
 
 from skillhub.checkpoint import open_checkpoint, write_safetensors
 
@@ -42,16 +42,7 @@ MiB = 1 << 20
 
 def llm_shapes(size: float = 1.0) -> dict[str, tuple[int, ...]]:
     """An LLM's tensor shapes (LLaMA-like names): 1.0B parameters at ``size`` 1."""
-    vocab, width, mlp, blocks = round(32000 * size), 2048, 6144, max(1, round(16 * size))
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, width)}
-    for b in range(blocks):
-        p = f"model.layers.{b}."
-        shapes |= {p + "input_layernorm.weight": (width,), p + "post_attention_layernorm.weight": (width,)}
-        shapes |= {p + f"self_attn.{n}_proj.weight": (width, width) for n in "qkvo"}
-        shapes |= {p + "mlp.gate_proj.weight": (mlp, width), p + "mlp.up_proj.weight": (mlp, width),
-                   p + "mlp.down_proj.weight": (width, mlp)}
-    shapes |= {"model.norm.weight": (width,), "lm_head.weight": (vocab, width)}
-    return shapes
+    return llama_shapes(max(1, round(16 * size)), round(32000 * size), 2048, 6144)
 
 
 def tensor(key_index: int, shape: tuple[int, ...], finetune: int | None) -> torch.Tensor:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -27,22 +26,17 @@ from pathlib import Path
 
 import torch
 
-from skillhub.checkpoint import fingerprint, open_checkpoint, write_safetensors
-from skillhub.delta import Provenance, SparseDelta, index_dtype
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import llama_shapes  # noqa: E402
+
+from skillhub.checkpoint import fingerprint, open_checkpoint, write_safetensors  # noqa: E402
+from skillhub.delta import Provenance, SparseDelta, index_dtype  # noqa: E402
 
 VOCAB, HIDDEN, MLP = 32000, 2048, 5632
 
 
 def llm_shapes(layers: int) -> dict[str, tuple[int, ...]]:
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (VOCAB, HIDDEN)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        shapes |= {p + "input_layernorm.weight": (HIDDEN,), p + "post_attention_layernorm.weight": (HIDDEN,)}
-        shapes |= {p + f"self_attn.{n}_proj.weight": (HIDDEN, HIDDEN) for n in "qkvo"}
-        shapes |= {p + "mlp.gate_proj.weight": (MLP, HIDDEN), p + "mlp.up_proj.weight": (MLP, HIDDEN),
-                   p + "mlp.down_proj.weight": (HIDDEN, MLP)}
-    shapes |= {"model.norm.weight": (HIDDEN,), "lm_head.weight": (VOCAB, HIDDEN)}
-    return shapes
+    return llama_shapes(layers, VOCAB, HIDDEN, MLP)
 
 
 def build_base(folder: Path, layers: int, shards: int = 4) -> None:
