@@ -10,12 +10,20 @@ largest is kept and the record says so.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from skillhub.log import get_logger
 
 if TYPE_CHECKING:
     from skillhub.delta import SparseDelta
+    from skillhub.families import Examples
+    from skillhub.head import Head
+    from skillhub.routing import SkillPatcher
+
+log = get_logger("skillhub.autosparsity")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -48,3 +56,48 @@ def choose(localize: Callable[[float], SparseDelta], accuracy: Callable[[SparseD
             return Choice(delta, s, finetune, tried, True)
     assert delta is not None  # the ladder is never empty (params validation)
     return Choice(delta, max(tried), finetune, tried, False)
+
+
+def wants_auto(params: Mapping[str, Any] | None) -> bool:
+    """Whether ``params`` ask for the ladder (``sparsity = "auto"``)."""
+    return (params or {}).get("sparsity") == "auto"
+
+
+def localize_auto(run: Callable[[Mapping[str, Any]], R], delta_of: Callable[[R], SparseDelta],
+                  params: Mapping[str, Any], *, scorer: SkillPatcher | None, head: Head | None,
+                  examples: Examples | None, why_not: str | None = None, skill: str = "",
+                  tag: str = "auto") -> tuple[R, dict[str, Any]]:
+    """``sparsity = "auto"`` as the service, ``skillhub localize`` and ``skillhub merge`` all run it: localize with
+    ``run`` (called with numeric sparsities only, so every mask is stamped with the sparsity it was made at) at each
+    rung of ``auto_ladder`` and keep the first whose localized model, patched into ``scorer``, classifies the fit
+    examples at least ``auto_keep`` × as well as the finetune. Without a scorer, a head or examples, the smallest
+    rung, and the record says why. Returns ``run``'s result for the kept rung and the record for the registry."""
+    from skillhub.quality import accuracy as accuracy_of
+    from skillhub.quality import embed, split
+    from skillhub.strategies.dataless import Dataless
+
+    p = Dataless.Params.model_validate(dict(params))
+    ladder, keep = sorted(p.auto_ladder), p.auto_keep
+    if examples is None or head is None or scorer is None:
+        why = why_not or ("the model family runs no model to score masks on" if scorer is None and examples
+                          is not None else "no examples or no head in the drop")
+        log.info("auto_sparsity_without_examples", skill=skill, sparsity=ladder[0], reason=why)
+        return run({**params, "sparsity": ladder[0]}), {"sparsity": ladder[0], "reason": why}
+    fit = split(examples).fit
+    results: dict[float, R] = {}
+
+    def localize(s: float) -> SparseDelta:
+        results[s] = run({**params, "sparsity": s})
+        return delta_of(results[s])
+
+    def accuracy(delta: SparseDelta) -> float:
+        rt = scorer.use(f"{tag}:{delta.nnz}", delta)
+        return accuracy_of(head, embed(rt, fit.images), fit.labels) or 0.0
+
+    try:
+        choice = choose(localize, accuracy, ladder=ladder, keep=keep)
+    finally:
+        scorer.restore()
+    log.info("auto_sparsity", skill=skill, sparsity=choice.sparsity, finetune=round(choice.finetune, 4),
+             accuracy={repr(s): round(a, 4) for s, a in choice.accuracy.items()}, reached=choice.reached)
+    return results[choice.sparsity], choice.record(keep)

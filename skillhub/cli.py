@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +22,14 @@ from skillhub.errors import SkillhubError, UsageError
 
 
 def cmd_localize(args: argparse.Namespace) -> int:
+    from skillhub.autosparsity import localize_auto, wants_auto
     from skillhub.checkpoint import open_checkpoint
     from skillhub.desired import localization
+    from skillhub.job import prepare, scorer_for
     from skillhub.localize import LocalizeContext, resolve_params
     from skillhub.log import Progress
-    from skillhub.ops import localize_checkpoint
+    from skillhub.ops import LocalizeResult, localize_checkpoint
+    from skillhub.stitch import resolve_device
 
     cfg = _config(args)
     plugins = _plugins(cfg)
@@ -44,19 +47,49 @@ def cmd_localize(args: argparse.Namespace) -> int:
     bar = Progress(f"localize {Path(args.finetuned).name}")
     ctx = LocalizeContext(progress=bar)
     needs = plugins.localizer(strategy).needs_examples  # few-shot examples and head come with the checkpoint
-    prepared = family.prepare(base, ft, None, examples=needs)
+    auto = wants_auto(params)  # the ladder scores masks on the examples, as the service does
+    prepared = prepare(family, base, ft, None, needs=needs, wants=auto and family.reads_examples)
     if needs:
         assert prepared.examples is not None
         ctx.examples = family.objective(base, prepared.head, prepared.examples)
-    result = localize_checkpoint(base, prepared, family=family, localizer=strategy, params=params, plugins=plugins,
-                                 skill=skill, ctx=ctx)
+
+    def run(p: Mapping[str, Any]) -> LocalizeResult:
+        return localize_checkpoint(base, prepared, family=family, localizer=strategy, params=p, plugins=plugins,
+                                   skill=skill, ctx=ctx)
+
+    chosen = ""
+    if auto:
+        scorer = scorer_for(base, family, resolve_device(cfg.device)) \
+            if prepared.examples is not None else None
+        result, record = localize_auto(run, lambda r: r.delta, params, scorer=scorer, head=prepared.head,
+                                       examples=prepared.examples, why_not=prepared.examples_error, skill=skill)
+        chosen = f" (sparsity auto: {record['sparsity']:.0%}, {record.get('reason') or _ladder(record)})"
+    else:
+        result = run(params)
     bar.close()
     sha = result.delta.save(args.out)
     d = result.delta
-    print(f"{args.out}: {d.nnz} of {d.numel} entries ({d.density:.3%}) with {strategy}, "
+    print(f"{args.out}: {d.nnz} of {d.numel} entries ({d.density:.3%}) with {strategy}{chosen}, "
           f"{Path(args.out).stat().st_size / 2**20:.2f} MiB = {Path(args.out).stat().st_size / ft.nbytes:.2%} of the "
           f"checkpoint, {result.seconds:.2f} s, sha256 {sha[:16]}")
     return 0
+
+
+def _sparsity(text: str) -> float | str:
+    """``--sparsity``: a fraction, or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a fraction such as 0.01 nor 'auto'") from None
+
+
+def _ladder(record: Mapping[str, Any]) -> str:
+    """The ladder's accuracies on the fit examples, as ``skillhub localize`` prints them."""
+    tried = ", ".join(f"{float(k):.0%} {v:.3f}" for k, v in record["accuracy"].items())
+    return (f"finetune {record['finetune_accuracy']:.3f} on the fit examples; {tried}"
+            f"{'' if record['reached'] else '; no rung reached the target, the largest kept'}")
 
 
 def _stem(path: str) -> str:
@@ -87,7 +120,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from skillhub.errors import CheckpointError
     from skillhub.localize import resolve_params
     from skillhub.log import Progress
-    from skillhub.merge import merge, open_inputs
+    from skillhub.merge import merge, open_inputs, reads_examples
 
     cfg = _config(args)
     plugins = _plugins(cfg)
@@ -107,7 +140,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     policy = plugins.make_policy(policy_name, policy_params)
     family = plugins.family(cfg.base.family).from_config(cfg.base)
     try:  # headers only: a missing file or another architecture is a usage error, found before any work
-        inputs = open_inputs(args.base, args.finetuned, family, examples=plugins.localizer(strategy).needs_examples)
+        inputs = open_inputs(args.base, args.finetuned, family,
+                             **reads_examples(plugins, family, strategy, params))
     except CheckpointError as e:
         raise UsageError(e.message, path=e.path, key=e.key, hint=e.hint) from None
     bar = Progress("merge")
@@ -176,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--finetuned", required=True)
     q.add_argument("--out", required=True)
     q.add_argument("--strategy", default=None, help="default: [localize] strategy of the config")
-    q.add_argument("--sparsity", type=float, default=None)
+    q.add_argument("--sparsity", type=_sparsity, default=None, help="a fraction, or 'auto' (the smallest rung of "
+                   "the ladder that keeps the finetune's accuracy on the checkpoint's examples)")
     q.add_argument("--skill", default=None, help="skill name (default: the file's stem)")
     q.add_argument("--param", action="append", metavar="KEY=VALUE", help="strategy param (repeatable)")
     q.set_defaults(func=cmd_localize)
@@ -195,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--base", required=True)
     q.add_argument("--out", required=True)
     q.add_argument("--strategy", default=None, help="default: [localize] strategy of the config")
-    q.add_argument("--sparsity", type=float, default=None)
+    q.add_argument("--sparsity", type=_sparsity, default=None, help="a fraction, or 'auto' (see localize)")
     q.add_argument("--scope", choices=["global", "tensor"], default=None, help="dataless: one threshold over all "
                    "tensors (default) or the top sparsity of every tensor (mergekit's TIES trimming)")
     q.add_argument("--strategy-param", action="append", metavar="KEY=VALUE", help="strategy param (repeatable)")

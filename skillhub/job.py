@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from skillhub import faultpoints
-from skillhub.autosparsity import choose
+from skillhub.autosparsity import localize_auto, wants_auto
 from skillhub.checkpoint import Checkpoint, fingerprint, open_checkpoint
 from skillhub.config import BaseSection
 from skillhub.delta import SparseDelta
@@ -32,8 +32,6 @@ from skillhub.log import get_logger
 from skillhub.ops import LocalizeResult, localize_checkpoint
 from skillhub.placement import runtime_on
 from skillhub.plugins import Plugins, load_plugins
-from skillhub.quality import accuracy as accuracy_of
-from skillhub.quality import embed, split
 from skillhub.routing import SkillPatcher
 
 log = get_logger("skillhub.job")
@@ -107,11 +105,15 @@ class Workspace:
     def scorer(self) -> SkillPatcher | None:
         """A runnable copy of θ₀ to score localized models on (``None``: the family runs no model)."""
         if self._patcher is None:
-            rt = runtime_on(self.family.runtime, self.device)({k: self.base.tensor(k) for k in self.base})
-            if rt is None:
-                return None
-            self._patcher = SkillPatcher(rt)
+            self._patcher = scorer_for(self.base, self.family, self.device)
         return self._patcher
+
+
+def scorer_for(base: Checkpoint, family: ModelFamily, device: torch.device) -> SkillPatcher | None:
+    """A runnable copy of θ₀ on ``device`` that masks are patched into to be scored (``None``: the family runs no
+    model)."""
+    rt = runtime_on(family.runtime, device)({k: base.tensor(k) for k in base})
+    return None if rt is None else SkillPatcher(rt)
 
 
 def run(job: LocalizeJob, ws: Workspace) -> Localized:
@@ -150,61 +152,35 @@ def run(job: LocalizeJob, ws: Workspace) -> Localized:
                                    plugins=ws.plugins, skill=job.skill, base_sha=ws.base_sha,
                                    source_sha=job.source_sha, ctx=ctx, max_relative_delta=job.max_relative_delta)
 
-    if (params or {}).get("sparsity") == "auto":
-        result, meta["auto_sparsity"] = _auto_sparsity(job, ws, prepared, params, localize)
+    if wants_auto(params):
+        result, meta["auto_sparsity"] = localize_auto(
+            localize, lambda r: r.delta, params, scorer=ws.scorer() if prepared.examples is not None else None,
+            head=prepared.head, examples=prepared.examples, why_not=prepared.examples_error, skill=job.skill,
+            tag=f"auto:{job.version_id}")
     else:
         result = localize(params)
     return Localized(result.delta, result.seconds, time.perf_counter() - t0, prepared.head, prepared.examples, meta)
 
 
 def _prepare(job: LocalizeJob, ws: Workspace, ft: Checkpoint) -> Prepared:
-    """The family's one pass over the checkpoint, with the drop's examples when the family reads examples (the
-    quality gate scores every skill that brings them); unusable or missing examples only matter to a strategy that
-    needs them."""
-    needs = ws.plugins.localizer(job.strategy).needs_examples
+    """The family's one pass over the checkpoint, with the drop's examples when the family reads them (the quality
+    gate scores every skill that brings them)."""
+    return prepare(ws.family, ws.base, ft, job.sidecar, needs=ws.plugins.localizer(job.strategy).needs_examples
+                   and job.fallback is None, wants=ws.family.reads_examples)
+
+
+def prepare(family: ModelFamily, base: Checkpoint, ft: Checkpoint, sidecar: Mapping[str, Any] | None, *,
+            needs: bool, wants: bool) -> Prepared:
+    """``family.prepare`` with the examples read when ``needs`` (missing or unusable examples raise) or ``wants``
+    them (then missing or unusable ones are only recorded in ``examples_error``: they matter to a strategy that
+    needs them, to ``sparsity = "auto"`` and to the quality gate, which each say so)."""
     try:
-        return ws.family.prepare(ws.base, ft, job.sidecar, examples=needs or ws.family.reads_examples)
+        return family.prepare(base, ft, sidecar, examples=needs or wants)
     except LocalizeError as e:
-        if needs and job.fallback is None:
+        if needs:
             raise
-        prepared = ws.family.prepare(ws.base, ft, job.sidecar)
+        prepared = family.prepare(base, ft, sidecar)
         return Prepared(prepared.checkpoint, prepared.head, None, examples_error=str(e))
-
-
-def _auto_sparsity(job: LocalizeJob, ws: Workspace, prepared: Prepared, params: Mapping[str, Any],
-                   run: Callable[[Mapping[str, Any]], LocalizeResult]) -> tuple[LocalizeResult, dict[str, Any]]:
-    """``sparsity = "auto"`` (:mod:`skillhub.autosparsity`): the smallest sparsity of the ladder whose localized
-    model keeps ``auto_keep`` of the finetune's accuracy on the fit examples. Without examples and a head (or a
-    family that runs models), the ladder's smallest rung, and the record says why."""
-    from skillhub.strategies.dataless import Dataless
-
-    p = Dataless.Params.model_validate(dict(params))
-    ladder, keep = sorted(p.auto_ladder), p.auto_keep
-    if prepared.examples is None or prepared.head is None or ws.scorer() is None:
-        why = prepared.examples_error or "no examples or no head in the drop"
-        log.warning("auto_sparsity_without_examples", skill=job.skill, sparsity=ladder[0], reason=why)
-        return run({**params, "sparsity": ladder[0]}), {"sparsity": ladder[0], "reason": why}
-    fit = split(prepared.examples).fit
-    results: dict[float, LocalizeResult] = {}
-
-    def localize(s: float) -> SparseDelta:
-        results[s] = run({**params, "sparsity": s})
-        return results[s].delta
-
-    def accuracy(delta: SparseDelta) -> float:
-        patcher = ws.scorer()
-        assert patcher is not None and prepared.head is not None
-        rt = patcher.use(f"auto:{job.version_id}:{delta.nnz}", delta)
-        return accuracy_of(prepared.head, embed(rt, fit.images), fit.labels) or 0.0
-
-    try:
-        choice = choose(localize, accuracy, ladder=ladder, keep=keep)
-    finally:
-        if ws._patcher is not None:
-            ws._patcher.restore()
-    log.info("auto_sparsity", skill=job.skill, sparsity=choice.sparsity, finetune=round(choice.finetune, 4),
-             accuracy={repr(s): round(a, 4) for s, a in choice.accuracy.items()}, reached=choice.reached)
-    return results[choice.sparsity], choice.record(keep)
 
 
 def open_workspace(base_path: Path, base_sha: str, family: ModelFamily, plugins: Plugins,

@@ -24,14 +24,17 @@ from typing import Any
 
 import torch
 
+from skillhub.autosparsity import localize_auto, wants_auto
 from skillhub.checkpoint import Checkpoint, open_checkpoint, write_safetensors
 from skillhub.delta import SparseDelta
 from skillhub.errors import CheckpointError, StitchError, UsageError
 from skillhub.families import ModelFamily, Prepared
 from skillhub.localize import LocalizeContext
 from skillhub.ops import localize_checkpoint
+from skillhub.job import prepare, scorer_for
 from skillhub.plugins import Plugins
-from skillhub.stitch import Stitcher, StitchPolicy
+from skillhub.routing import SkillPatcher
+from skillhub.stitch import Stitcher, StitchPolicy, resolve_device
 
 #: Finetunes localized ahead of the one being stitched in.
 AHEAD = 2
@@ -55,6 +58,14 @@ class MergeResult:
     seconds: dict[str, float]
 
 
+def reads_examples(plugins: Plugins, family: ModelFamily, strategy: str,
+                   params: Mapping[str, Any] | None) -> dict[str, bool]:
+    """:func:`open_inputs`' examples arguments: the strategy needs examples, or ``sparsity = "auto"`` scores on
+    them where they exist."""
+    return {"examples": plugins.localizer(strategy).needs_examples,
+            "optional_examples": wants_auto(params) and family.reads_examples}
+
+
 def skill_name(path: str | Path) -> str:
     """A finetune's skill name: its file stem, or the folder's name for a checkpoint folder."""
     name = Path(path).name
@@ -62,11 +73,12 @@ def skill_name(path: str | Path) -> str:
 
 
 def open_inputs(base_path: str | Path, finetuned_paths: Sequence[str | Path], family: ModelFamily, *,
-                examples: bool = False) -> Inputs:
+                examples: bool = False, optional_examples: bool = False) -> Inputs:
     """Open the base and every finetune and check each against the base (keys, shapes, float dtypes), reading
     headers only. Raises :class:`~skillhub.errors.CheckpointError` naming the first file that does not fit.
 
     :param examples: also read each finetune's few-shot examples (data-driven strategies).
+    :param optional_examples: read them where a finetune has usable ones (``sparsity = "auto"``), without them else.
     """
     if not finetuned_paths:
         raise UsageError("no finetuned checkpoint given", hint="pass one or more finetuned checkpoints after --base")
@@ -77,7 +89,7 @@ def open_inputs(base_path: str | Path, finetuned_paths: Sequence[str | Path], fa
         name = skill_name(path)
         if name in prepared:  # two files of the same stem: still two skills
             name = f"{name}#{i}"
-        prepared[name] = family.prepare(base, open_checkpoint(path), None, examples=examples)
+        prepared[name] = prepare(family, base, open_checkpoint(path), None, needs=examples, wants=optional_examples)
         if examples and prepared[name].examples_error:
             raise CheckpointError(f"unusable few-shot examples: {prepared[name].examples_error}", path=path,
                                   hint="fix the examples, or use the dataless strategy")
@@ -121,6 +133,7 @@ def _merge(inputs: Inputs, out: str | Path, *, plugins: Plugins, family: ModelFa
     if masks is not None:
         masks.mkdir(parents=True, exist_ok=True)
     base_sha: list[str] = []  # the base is hashed once, by the first localization
+    scorer: list[SkillPatcher | None] = []  # θ₀ to score masks on (sparsity "auto"), built on first use
 
     def localize(name: str, prepared: Prepared) -> SparseDelta:
         t0 = time.perf_counter()
@@ -128,9 +141,19 @@ def _merge(inputs: Inputs, out: str | Path, *, plugins: Plugins, family: ModelFa
         if needs:
             assert prepared.examples is not None
             ctx.examples = family.objective(base, prepared.head, prepared.examples)
-        delta = localize_checkpoint(base, prepared, family=family, localizer=strategy, params=params,
-                                    plugins=plugins, skill=name, ctx=ctx,
-                                    base_sha=base_sha[0] if base_sha else None).delta
+
+        def run(p: Mapping[str, Any] | None) -> SparseDelta:
+            return localize_checkpoint(base, prepared, family=family, localizer=strategy, params=p, plugins=plugins,
+                                       skill=name, ctx=ctx, base_sha=base_sha[0] if base_sha else None).delta
+
+        if wants_auto(params):  # the service's ladder, scored on each finetune's examples when it brings them
+            if prepared.examples is not None and not scorer:
+                scorer.append(scorer_for(base, family, resolve_device(device)))
+            delta, _ = localize_auto(run, lambda d: d, params or {}, scorer=scorer[0] if scorer else None,
+                                     head=prepared.head, examples=prepared.examples, why_not=prepared.examples_error,
+                                     skill=name)
+        else:
+            delta = run(params)
         base_sha[:] = [delta.provenance.base]
         seconds["localize"] += time.perf_counter() - t0
         return delta
@@ -187,6 +210,6 @@ def merge_files(base_path: str | Path, finetuned_paths: Sequence[str | Path], ou
                 params: Mapping[str, Any] | None = None, device: str = "cpu", masks: str | Path | None = None,
                 threads: int | None = None, progress: Callable[[int, int], None] | None = None) -> MergeResult:
     """:func:`open_inputs` then :func:`merge`: the whole merge from paths."""
-    inputs = open_inputs(base_path, finetuned_paths, family, examples=plugins.localizer(strategy).needs_examples)
+    inputs = open_inputs(base_path, finetuned_paths, family, **reads_examples(plugins, family, strategy, params))
     return merge(inputs, out, plugins=plugins, family=family, policy=policy, strategy=strategy, params=params,
                  device=device, masks=masks, threads=threads, progress=progress)

@@ -4,9 +4,11 @@ the fit examples; the service records the choice; without examples it takes the 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
+import torch
 from test_gate import trained_skill
 from test_open_clip import tiny  # noqa: F401  (a fixture)
 
@@ -83,3 +85,42 @@ auto_ladder = [0.01, 0.05, 0.2]
         assert row.meta["auto_sparsity"]["sparsity"] == 0.01 and "reason" in row.meta["auto_sparsity"]
         hub.reconcile()
         assert hub.current is not None and set(hub.current.manifest["skills"]) == {"learnt", "plain"}
+
+
+def test_localize_and_merge_on_the_cli_climb_the_same_ladder_as_the_service(tiny, tmp_path: Path) -> None:
+    """One ladder for every path: `skillhub localize --sparsity auto` and `skillhub merge --sparsity auto` keep the
+    mask the service keeps for the same checkpoint, and a checkpoint without examples gets the smallest rung."""
+    from skillhub.cli import main
+    from skillhub.delta import SparseDelta
+
+    cfg, sd = tiny
+    (tmp_path / "config.toml").write_text(f"""
+[base]
+family = "open_clip"
+model = "{cfg}"
+weights = "{tmp_path / 'base.safetensors'}"
+[state]
+dir = "{tmp_path / 'state'}"
+""")  # no [localize.params]: "auto" is the default
+    ft = trained_skill(cfg, sd, 1)
+    meta = {"skillhub.classes": json.dumps(["a", "b", "c"]), "skillhub.head_scale": "20"}
+    write_safetensors(tmp_path / "skill.safetensors", ft, meta)
+    plain = {k: v for k, v in ft.items() if not k.startswith("skillhub.examples")}
+    write_safetensors(tmp_path / "plain.safetensors", plain, meta)
+    with Hub(load_config(tmp_path / "config.toml", env={})) as hub:
+        row = hub.ingest(tmp_path / "skill.safetensors", skill="skill")
+        served = hub.registry.load_mask(row.mask_sha)
+    assert row.params == {"sparsity": "auto"} and row.meta["auto_sparsity"]["reached"] is not None
+    base, conf = str(tmp_path / "base.safetensors"), ["--config", str(tmp_path / "config.toml")]
+    for name in ("skill", "plain"):
+        assert main(["localize", *conf, "--base", base, "--finetuned", str(tmp_path / f"{name}.safetensors"),
+                     "--out", str(tmp_path / f"{name}.mask.safetensors")]) == 0
+    cli = SparseDelta.load(tmp_path / "skill.mask.safetensors")
+    assert cli.nnz == served.nnz and cli.provenance.params["sparsity"] == row.meta["auto_sparsity"]["sparsity"]
+    assert all(torch.equal(cli.indices[k], served.indices[k]) and torch.equal(cli.values[k], served.values[k])
+               for k in served.values)
+    numel = sum(v.numel() for k, v in sd.items() if k.startswith("visual.") and v.is_floating_point())
+    assert SparseDelta.load(tmp_path / "plain.mask.safetensors").nnz == math.floor(0.01 * numel)
+    assert main(["merge", *conf, "--base", base, "--out", str(tmp_path / "merged.safetensors"), "--masks",
+                 str(tmp_path / "masks"), str(tmp_path / "skill.safetensors")]) == 0
+    assert SparseDelta.load(tmp_path / "masks" / "skill.mask.safetensors").nnz == served.nnz

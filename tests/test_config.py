@@ -54,7 +54,7 @@ def test_defaults() -> None:
     assert (cfg.state.dir, cfg.state.keep_versions, cfg.state.keep_staged, cfg.state.write_weights) == (
         Path("state"), 5, True, True)
     assert cfg.device == "auto"
-    assert (cfg.localize.strategy, cfg.localize.params) == ("dataless", {})
+    assert (cfg.localize.strategy, cfg.localize.params) == ("dataless", {"sparsity": "auto"})
     assert (cfg.stitch.policy, cfg.stitch.params, cfg.stitch.accumulate) == ("average", {}, "float64")
     assert cfg.skills == SkillsSection(disabled=[], per_skill={})
     assert (cfg.serve.enabled, cfg.serve.host, cfg.serve.port, cfg.serve.token_env) == (
@@ -62,6 +62,21 @@ def test_defaults() -> None:
     assert (cfg.serve.max_body_bytes, cfg.serve.max_concurrency) == (32 * 1024 * 1024, 64)
     assert cfg.plugins.dirs == [Path("plugins")]
     assert cfg.source is None
+
+
+def test_auto_sparsity_is_the_default_only_where_no_params_are_written(tmp_path: Path) -> None:
+    # The service's default (a mask as large as the skill needs); a written table, even an empty one, is taken as
+    # it is, and another strategy's params are never given a dataless option.
+    def params(text: str) -> dict:
+        path = tmp_path / "c.toml"
+        path.write_text(text)
+        return dict(load_config(path, env={}).localize.params)
+
+    assert params("") == {"sparsity": "auto"}
+    assert params("[localize]\nmax_relative_delta = 0.4\n") == {"sparsity": "auto"}
+    assert params("[localize.params]\n") == {}
+    assert params("[localize.params]\nsparsity = 0.05\n") == {"sparsity": 0.05}
+    assert params('[localize]\nstrategy = "trained"\n') == {}
 
 
 def test_models_are_frozen() -> None:

@@ -94,8 +94,10 @@ class Dataless(Localizer):
 
     def localize(self, task: TaskVector, params: Params, ctx: LocalizeContext) -> SparseDelta:
         if params.sparsity == "auto":
-            raise LocalizeError("sparsity 'auto' is chosen from a skill's examples by the service when it ingests a "
-                                "drop", key="localize.params.sparsity", hint="give a number here, e.g. 0.01")
+            raise LocalizeError("sparsity 'auto' is chosen from a skill's examples by the ladder "
+                                "(skillhub.autosparsity.localize_auto: the service, `skillhub localize`, `skillhub "
+                                "merge`), not by the strategy alone", key="localize.params.sparsity",
+                                hint="give a number here, e.g. 0.01, or localize through localize_auto")
         if params.sparsity >= 1:
             return task.sparse(every_nonzero(task, progress=ctx.report))
         if params.scope == "tensor":
