@@ -23,7 +23,8 @@ against a frozen prototype head, carrying its head (``skillhub.head.*``) and few
 
 Rows (normalized = served accuracy / the skill's own finetune's accuracy, same test split, per task then averaged):
 
-1. ``route=skill`` (the skill's own θ₀ + γ⊙τ) with the service defaults (dataless 1%, gate ``hold``) and at 5%;
+1. ``route=skill`` (the skill's own θ₀ + γ⊙τ) with the service defaults (dataless, ``sparsity = "auto"``: the config
+   writes no ``[localize.params]``; gate ``hold``), and at 1% and 5%;
 2. ``route=merged`` L&S (``average``) at 1% and 5%, gate ``hold`` (re-centred heads) and ``off`` (original heads);
 3. TIES (dataless 20% + ``ties``, λ = the policy's default 1.0) and task arithmetic (dataless 100% + ``sum``,
    λ = 0.3) merged, gate ``hold`` and ``off``;
@@ -91,10 +92,11 @@ QUICK: dict[str, Any] = FULL | {
 }
 
 #: (localize strategy, its params, stitch policy, its params) per setup
-SETUPS: dict[str, tuple[str, dict[str, Any], str, dict[str, Any]]] = {
+#: (params None: no ``[localize.params]`` table is written, so the service's own default applies: sparsity "auto")
+SETUPS: dict[str, tuple[str, dict[str, Any] | None, str, dict[str, Any]]] = {
     "L&S 1%": ("dataless", {"sparsity": 0.01}, "average", {}),
     "L&S 5%": ("dataless", {"sparsity": 0.05}, "average", {}),
-    "L&S auto": ("dataless", {"sparsity": "auto"}, "average", {}),
+    "L&S auto": ("dataless", None, "average", {}),
     "TIES": ("dataless", {"sparsity": 0.2}, "ties", {}),
     "TA": ("dataless", {"sparsity": 1.0}, "sum", {"scale": 0.3}),
 }
@@ -107,9 +109,9 @@ HUBS: list[tuple[str, str]] = [(s, g) for s in SETUPS for g in ("hold", "off") i
     (s, "hold+stats") for s in SETUPS]
 #: the static table: (label, setup, route, gate)
 ROWS: list[tuple[str, str, str, str]] = [
-    ("route=skill, service defaults (L&S 1%, gate hold)", "L&S 1%", "skill", "hold"),
+    ("route=skill, service defaults (L&S auto, gate hold)", "L&S auto", "skill", "hold"),
+    ("route=skill, L&S 1%, gate hold", "L&S 1%", "skill", "hold"),
     ("route=skill, L&S 5%, gate hold", "L&S 5%", "skill", "hold"),
-    ("route=skill, L&S auto, gate hold", "L&S auto", "skill", "hold"),
     ("route=skill, L&S 1% + BN statistics", "L&S 1%", "skill", "hold+stats"),
     ("route=skill, L&S 5% + BN statistics", "L&S 5%", "skill", "hold+stats"),
     ("route=skill, L&S auto + BN statistics", "L&S auto", "skill", "hold+stats"),
@@ -119,7 +121,7 @@ ROWS: list[tuple[str, str, str, str]] = [
     ("merged L&S 1%, gate off", "L&S 1%", "merged", "off"),
     ("merged L&S 5% + recalibration (gate hold)", "L&S 5%", "merged", "hold"),
     ("merged L&S 5%, gate off", "L&S 5%", "merged", "off"),
-    ("merged L&S auto + recalibration (gate hold)", "L&S auto", "merged", "hold"),
+    ("merged L&S auto (service defaults) + recalibration (gate hold)", "L&S auto", "merged", "hold"),
     ("merged L&S 1% + recalibration + BN statistics", "L&S 1%", "merged", "hold+stats"),
     ("merged L&S 5% + recalibration + BN statistics", "L&S 5%", "merged", "hold+stats"),
     ("merged L&S auto + recalibration + BN statistics", "L&S auto", "merged", "hold+stats"),
@@ -130,7 +132,7 @@ ROWS: list[tuple[str, str, str, str]] = [
     ("merged TIES + recalibration + BN statistics", "TIES", "merged", "hold+stats"),
     ("merged TA + recalibration + BN statistics", "TA", "merged", "hold+stats"),
 ]
-CONTINUAL = ("L&S 1%", "TA", "TIES")
+CONTINUAL = ("L&S auto", "L&S 1%", "TA", "TIES")
 
 
 def log(msg: str) -> None:
@@ -253,8 +255,9 @@ def make_hub(root: Path, world: World, setup: str, gate: str) -> Hub:
     (root / "config.toml").write_text(
         f'device = "cpu"\n[base]\nfamily = "open_clip"\nweights = "{world.base}"\nmodel = "{world.model_cfg}"\n'
         f'[state]\ndir = "state"\nwrite_weights = false\n[plugins]\ndirs = []\n'
-        f'[localize]\nstrategy = "{strategy}"\n[localize.params]\n{toml_table(params)}'
-        f'[stitch]\npolicy = "{policy}"\n[stitch.params]\n{toml_table(pparams)}'
+        f'[localize]\nstrategy = "{strategy}"\n'
+        + ("" if params is None else f'[localize.params]\n{toml_table(params)}')
+        + f'[stitch]\npolicy = "{policy}"\n[stitch.params]\n{toml_table(pparams)}'
         f'[publish]\ngate = "{gate}"\nrecalibrate_statistics = {"true" if stats else "false"}\n')
     hub = Hub(load_config(root / "config.toml", env={}))
     hub.start()

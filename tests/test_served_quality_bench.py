@@ -46,12 +46,13 @@ def test_quick_run_writes_every_row(tmp_path: Path) -> None:
         assert all(abs(d - want) < 1e-3 for d in res["static"][f"{s}|hold"]["density"].values()), s
     assert all(any(abs(d - r) < 1e-3 for r in (0.01, 0.02, 0.05, 0.1, 0.2))  # a rung of the ladder
                for d in res["static"]["L&S auto|hold"]["density"].values())
-    for label in ("route=skill, service defaults (L&S 1%, gate hold)", "route=skill, L&S 5%, gate hold",
+    for label in ("route=skill, service defaults (L&S auto, gate hold)", "route=skill, L&S 1%, gate hold",
+                  "route=skill, L&S 5%, gate hold",
                   "merged L&S 1% + recalibration (gate hold)", "merged L&S 1%, gate off",
                   "merged L&S 5% + recalibration (gate hold)", "merged L&S 5%, gate off",
                   "merged TIES + recalibration (gate hold)", "merged TIES, gate off",
                   "merged TA + recalibration (gate hold)", "merged TA, gate off", "individual finetuned",
-                  "route=skill, L&S auto, gate hold", "merged L&S auto + recalibration (gate hold)",
+                  "merged L&S auto (service defaults) + recalibration (gate hold)",
                   "route=skill, L&S 1% + BN statistics", "merged L&S 1% + recalibration + BN statistics",
                   "merged TIES + recalibration + BN statistics", "merged TA + recalibration + BN statistics"):
         assert f"| {label}" in md, label
@@ -63,7 +64,8 @@ def test_quick_run_writes_every_row(tmp_path: Path) -> None:
 
     # continual protocol: two distinct orders per policy, every skill added so far scored after each add
     assert len(res["orders"]) == 2 and res["orders"][0] != res["orders"][1]
-    for setup in ("L&S 1%", "TA", "TIES"):
+    assert set(res["continual"]) == {"L&S auto", "L&S 1%", "TA", "TIES"}
+    for setup in ("L&S auto", "L&S 1%", "TA", "TIES"):
         runs = res["continual"][setup]
         assert [r["order"] for r in runs] == res["orders"]
         for r in runs:
@@ -99,7 +101,7 @@ def test_seeds_script_prints_the_mean_and_spread_over_seeds(tmp_path: Path) -> N
     md = proc.stdout
     assert (tmp_path / "s0" / "served_quality_seeds.md").read_text().strip() == md.strip()
     # seed 0 skill route: acc (0.8 + 0.4)/2, normalized 100 %; seed 1: 0.45, 75 %; sample std = |difference| / √2
-    row = next(line for line in md.splitlines() if line.startswith("| route=skill, service defaults"))
+    row = next(line for line in md.splitlines() if line.startswith("| route=skill, L&S 1%, gate hold"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[2] == "52.5 ± 10.6" and cells[3] == "87.5 ± 17.7" and cells[4] == "100.0 / 75.0"
     assert "| merged TIES + recalibration + BN statistics |" in md
