@@ -20,6 +20,13 @@ from skillhub.hub import Hub
 from skillhub.strategies.dataless import Dataless
 
 
+def write_config(root: Path, model_cfg: object, extra: str = "") -> None:
+    """An open_clip service config on ``root``'s base, plus ``extra`` TOML."""
+    (root / "config.toml").write_text(f'[base]\nfamily = "open_clip"\nmodel = "{model_cfg}"\n'
+                                      f'weights = "{root / "base.safetensors"}"\n[state]\ndir = "{root / "state"}"\n'
+                                      + extra)
+
+
 class Fake:
     def __init__(self, sparsity: float) -> None:
         self.sparsity = sparsity
@@ -53,17 +60,7 @@ def test_params_accept_auto_and_the_strategy_alone_refuses_it() -> None:
 
 def test_the_service_picks_a_sparsity_from_the_drops_examples_and_records_it(tiny, tmp_path: Path) -> None:
     cfg, sd = tiny
-    (tmp_path / "config.toml").write_text(f"""
-[base]
-family = "open_clip"
-model = "{cfg}"
-weights = "{tmp_path / 'base.safetensors'}"
-[state]
-dir = "{tmp_path / 'state'}"
-[localize.params]
-sparsity = "auto"
-auto_ladder = [0.01, 0.05, 0.2]
-""")
+    write_config(tmp_path, cfg, '[localize.params]\nsparsity = "auto"\nauto_ladder = [0.01, 0.05, 0.2]\n')
     ft = trained_skill(cfg, sd, 1)
     write_safetensors(tmp_path / "skill.safetensors", ft, {"skillhub.classes": json.dumps(["a", "b", "c"]),
                                                            "skillhub.head_scale": "20"})
@@ -94,14 +91,7 @@ def test_localize_and_merge_on_the_cli_climb_the_same_ladder_as_the_service(tiny
     from skillhub.delta import SparseDelta
 
     cfg, sd = tiny
-    (tmp_path / "config.toml").write_text(f"""
-[base]
-family = "open_clip"
-model = "{cfg}"
-weights = "{tmp_path / 'base.safetensors'}"
-[state]
-dir = "{tmp_path / 'state'}"
-""")  # no [localize.params]: "auto" is the default
+    write_config(tmp_path, cfg)  # no [localize.params]: "auto" is the default
     ft = trained_skill(cfg, sd, 1)
     meta = {"skillhub.classes": json.dumps(["a", "b", "c"]), "skillhub.head_scale": "20"}
     write_safetensors(tmp_path / "skill.safetensors", ft, meta)
