@@ -97,9 +97,9 @@ import sys
 from skillhub.cli import main
 if len(sys.argv) > 2:
     code = main(sys.argv[2:])
-else:  # idle: what the command imports before it reads anything
-    import torch, skillhub.ops, skillhub.plugins
-    skillhub.plugins.load_plugins()
+else:  # idle: what the command imports before it reads anything (skillhub.offline, the config, the plugins)
+    import torch, skillhub.config, skillhub.offline, skillhub.plugins
+    skillhub.plugins.load_plugins(skillhub.config.load_config(None, env={}).plugins.dirs)
     code = 0
 hwm = next(line for line in open('/proc/self/status') if line.startswith('VmHWM:'))
 open(sys.argv[1], 'w').write(hwm.split()[1])
