@@ -88,8 +88,9 @@ def stitch_masks(
     of at most ``piece`` entries: the policy's own arithmetic, so the bytes are those of the service's stitch, with
     its default float64 accumulators); the base's and the masks' mapped pages are given back as soon as a piece or a
     tensor is done. Peak memory is the largest merged tensor plus one piece's stitcher state plus one tensor's mask
-    entries. ``progress`` is called once per shard written. A policy with model-wide state (:func:`tensor_local`)
-    is stitched over every included tensor at once instead, with the masks read whole.
+    entries. The manifest's mask sizes come from the headers too (a dense-form tensor's by counting its values, one
+    tensor at a time). ``progress`` is called once per shard written. A policy with model-wide state
+    (:func:`tensor_local`) is stitched over every included tensor at once instead, with the masks read whole.
 
     Masks must be made for this base: their ``skillhub.base`` fingerprint is checked unless ``check_base`` is False.
     Returns the manifest that is also written into the output's header metadata (``skillhub.manifest``).
