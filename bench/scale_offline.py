@@ -7,7 +7,8 @@ RMS norms, about 0.95B parameters in 4 shards with a ``model.safetensors.index.j
 8 mask files at 1% (random sorted indices per tensor, bf16 values; the offline stitch reads masks, not finetunes, so
 none is localized here). Then it runs the real command, ``python -m skillhub stitch --base base --out OUT
 masks...`` (``skillhub.cli.main``), in a fresh process that reports its own high-water RSS (``VmHWM``), beside
-that of an idle process that has imported the same (the interpreter's and torch's own share).
+that of an idle process that has imported what the command imports (the interpreter's and torch's own share) and
+of one that imported torch alone.
 
     python bench/scale_offline.py [--dir DIR] [--keep] [--masks 8] [--density 0.01] [--layers 16]
 """
@@ -94,12 +95,15 @@ def build_masks(folder: Path, base_dir: Path, n: int, density: float) -> list[Pa
 #: starts afresh at exec: a child's rusage maxrss would include the parent's size at the fork)
 RUN_AND_REPORT = """
 import sys
-from skillhub.cli import main
-if len(sys.argv) > 2:
+if sys.argv[2:] == ["=torch"]:  # torch alone
+    import torch
+    code = 0
+elif len(sys.argv) > 2:
+    from skillhub.cli import main
     code = main(sys.argv[2:])
-else:  # idle: what the command imports before it reads anything
-    import torch, skillhub.ops, skillhub.plugins
-    skillhub.plugins.load_plugins()
+else:  # idle: what the command imports before it reads anything (skillhub.offline, the config, the plugins)
+    import torch, skillhub.cli, skillhub.config, skillhub.offline, skillhub.plugins
+    skillhub.plugins.load_plugins(skillhub.config.load_config(None, env={}).plugins.dirs)
     code = 0
 hwm = next(line for line in open('/proc/self/status') if line.startswith('VmHWM:'))
 open(sys.argv[1], 'w').write(hwm.split()[1])
@@ -108,7 +112,8 @@ sys.exit(code)
 
 
 def peak_rss(args: list[str]) -> tuple[int, float, int]:
-    """Run ``skillhub ARGS`` (no args: only import it) in a fresh process; its peak RSS in bytes, seconds, exit code."""
+    """Run ``skillhub ARGS`` (no args: only import what it imports; ``["=torch"]``: import torch alone) in a fresh
+    process; its peak RSS in bytes, seconds, exit code."""
     with tempfile.NamedTemporaryFile("r", suffix=".hwm") as f:
         t0 = time.perf_counter()
         p = subprocess.run([sys.executable, "-c", RUN_AND_REPORT, f.name, *args], stdout=subprocess.DEVNULL,
@@ -143,6 +148,7 @@ def main() -> None:
         shard_bytes = [f.header.file_size for f in base.files]
         mask_bytes = sum(m.stat().st_size for m in masks)
         shutil.rmtree(root / "out", ignore_errors=True)
+        bare, _, _ = peak_rss(["=torch"])
         idle, _, _ = peak_rss([])
         rss, seconds, rc = peak_rss(["stitch", "--base", str(root / "base"), "--out", str(root / "out"),
                                      "--device", "cpu", *map(str, masks)])
@@ -158,8 +164,9 @@ def main() -> None:
         print(f"skillhub stitch: {seconds:.1f} s, {seconds / len(masks):.2f} s per skill")
         print(f"peak RSS {rss / mib:.0f} MiB; one shard + the masks = {bound / mib:.0f} MiB; "
               f"ratio {rss / bound:.2f}")
-        print(f"idle interpreter (skillhub's CLI and torch imported): {idle / mib:.0f} MiB; peak RSS less it "
-              f"{(rss - idle) / mib:.0f} MiB, ratio {(rss - idle) / bound:.2f}")
+        print(f"idle interpreter (what the command imports: skillhub's CLI, the stitch, torch): {idle / mib:.0f} MiB "
+              f"(import torch alone: {bare / mib:.0f} MiB); peak RSS less it {(rss - idle) / mib:.0f} MiB, ratio "
+              f"{(rss - idle) / bound:.2f}")
         print(f"output: {len(list((root / 'out').glob('*.safetensors')))} shards, "
               f"index {'yes' if (root / 'out' / 'model.safetensors.index.json').is_file() else 'no'}, "
               f"config {'yes' if (root / 'out' / 'config.json').is_file() else 'no'}")

@@ -70,15 +70,23 @@ class TensorFile:
             return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
         return torch.frombuffer(mm, dtype=info.dtype, count=info.numel, offset=info.start).reshape(info.shape)
 
-    def evict(self, name: str | None = None) -> None:
-        """Give the mapped pages of tensor ``name`` (or of the whole file) back to the kernel: they leave this
-        process's resident memory and are read from the file again if touched. Views stay valid. For the offline
-        stitch, which reads each tensor once and would otherwise keep a whole shard resident. Only for files nobody
-        writes through a view (a write made through one would be discarded)."""
+    def evict(self, name: str | None = None, span: tuple[int, int] | None = None) -> None:
+        """Give the mapped pages of tensor ``name`` (or of the whole file; ``span``: only its flat entries
+        [start, stop)) back to the kernel: they leave this process's resident memory and are read from the file
+        again if touched. Views stay valid. For the offline stitch, which reads each tensor once and would otherwise
+        keep a whole shard resident. Only for files nobody writes through a view (a write made through one would be
+        discarded)."""
         mm = self._mm
         if mm is None or not hasattr(mm, "madvise"):
             return
-        start, end = (0, len(mm)) if name is None else (self.header.tensors[name].start, self.header.tensors[name].end)
+        if name is None:
+            start, end = 0, len(mm)
+        else:
+            info = self.header.tensors[name]
+            start, end = info.start, info.end
+            if span is not None:
+                size = info.dtype.itemsize
+                start, end = info.start + span[0] * size, min(info.end, info.start + span[1] * size)
         page = mmap.PAGESIZE
         lo, hi = start // page * page, min(len(mm), -(-end // page) * page)
         if hi > lo:

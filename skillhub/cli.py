@@ -99,7 +99,7 @@ def _stem(path: str) -> str:
 
 def cmd_stitch(args: argparse.Namespace) -> int:
     from skillhub.log import Progress
-    from skillhub.ops import stitch_masks
+    from skillhub.offline import stitch_masks
 
     cfg = _config(args)
     plugins = _plugins(cfg)

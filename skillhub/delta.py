@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -211,61 +211,9 @@ class SparseDelta:
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str = "cpu") -> SparseDelta:
         """Read and check a mask file: format tag, shapes, strictly increasing in-range indices, dense values of
-        the full shape. A sparse tensor whose indices cover every entry loads in the dense form."""
-        import torch
-
-        tf = TensorFile(path)
-        names = tf.header.tensors
-        # A file with dense tensors (model-sized) stays mapped on the CPU and its arrays are views of the private
-        # mapping (mask files are immutable, written by rename): no copy, no fresh memory to fault in. Sparse-only
-        # files, small, are copied, so that a service holding many skills does not hold a mapping (and a file
-        # descriptor) per skill.
-        dense_file = any(n.endswith("::values") and n[: -len("values")] + "indices" not in names for n in names)
-        copy = torch.device(device).type != "cpu" or not dense_file
-        meta = tf.header.metadata
-        if meta.get("skillhub.format") != FORMAT:
-            raise CheckpointError(f"not a skillhub mask file (format {meta.get('skillhub.format')!r})", path=path)
-        shapes, params, dtype_names, dtypes_known = _parse_metadata(meta, path)
-        indices: dict[str, torch.Tensor] = {}
-        values: dict[str, torch.Tensor] = {}
-        dtypes: dict[str, torch.dtype] = {}
-        for name in tf.header.tensors:
-            key, _, part = name.rpartition("::")
-            if part not in ("indices", "values") or key not in shapes:
-                raise CheckpointError(f"unexpected tensor {name!r} in mask file", path=path, key=name)
-        for key, shape in shapes.items():
-            numel = math.prod(shape)
-            dtypes[key] = dtypes_known[dtype_names[key]] if key in dtype_names else torch.float32
-            has_idx, has_val = f"{key}::indices" in tf.header.tensors, f"{key}::values" in tf.header.tensors
-            if has_idx and not has_val:
-                raise CheckpointError(f"mask file has indices for {key!r} but not values", path=path, key=key)
-            if not has_val:
-                continue
-            val = tf.tensor(f"{key}::values").to(device, copy=copy)
-            if key not in dtype_names:
-                dtypes[key] = val.dtype
-            if not has_idx:  # the dense form: one value per entry, in the tensor's own shape
-                if tuple(val.shape) != tuple(shape) or not val.is_floating_point():
-                    raise CheckpointError(
-                        f"values of {key!r} without indices must be floats of the tensor's full shape {list(shape)}, "
-                        f"not {list(val.shape)}", path=path, key=key,
-                        hint="a sparse tensor needs KEY::indices next to KEY::values")
-                values[key] = val.reshape(-1)
-                continue
-            idx = tf.tensor(f"{key}::indices").to(device, copy=copy)
-            if idx.dtype not in (torch.int32, torch.int64) or idx.ndim != 1 or val.shape != idx.shape:
-                raise CheckpointError(f"bad indices/values for {key!r}", path=path, key=key)
-            if idx.numel() and (int(idx[0]) < 0 or int(idx[-1]) >= numel or bool((idx[1:] <= idx[:-1]).any())):
-                raise CheckpointError(f"indices of {key!r} are not strictly increasing within [0, {numel})",
-                                      path=path, key=key)
-            if idx.numel() == numel and numel and bool(val.all()):
-                values[key] = val  # strictly increasing over every entry: 0..n-1, i.e. dense (files from before it)
-                continue
-            indices[key], values[key] = idx, val
-        prov = Provenance(skill=meta.get("skillhub.skill", ""), base=meta.get("skillhub.base", ""),
-                          source=meta.get("skillhub.source", ""), strategy=meta.get("skillhub.strategy", ""),
-                          params=params)
-        return cls(indices=indices, values=values, shapes=shapes, dtypes=dtypes, provenance=prov)
+        the full shape (:class:`MaskFile`, every tensor at once). A sparse tensor whose indices cover every entry
+        loads in the dense form."""
+        return MaskFile(path).delta(device=device)
 
     def to(self, device: torch.device | str) -> SparseDelta:
         """This delta on ``device`` (itself when it is there already, keeping its counted mask sizes)."""
@@ -278,6 +226,120 @@ class SparseDelta:
                           self.shapes, self.dtypes, self.provenance)
         out._nnz.update(self._nnz)  # type: ignore[attr-defined]
         return out
+
+
+class MaskFile:
+    """A mask file opened for reading one tensor at a time (the offline stitch of a big model holds one tensor's
+    entries of each mask, not the masks).
+
+    Opening it checks everything the header tells: the format tag, the metadata (shapes, params, dtypes), the tensor
+    names, and per tensor the pairing of indices and values and their dtypes and shapes. What only the values tell
+    (indices strictly increasing within the tensor) is checked as each tensor is read (:meth:`delta`). Errors are
+    :class:`~skillhub.errors.CheckpointError` naming the file and the key.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        import torch
+
+        self.path = Path(path)
+        self._file = TensorFile(path)
+        names, meta = self._file.header.tensors, self._file.header.metadata
+        if meta.get("skillhub.format") != FORMAT:
+            raise CheckpointError(f"not a skillhub mask file (format {meta.get('skillhub.format')!r})", path=path)
+        shapes, params, dtype_names, dtypes_known = _parse_metadata(meta, path)
+        for name in names:
+            key, _, part = name.rpartition("::")
+            if part not in ("indices", "values") or key not in shapes:
+                raise CheckpointError(f"unexpected tensor {name!r} in mask file", path=path, key=name)
+        #: every included tensor's shape, and its base dtype
+        self.shapes = shapes
+        self.dtypes: dict[str, torch.dtype] = {}
+        #: keys with entries: True when stored sparse (indices and values), False in the dense form
+        self.sparse: dict[str, bool] = {}
+        for key, shape in shapes.items():
+            self.dtypes[key] = dtypes_known[dtype_names[key]] if key in dtype_names else torch.float32
+            idx, val = names.get(f"{key}::indices"), names.get(f"{key}::values")
+            if idx is not None and val is None:
+                raise CheckpointError(f"mask file has indices for {key!r} but not values", path=path, key=key)
+            if val is None:
+                continue
+            if key not in dtype_names:
+                self.dtypes[key] = val.dtype
+            if idx is None:  # the dense form: one value per entry, in the tensor's own shape
+                if tuple(val.shape) != tuple(shape) or not val.dtype.is_floating_point:
+                    raise CheckpointError(
+                        f"values of {key!r} without indices must be floats of the tensor's full shape {list(shape)}, "
+                        f"not {list(val.shape)}", path=path, key=key,
+                        hint="a sparse tensor needs KEY::indices next to KEY::values")
+            elif idx.dtype not in (torch.int32, torch.int64) or len(idx.shape) != 1 or val.shape != idx.shape:
+                raise CheckpointError(f"bad indices/values for {key!r}", path=path, key=key)
+            self.sparse[key] = idx is not None
+        self.provenance = Provenance(skill=meta.get("skillhub.skill", ""), base=meta.get("skillhub.base", ""),
+                                     source=meta.get("skillhub.source", ""),
+                                     strategy=meta.get("skillhub.strategy", ""), params=params)
+
+    def delta(self, keys: Iterable[str] | None = None, *, device: torch.device | str = "cpu",
+              copy: bool | None = None) -> SparseDelta:
+        """The mask's entries of ``keys`` (default: every tensor) as a :class:`SparseDelta` over those tensors,
+        their indices checked (strictly increasing within the tensor). A sparse tensor whose indices cover every
+        entry with non-zero values comes in the dense form, as files from before the dense form stored it.
+
+        :param copy: copy the arrays out of the file's mapping. By default a file with dense tensors (model-sized)
+            stays mapped on the CPU and its arrays are views of the private mapping (mask files are immutable,
+            written by rename): no copy, no fresh memory to fault in; sparse-only files, small, are copied, so that
+            a service holding many skills does not hold a mapping (and a file descriptor) per skill. ``False``
+            keeps views whatever the file holds (give the pages back with :meth:`evict`).
+        """
+        import torch
+
+        keys = list(self.shapes) if keys is None else list(keys)
+        if copy is None:
+            copy = all(self.sparse.values())
+        copy = copy or torch.device(device).type != "cpu"
+        indices: dict[str, torch.Tensor] = {}
+        values: dict[str, torch.Tensor] = {}
+        for key in keys:
+            if key not in self.sparse:
+                continue
+            numel = math.prod(self.shapes[key])
+            val = self._file.tensor(f"{key}::values").to(device, copy=copy)
+            if not self.sparse[key]:
+                values[key] = val.reshape(-1)
+                continue
+            idx = self._file.tensor(f"{key}::indices").to(device, copy=copy)
+            if idx.numel() and (int(idx[0]) < 0 or int(idx[-1]) >= numel or bool((idx[1:] <= idx[:-1]).any())):
+                raise CheckpointError(f"indices of {key!r} are not strictly increasing within [0, {numel})",
+                                      path=self.path, key=key,
+                                      hint="the mask file is damaged: localize the skill again")
+            if idx.numel() == numel and numel and bool(val.all()):
+                values[key] = val  # strictly increasing over every entry: 0..n-1, i.e. dense (files from before it)
+                continue
+            indices[key], values[key] = idx, val
+        return SparseDelta(indices=indices, values=values, shapes={k: self.shapes[k] for k in keys},
+                           dtypes={k: self.dtypes[k] for k in keys}, provenance=self.provenance)
+
+    def nnz(self) -> int:
+        """Masked entries over all tensors, as :attr:`SparseDelta.nnz` counts them: a sparse tensor's from its
+        header, a dense one's by counting its non-zero values (one tensor resident at a time)."""
+        import torch
+
+        total = 0
+        for key, sparse in self.sparse.items():
+            if sparse:
+                total += self._file.header.tensors[f"{key}::indices"].numel
+                continue
+            total += int(torch.count_nonzero(self._file.tensor(f"{key}::values")))
+            self.evict(key)
+        return total
+
+    def evict(self, key: str | None = None) -> None:
+        """Give back the mapped pages of ``key``'s entries (or of the whole file): see :meth:`TensorFile.evict`."""
+        if key is None:
+            self._file.evict()
+            return
+        for part in ("indices", "values"):
+            if f"{key}::{part}" in self._file.header.tensors:
+                self._file.evict(f"{key}::{part}")
 
 
 def _parse_metadata(meta: Mapping[str, str], path: str | Path

@@ -34,11 +34,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from skillhub.disposal import move_to_rejected, remove_consumed
 from skillhub.drops import PICKLE_SUFFIXES, Arrival, RetryLater, ignored
 from skillhub.errors import CheckpointError, SkillhubError
+from skillhub.log import get_logger
 from skillhub.staging import (
     Changed,
     Stager,
@@ -94,7 +93,7 @@ class Intake:
         self.on_reject = on_reject  # told the reason of every drop moved to .rejected/ (the service counts them)
         self.stable_seconds, self.rescan_seconds = stable_seconds, rescan_seconds
         self.poll, self.shard_timeout_seconds, self.max_bytes = poll, shard_timeout_seconds, max_bytes
-        self.log = logger if logger is not None else structlog.get_logger("skillhub.intake")
+        self.log = logger if logger is not None else get_logger("skillhub.intake")
         self._lock = threading.Lock()
         self._wake, self._stop = threading.Event(), threading.Event()
         self._events: dict[str, str | None] = {}  # name -> what its last event said, from the watch's thread

@@ -8,20 +8,23 @@ shard files holding the same tensors under the base's own tensor names, an index
 other file of the base folder (config, tokenizer, generation config), so that
 ``transformers.AutoModel.from_pretrained(folder)``, vLLM or TGI load it as they load the base.
 
-The offline ``skillhub stitch`` (:func:`skillhub.ops.stitch_masks`) writes this layout shard by shard; the service's
-publisher writes each version's weights in it (``state/models/<n>/``).
+The offline ``skillhub stitch`` (:func:`skillhub.offline.stitch_masks`) writes this layout shard by shard, all or
+nothing (:func:`write_model_staged`); the service's publisher writes each version's weights in it
+(``state/models/<n>/``).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from skillhub.atomic import atomic_file
+from skillhub.atomic import atomic_file, fsync_dir
 from skillhub.checkpoint import EXAMPLES_FILE, Checkpoint, TensorFile, write_safetensors_lazy
 from skillhub.errors import CheckpointError
 
@@ -140,3 +143,84 @@ def write_model(out: Path, layout: Layout, layouts: Mapping[str, torch.Tensor],
             f.write(json.dumps(index, indent=2, sort_keys=False).encode())
         written.append(out / INDEX_NAME)
     return written
+
+
+def finite(tensors: Mapping[str, torch.Tensor]) -> str | None:
+    """The first key holding NaN/Inf, else ``None`` (the weight part of a version's smoke check, and the offline
+    stitch's check of each merged tensor). A min/max reduction, which propagates NaN, instead of
+    ``isfinite().all()``: no full-size boolean temporary."""
+    import torch
+
+    for key, t in tensors.items():
+        if t.is_floating_point() and t.numel():
+            lo, hi = torch.aminmax(t.reshape(-1))
+            if not (torch.isfinite(lo) and torch.isfinite(hi)):
+                return key
+    return None
+
+
+#: the hidden sibling a folder output is written into before it is moved into place: ``.NAME.partial-PID``
+PARTIAL = ".{name}.partial-{pid}"
+
+
+def write_model_staged(out: Path, layout: Layout, layouts: Mapping[str, torch.Tensor],
+                       produce: Callable[[str], torch.Tensor], metadata: Mapping[str, str], *,
+                       shard_done: Callable[[Shard], None] | None = None,
+                       tensor_done: Callable[[str], None] | None = None) -> list[Path]:
+    """:func:`write_model`, all or nothing: a failure half-way (a ``produce`` that raises on a bad tensor of a
+    later shard, a full disk) leaves no output behind, and an existing output folder as it was.
+
+    A single file is written atomically anyway. A folder is written into a hidden sibling
+    (:data:`PARTIAL`), removed on any error; once complete it is renamed to ``out``, or, when ``out`` is already a
+    folder, its files are moved into it one by one, the index last (files of ``out`` that the new output lacks are
+    left alone, as :func:`write_model` leaves them). A sibling left by a process that died (killed half-way) is
+    removed by the next run for the same ``out``."""
+    out = Path(out)
+    if not layout.folder:
+        return write_model(out, layout, layouts, produce, metadata, shard_done=shard_done, tensor_done=tensor_done)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError("the output must be a folder for a base given as a folder", path=out)
+    parent = out.absolute().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot create the output's folder ({e.strerror or e})", path=parent) from e
+    _remove_dead_partials(parent, out.name)
+    stage = parent / PARTIAL.format(name=out.name, pid=os.getpid())
+    shutil.rmtree(stage, ignore_errors=True)
+    try:
+        written = write_model(stage, layout, layouts, produce, metadata, shard_done=shard_done,
+                              tensor_done=tensor_done)
+        if not out.exists():
+            os.rename(stage, out)
+            fsync_dir(parent)
+            return [out / p.name for p in written]
+        for p in written:  # write_model's order: side files, shards, the index last
+            os.replace(p, out / p.name)
+        fsync_dir(out)
+        stage.rmdir()
+        return [out / p.name for p in written]
+    except OSError as e:
+        raise CheckpointError(f"cannot write the output ({e.strerror or e})", path=out) from e
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _remove_dead_partials(parent: Path, name: str) -> None:
+    """Remove the hidden partial outputs for ``name`` whose writing process is gone."""
+    prefix = PARTIAL.format(name=name, pid="")
+    for p in parent.glob(f"{glob_escape(prefix)}*"):
+        pid = p.name[len(prefix):]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive, and not ours to touch
+        return True
+    return True

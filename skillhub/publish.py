@@ -62,17 +62,6 @@ class ModelVersion:
         return identity(self.manifest)
 
 
-def finite(tensors: Mapping[str, torch.Tensor]) -> str | None:
-    """The smoke check's weight part: the first key holding NaN/Inf, else ``None``. Uses a min/max reduction, which
-    propagates NaN, instead of ``isfinite().all()`` (no full-size boolean temporary)."""
-    for key, t in tensors.items():
-        if t.is_floating_point() and t.numel():
-            lo, hi = torch.aminmax(t.reshape(-1))
-            if not (torch.isfinite(lo) and torch.isfinite(hi)):
-                return key
-    return None
-
-
 class Publisher:
     """Owns ``state/models/``: version numbers, manifests, the ``current`` pointer, background weight files."""
 

@@ -25,7 +25,8 @@ from skillhub.errors import SkillhubError
 from skillhub.gate import Gate
 from skillhub.log import get_logger
 from skillhub.metrics import Metrics
-from skillhub.publish import ModelVersion, Publisher, finite, identity
+from skillhub.modelfolder import finite
+from skillhub.publish import ModelVersion, Publisher, identity
 from skillhub.recovery import last_verified
 from skillhub.registry import Registry, VersionRow
 from skillhub.stitch import Stitcher

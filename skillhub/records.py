@@ -8,10 +8,12 @@ params; numbered per skill), :class:`SkillState` a skill name with its settings 
 from __future__ import annotations
 
 import json
-import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import sqlite3
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import torch
 from skillhub.checkpoint import open_checkpoint, write_safetensors
 from skillhub.delta import SparseDelta
 from skillhub.modelfolder import INDEX_NAME, layout_of, side_files
-from skillhub.ops import part_of, stitch_masks, tensor_local
+from skillhub.offline import part_of, stitch_masks, tensor_local
 from skillhub.plugins import load_plugins
 from skillhub.stitch import Stitcher
 from tests.test_cli import assert_ok, run_cli

@@ -121,7 +121,8 @@ def _accuracy(tensors: dict[str, torch.Tensor], name: str, test: dict[str, torch
 def run_demo(folder: Path, *, sparsity: float = 0.05) -> dict[str, dict[str, float]]:
     """Make the demo checkpoints, localize each skill, stitch them all, and print per-skill test accuracies."""
     from skillhub.families.open_clip import OpenClipFamily
-    from skillhub.ops import localize_checkpoint, stitch_masks
+    from skillhub.offline import stitch_masks
+    from skillhub.ops import localize_checkpoint
     from skillhub.plugins import load_plugins
     from skillhub.routing import PatchedTensors
 
