@@ -1,0 +1,109 @@
+"""Sparse accumulators derived from the kept masks instead of stored (``Stitcher(derived=True)``, the service's
+layout for models of ``[stitch] sparse_from`` parameters and more).
+
+The stitcher keeps every active skill's mask (sorted indices and values per tensor) anyway, to be able to take it
+out again. Everything the sparse accumulators of :mod:`skillhub.stitchstate` hold per covered entry (the mask
+count, the policy's per-entry accumulators, the position) is a function of those masks, and θ₀ is in the base the
+stitcher was built from (for the service a memory-mapped checkpoint: page cache, not the process's own memory).
+So instead of 16 bytes per covered entry (position 4, θ₀ 2, count 2, float64 sum 8 for a bf16 model) the derived
+layout keeps nothing beyond the masks, and an add or remove of mask t recomputes the entries t covers from scratch:
+
+- for each other active mask s, in the order the skills were added, the positions of t's entries found in s
+  (a binary search of the smaller sorted index array in the larger; :func:`intersect`), and s's values there added
+  to fresh accumulators of ``len(t)`` entries through the policy's own ``update``;
+- on an add, t's own values last. The merged entries are then θ₀ + the policy's ``delta``, exactly θ₀ where no
+  mask is left.
+
+Per entry that is the same arithmetic as a stitch from scratch of the active set in the same order (every
+accumulator starts at 0 and receives the same values in the same order), so the result equals it bit for bit,
+whatever the accumulator dtype and however many removals came before: no residue of add/remove cycles at all.
+The cost of a change is O(|t| · T · log) for T active skills instead of O(|t| · log runs): a few searches of sorted
+arrays per skill (about 15 ns per entry of t and per other skill on the CPU), small beside localization.
+
+Only for policies without per-tensor ``totals`` (their running totals are not a function of the entries a mask
+covers alone: TIES's model-wide balance with ``zero_sign = "majority"``); the stitcher keeps the stored runs for
+those. A tensor most of which masks cover still turns dense (:attr:`TensorState.dense_share`), where the dense
+accumulators are built by replaying the masks once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
+
+from skillhub.stitchstate import count_dtype, search
+
+if TYPE_CHECKING:
+    import torch
+
+    from skillhub.delta import SparseDelta
+    from skillhub.stitchpolicy import StitchPolicy
+
+#: One mask's part of one tensor: sorted unique flat indices (one integer dtype per tensor) and the values there.
+Entries = tuple["torch.Tensor", "torch.Tensor"]
+
+
+def entries(delta: SparseDelta, key: str, dtype: torch.dtype) -> Entries | None:
+    """``delta``'s mask of ``key`` as sorted indices of ``dtype`` and their values (``None`` when it has none);
+    a tensor in the dense form gives its non-zero entries, as on the stitcher's index path."""
+    if key not in delta.values:
+        return None
+    idx = delta.flat_indices(key)
+    if not idx.numel():
+        return None
+    values = delta.values[key] if key in delta.indices else delta.values[key][idx]
+    return idx.to(dtype), values
+
+
+def intersect(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where two sorted arrays of unique integers (same dtype) hold the same values: int64 positions in ``a`` and
+    in ``b``, in increasing order. The smaller array is searched in the larger."""
+    import torch
+
+    if not a.numel() or not b.numel():
+        empty = torch.zeros(0, dtype=torch.int64, device=a.device)
+        return empty, empty
+    if b.numel() >= a.numel():
+        j = search(b, a).clamp_(max=b.numel() - 1)
+        in_a = (b[j] == a).nonzero().squeeze(1)
+        return in_a, j[in_a]
+    j = search(a, b).clamp_(max=a.numel() - 1)
+    in_b = (a[j] == b).nonzero().squeeze(1)
+    return j[in_b], in_b
+
+
+def derive(pos: torch.Tensor, sources: Iterable[Entries], policy: StitchPolicy, dtype: torch.dtype
+           ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The policy's accumulators (of ``dtype``) and the mask counts at the sorted unique positions ``pos`` (of the
+    sources' index dtype) with every source's values there added, in order: what a stitch from scratch of those
+    masks holds at ``pos``."""
+    import torch
+
+    n = pos.numel()
+    acc = policy.accumulators(n, pos.device, dtype)
+    count = torch.zeros(n, dtype=count_dtype(), device=pos.device)
+    for idx, values in sources:
+        slots, at = intersect(pos, idx)
+        if slots.numel():
+            policy.update(acc, slots, values[at].to(dtype), +1)
+            count[slots] += 1
+    return acc, count
+
+
+def union(sources: Sequence[Entries], dtype: torch.dtype) -> torch.Tensor:
+    """Every position some source covers, sorted (of ``dtype``)."""
+    import torch
+
+    if not sources:
+        return torch.zeros(0, dtype=dtype)
+    return torch.unique(torch.cat([idx for idx, _ in sources]), sorted=True).to(dtype)
+
+
+def counts(numel: int, sources: Iterable[Entries], device: torch.device) -> torch.Tensor:
+    """Per-entry mask counts of a tensor of ``numel`` entries from its sources (flat)."""
+    import torch
+
+    out = torch.zeros(numel, dtype=count_dtype(), device=device)
+    for idx, _ in sources:
+        out[idx.long()] += 1
+    return out
