@@ -4,23 +4,22 @@ Localize-and-Stitch (He et al., arXiv 2408.13656, §3.2): θ = θ₀ + Σₜ γ�
 the tasks' values are averaged; entries in no mask stay exactly θ₀; there is no scaling factor.
 
 The :class:`Stitcher` keeps, per included tensor and on its device, the merged tensor (in the base dtype: the one
-full copy of the model it holds) and, only where masks are, θ₀, the per-entry mask count C = Σₜ γₜ and the policy's
-accumulators (for ``average``, Σ = Σₜ γₜ⊙τₜ): :mod:`skillhub.stitchstate` keeps them in sorted runs of the covered
-entries, or dense once most of a tensor is covered, so the extra state is O(Σ mask sizes), not O(model). Adding or
-removing a skill updates the accumulators at that skill's indices and recomputes the merged entries there only, so
-its cost is proportional to the mask, not to the model or the number of skills (DESIGN §2).
+full copy of the model it holds) and the state it is computed from: θ₀, the per-entry mask count C = Σₜ γₜ and
+the policy's accumulators (for ``average``, Σ = Σₜ γₜ⊙τₜ). :mod:`skillhub.stitchstate` keeps them dense, or only
+where masks are, in sorted runs; or (``derived``, :mod:`skillhub.stitchderive`, the service's choice for big
+models) not at all: they are recomputed from the masks the stitcher keeps anyway, at the entries a change touches.
+Adding or removing a skill updates the state at that skill's indices and recomputes the merged entries there
+only, so its cost follows the mask, not the model (DESIGN §2).
 
 A tensor in the *dense* form (:class:`~skillhub.delta.SparseDelta`: values for every entry, no indices; what
 ``localize --sparsity 1`` makes) turns the tensor's accumulators dense and is added with whole-tensor operations
-instead of gather/scatter, when the policy supports it (``whole_tensor``; every built-in one does). Its merged tensor is then marked stale and recomputed in
-full, in cache-sized chunks, when it is next read (:meth:`Stitcher.tensor`, :meth:`Stitcher.snapshot`): n dense adds
-in a row cost one recomputation, not n. The arithmetic is the same as on the sparse path, entry for entry, so the
-result does not depend on the form or the order of the adds.
+when the policy supports it (``whole_tensor``; :mod:`skillhub.stitchdense`); its merged tensor is recomputed when
+next read. The arithmetic is the same on every path, entry for entry, so the result does not depend on the form
+or the order of the adds.
 
-Accumulators are float64 by default. Masked τ values are stored in the base dtype (float32 at most for usual
-models), and sums of a few float32 values are exact in float64, so an add followed by a remove restores the
-accumulators bit for bit: no drift, however many cycles. Where the count returns to 0 the accumulators are reset to
-0 and the merged entry to θ₀ exactly, whatever the accumulator dtype.
+Accumulators are float64 by default: sums of a few float32 values are exact in float64, so an add followed by a
+remove restores the stored accumulators bit for bit (the derived layout stores none: every change is a stitch
+from scratch of its entries). Where the count returns to 0 the merged entry is θ₀ exactly, whatever the dtype.
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ from skillhub.delta import SparseDelta, index_dtype
 from skillhub.errors import StitchError
 from skillhub.stitchcow import Versions
 from skillhub.stitchdense import CHUNK, apply_dense, recompute_dense
-from skillhub.stitchderive import Entries, derive, entries, union
+from skillhub.stitchderive import Entries, derive, sources, union
 from skillhub.stitchderive import counts as derived_counts
 from skillhub.stitchlayout import dense_share_for, resolve_device, service_layout
 from skillhub.stitchpolicy import Index, ScaleParams, StitchPolicy, zero_at
@@ -162,11 +161,8 @@ class Stitcher:
                  last: SparseDelta | None = None) -> list[Entries]:
         """The kept masks' entries of ``key`` in the order the skills were added, but ``skip``'s, and ``last``'s
         after them (derived layout)."""
-        dt = index_dtype(st.numel)
-        found = [entries(d, key, dt) for t, d in self._tasks.items() if d is not None and t != skip]
-        if last is not None:
-            found.append(entries(last, key, dt))
-        return [e for e in found if e is not None]
+        kept = [d for t, d in self._tasks.items() if d is not None and t != skip]
+        return sources([*kept, *([last] if last is not None else [])], key, index_dtype(st.numel))
 
     def _apply(self, task_id: str, delta: SparseDelta, sign: int, done: list[str] | None = None,
                keys: list[str] | None = None) -> None:
@@ -230,13 +226,13 @@ class Stitcher:
             self._store(st, idx, [(idx, self._merged_at(st, st.theta0_at(idx), acc, count, slots))])
 
     def _merged_at(self, st: TensorState, base: torch.Tensor, acc: dict[str, torch.Tensor], count: torch.Tensor,
-                   slots: Index) -> torch.Tensor:
+                   slots: Index, freed: bool = True) -> torch.Tensor:
         """Merged entries from θ₀ there, the accumulators and the counts: θ₀ exactly where the count is 0 (θ₀ + 0.0
-        would turn -0.0 into +0.0)."""
+        would turn -0.0 into +0.0), unless no count there can be 0 (not ``freed``)."""
         import torch
 
         merged = (base.to(self.accumulate) + self.policy.delta(acc, count, slots)).to(st.merged.dtype)
-        return torch.where(count == 0, base, merged)
+        return torch.where(count == 0, base, merged) if freed else merged
 
     def _apply_sparse(self, st: TensorState, idx: torch.Tensor, values: torch.Tensor, sign: int) -> None:
         """One mask's entries of one tensor (sorted unique int64 ``idx``) in or out, in each stretch of accumulators
@@ -280,16 +276,12 @@ class Stitcher:
             if idle is not None:
                 self.policy.reset(seg.acc, idle)
         if not st.stale:  # else the whole tensor is recomputed before it is read anyway
-            self._write_merged(st, idx, plans)
+            self._store(st, idx, [(flat, self._merged_at(st, seg.base[seg.slots], seg.acc, after, seg.slots,
+                                                         freed=idle is not None))
+                                  for seg, _, after, _, flat, idle in plans])
         del plans, segs, applied  # the new run goes in last, with nothing else holding the runs' arrays
         if new is not None:
             st.keep(new)
-
-    def _write_merged(self, st: TensorState, idx: torch.Tensor, plans: list) -> None:
-        """The merged entries at ``idx`` recomputed from the accumulators just changed (``plans`` of
-        :meth:`_apply_sparse`)."""
-        self._store(st, idx, [(flat, self._merged_at(st, seg.base[seg.slots], seg.acc, after, seg.slots))
-                              for seg, _, after, _, flat, _ in plans])
 
     def _store(self, st: TensorState, idx: torch.Tensor, pieces: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Write the merged entries ``pieces`` (flat positions, values; together ``idx``) and keep the tensor's

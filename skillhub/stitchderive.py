@@ -55,6 +55,12 @@ def entries(delta: SparseDelta, key: str, dtype: torch.dtype) -> Entries | None:
     return idx.to(dtype), values
 
 
+def sources(deltas: Iterable[SparseDelta], key: str, dtype: torch.dtype) -> list[Entries]:
+    """The :func:`entries` of ``key`` of every delta that has some, in order."""
+    found = (entries(d, key, dtype) for d in deltas)
+    return [e for e in found if e is not None]
+
+
 def intersect(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Where two sorted arrays of unique integers (same dtype) hold the same values: int64 positions in ``a`` and
     in ``b``, in increasing order. The smaller array is searched in the larger."""
