@@ -31,7 +31,7 @@ from skillhub.delta import SparseDelta, index_dtype
 from skillhub.errors import StitchError
 from skillhub.stitchcow import Versions
 from skillhub.stitchdense import CHUNK, apply_dense, recompute_dense
-from skillhub.stitchderive import Entries, derive, sources, union
+from skillhub.stitchderive import Entries, change, derive, sources, union
 from skillhub.stitchderive import counts as derived_counts
 from skillhub.stitchlayout import dense_share_for, resolve_device, service_layout
 from skillhub.stitchpolicy import Index, ScaleParams, StitchPolicy, zero_at
@@ -64,9 +64,9 @@ class Stitcher:
         (:mod:`skillhub.stitchstate`); 0 keeps every tensor dense from the start, above 1 keeps them sparse unless a
         dense-form mask arrives.
     :param derived: keep no sparse accumulators: recompute them from the kept masks at the entries each change
-        touches, and read θ₀ there from ``base`` (:mod:`skillhub.stitchderive`; which must then not change while
-        the stitcher lives). Only for policies without per-tensor ``totals``; ignored for the others. Every delta
-        is then kept, ``removable`` or not.
+        touches, and read θ₀ there from ``base``, which must then not change while the stitcher lives
+        (:mod:`skillhub.stitchderive`). Every delta is then kept, ``removable`` or not. Ignored when
+        ``dense_share`` is 0 (dense from the start).
     """
 
     def __init__(self, base: Mapping[str, torch.Tensor], policy: StitchPolicy, *, device: str | torch.device = "auto",
@@ -78,8 +78,7 @@ class Stitcher:
         self.device = resolve_device(device)
         self.policy = policy
         self.accumulate = accumulate
-        totals = set(policy.accumulators(0, torch.device("cpu"), accumulate)) & set(policy.totals)
-        self.derived = derived and dense_share > 0 and not totals
+        self.derived = derived and dense_share > 0
         self._state = {k: TensorState(t, policy, self.device, accumulate, dense_share, self.derived)
                        for k, t in base.items()}
         self._tasks: dict[str, SparseDelta | None] = {}  # None: added for good
@@ -184,7 +183,12 @@ class Stitcher:
                 if idx.numel():
                     values = delta.values[key] if key in delta.indices else delta.values[key][idx]
                     if st.derived and not st.dense:
-                        self._apply_derived(st, self._sources(key, st, skip=task_id), idx, values, sign)
+                        # Running totals change by this mask's own update on the state before it: when taking a
+                        # mask out, that state is every kept mask (this one in its place, or last when an add
+                        # is being undone).
+                        before = (self._sources(key, st, last=None if task_id in self._tasks else delta)
+                                  if sign < 0 and st.totals else None)
+                        self._apply_derived(st, self._sources(key, st, skip=task_id), idx, values, sign, before)
                     else:
                         self._apply_sparse(st, idx, values, sign)
             self._tidy(key, st, task_id, delta if sign > 0 else None)
@@ -205,22 +209,13 @@ class Stitcher:
             st.tidy()
 
     def _apply_derived(self, st: TensorState, others: list[Entries], idx: torch.Tensor, values: torch.Tensor,
-                       sign: int) -> None:
-        """One mask's entries of one derived tensor in or out: the accumulators at ``idx`` rebuilt from the
-        ``others`` (the other kept masks' entries, in order) and, adding, this one last, and the merged entries
-        there recomputed. Only merged entries are stored, so running out of memory half-way changes nothing
-        (FAULTS C8)."""
-        import torch
-
+                       sign: int, before: list[Entries] | None = None) -> None:
+        """One mask's entries of one derived tensor in or out (:func:`~skillhub.stitchderive.change`) and the
+        merged entries there recomputed. Only merged entries and totals are stored, so running out of memory
+        half-way changes nothing (FAULTS C8)."""
         if not st.stale:
             self._writable(st)
-        acc, count = derive(idx.to(index_dtype(st.numel)), others, self.policy, self.accumulate)
-        # The others' counts: an add moves entries at 0 to covered and at 1 to overlapping; a remove the reverse.
-        moved, doubled = int(torch.count_nonzero(count == 0)), int(torch.count_nonzero(count == 1))
-        slots = torch.arange(idx.numel(), device=self.device)
-        if sign > 0:
-            self.policy.update(acc, slots, values.to(self.accumulate), +1)
-            count += 1
+        acc, count, slots, moved, doubled = change(st, others, before, idx, values, sign, self.accumulate)
         self._cover(st, sign * moved, sign * doubled)
         if not st.stale:  # else the whole tensor is recomputed before it is read anyway
             self._store(st, idx, [(idx, self._merged_at(st, st.theta0_at(idx), acc, count, slots))])
@@ -322,7 +317,8 @@ class Stitcher:
             pos = union(sources, index_dtype(st.numel)).to(self.device)
             acc, count = derive(pos, sources, self.policy, self.accumulate)
             flat = pos.long()
-            st.merged[flat] = self._merged_at(st, st.theta0_at(flat), acc, count, torch.arange(pos.numel()))
+            st.merged[flat] = self._merged_at(st, st.theta0_at(flat), {**acc, **st.totals}, count,
+                                              torch.arange(pos.numel(), device=self.device))
         for run in st.runs:
             acc = {**run.acc, **st.totals}
             for start in range(0, len(run), CHUNK):

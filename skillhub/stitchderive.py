@@ -20,10 +20,11 @@ whatever the accumulator dtype and however many removals came before: no residue
 The cost of a change is O(|t| · T · log) for T active skills instead of O(|t| · log runs): a few searches of sorted
 arrays per skill (about 15 ns per entry of t and per other skill on the CPU), small beside localization.
 
-Only for policies without per-tensor ``totals`` (their running totals are not a function of the entries a mask
-covers alone: TIES's model-wide balance with ``zero_sign = "majority"``); the stitcher keeps the stored runs for
-those. A tensor most of which masks cover still turns dense (:attr:`TensorState.dense_share`), where the dense
-accumulators are built by replaying the masks once.
+A policy's per-tensor ``totals`` (TIES's model-wide balance with ``zero_sign = "majority"``: a few integers per
+tensor) are still stored, and change by the changing mask's own ``update`` on the accumulators of the state before
+it, as in the stored layouts: on an add that state is the one just rebuilt; on a removal it is rebuilt once more
+with the mask in its place (twice the searches, for such policies only). A tensor most of which masks cover still
+turns dense (:attr:`TensorState.dense_share`), its dense accumulators built by replaying the masks once.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
+from skillhub.delta import index_dtype
 from skillhub.stitchstate import count_dtype, search
 
 if TYPE_CHECKING:
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
 
     from skillhub.delta import SparseDelta
     from skillhub.stitchpolicy import StitchPolicy
+    from skillhub.stitchstate import TensorState
 
 #: One mask's part of one tensor: sorted unique flat indices (one integer dtype per tensor) and the values there.
 Entries = tuple["torch.Tensor", "torch.Tensor"]
@@ -94,6 +97,33 @@ def derive(pos: torch.Tensor, sources: Iterable[Entries], policy: StitchPolicy, 
             policy.update(acc, slots, values[at].to(dtype), +1)
             count[slots] += 1
     return acc, count
+
+
+def change(st: TensorState, others: Sequence[Entries], before: Sequence[Entries] | None, idx: torch.Tensor,
+           values: torch.Tensor, sign: int, dtype: torch.dtype
+           ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, int, int]:
+    """One mask (sorted int64 ``idx``, ``values``) going into (``sign`` +1) or out of (-1) the derived ``st``:
+    the accumulators (of ``dtype``, with ``st``'s totals) and counts at ``idx`` after the change, rebuilt from the
+    ``others`` (the other kept masks, in order) and, adding, this one last; the slots to read them at; the numbers
+    of entries the change moves in or out of covered and of overlapping. ``st``'s totals take the mask's own update
+    on the state before it: the rebuilt ``others`` when adding, the rebuilt ``before`` (every kept mask, this one
+    in its place; needed only when ``st`` has totals) when taking it out."""
+    import torch
+
+    policy = st.policy
+    pos = idx.to(index_dtype(st.numel))
+    acc, count = derive(pos, others, policy, dtype)
+    # The others' counts: an add moves entries at 0 to covered and at 1 to overlapping; a remove the reverse.
+    moved, doubled = int(torch.count_nonzero(count == 0)), int(torch.count_nonzero(count == 1))
+    slots = torch.arange(idx.numel(), device=idx.device)
+    values = values.to(dtype)
+    if sign > 0:
+        policy.update({**acc, **st.totals}, slots, values, +1)
+        count += 1
+    elif before is not None:
+        policy.update({**derive(pos, before, policy, dtype)[0], **st.totals}, slots, values, -1)
+    acc.update(st.totals)
+    return acc, count, slots, moved, doubled
 
 
 def union(sources: Sequence[Entries], dtype: torch.dtype) -> torch.Tensor:

@@ -286,8 +286,6 @@ class TensorState:
         base = self.merged.clone() if self.theta0 is None else self.theta0.to(self.device, copy=True)
         count = torch.zeros(self.numel, dtype=count_dtype(), device=self.device)
         acc = self.policy.accumulators(self.numel, self.device, self.dtype)
-        for name, t in self.totals.items():
-            acc[name].copy_(t)
         count.zero_()  # touch the fresh (lazily zero-mapped) pages now, not on the next add
         for name, t in acc.items():
             if name not in self.totals:
@@ -302,6 +300,8 @@ class TensorState:
             p = idx.long()
             self.policy.update(acc, p, values.to(self.dtype), +1)
             count[p] += 1
+        for name, t in self.totals.items():  # the tensor's running totals, not the replay's
+            acc[name].copy_(t)
         self.base, self.count, self.acc, self.runs = base, count, acc, []
         self.totals = {k: acc[k] for k in self.totals}
 
@@ -309,7 +309,8 @@ class TensorState:
         """Turn to the sparse form: one run of the covered entries. The merged tensor must be up to date first
         (entries a dense removal freed are θ₀ only once recomputed); the caller sees to that."""
         assert self.count is not None and self.base is not None and not self.stale
-        if self.derived:  # nothing to keep: the masks hold it all
+        if self.derived:  # nothing to keep but the totals: the masks hold the rest
+            self.totals = {k: self.acc[k].clone() for k in self.totals}
             self.base, self.count, self.acc, self.runs = None, None, {}, []
             return
         pos = (self.count != 0).nonzero().squeeze(1)
