@@ -183,9 +183,8 @@ class Stitcher:
                 if idx.numel():
                     values = delta.values[key] if key in delta.indices else delta.values[key][idx]
                     if st.derived and not st.dense:
-                        # Running totals change by this mask's own update on the state before it: when taking a
-                        # mask out, that state is every kept mask (this one in its place, or last when an add
-                        # is being undone).
+                        # Per-tensor totals, when taking a mask out, need the state before the change too: every
+                        # kept mask (this one in its place, or last when an add is being undone).
                         before = (self._sources(key, st, last=None if task_id in self._tasks else delta)
                                   if sign < 0 and st.totals else None)
                         self._apply_derived(st, self._sources(key, st, skip=task_id), idx, values, sign, before)
@@ -213,12 +212,12 @@ class Stitcher:
         """One mask's entries of one derived tensor in or out (:func:`~skillhub.stitchderive.change`) and the
         merged entries there recomputed. Only merged entries and totals are stored, so running out of memory
         half-way changes nothing (FAULTS C8)."""
-        if not st.stale:
-            self._writable(st)
+        self._writable(st)
         acc, count, slots, moved, doubled = change(st, others, before, idx, values, sign, self.accumulate)
         self._cover(st, sign * moved, sign * doubled)
-        if not st.stale:  # else the whole tensor is recomputed before it is read anyway
-            self._store(st, idx, [(idx, self._merged_at(st, st.theta0_at(idx), acc, count, slots))])
+        # Written even when the tensor is stale: its recomputation covers only the entries masks still cover, so
+        # the entries this change frees must be θ₀ already.
+        self._store(st, idx, [(idx, self._merged_at(st, st.theta0_at(idx), acc, count, slots))])
 
     def _merged_at(self, st: TensorState, base: torch.Tensor, acc: dict[str, torch.Tensor], count: torch.Tensor,
                    slots: Index, freed: bool = True) -> torch.Tensor:

@@ -21,9 +21,10 @@ The cost of a change is O(|t| · T · log) for T active skills instead of O(|t| 
 arrays per skill (about 15 ns per entry of t and per other skill on the CPU), small beside localization.
 
 A policy's per-tensor ``totals`` (TIES's model-wide balance with ``zero_sign = "majority"``: a few integers per
-tensor) are still stored, and change by the changing mask's own ``update`` on the accumulators of the state before
-it, as in the stored layouts: on an add that state is the one just rebuilt; on a removal it is rebuilt once more
-with the mask in its place (twice the searches, for such policies only). A tensor most of which masks cover still
+tensor; sums over entries) are still stored. An add changes them by the mask's own ``update`` on the state just
+rebuilt, as in the stored layouts; a removal by what the rebuilt entries add up to without the mask less what
+they add up to with it, rebuilt once more with the mask in its place (twice the searches, for such policies only):
+both exact, so the totals are a stitch from scratch's too, whatever the accumulator dtype. A tensor most of which masks cover still
 turns dense (:attr:`TensorState.dense_share`), its dense accumulators built by replaying the masks once.
 """
 
@@ -106,8 +107,9 @@ def change(st: TensorState, others: Sequence[Entries], before: Sequence[Entries]
     the accumulators (of ``dtype``, with ``st``'s totals) and counts at ``idx`` after the change, rebuilt from the
     ``others`` (the other kept masks, in order) and, adding, this one last; the slots to read them at; the numbers
     of entries the change moves in or out of covered and of overlapping. ``st``'s totals take the mask's own update
-    on the state before it: the rebuilt ``others`` when adding, the rebuilt ``before`` (every kept mask, this one
-    in its place; needed only when ``st`` has totals) when taking it out."""
+    on the rebuilt ``others`` when adding; when taking it out, the difference between what the entries' rebuilt
+    states add up to without it (``others``) and with it (``before``: every kept mask, this one in its place; needed
+    only when ``st`` has totals), which must therefore be sums over entries, as TIES's are."""
     import torch
 
     policy = st.policy
@@ -120,8 +122,10 @@ def change(st: TensorState, others: Sequence[Entries], before: Sequence[Entries]
     if sign > 0:
         policy.update({**acc, **st.totals}, slots, values, +1)
         count += 1
-    elif before is not None:
-        policy.update({**derive(pos, before, policy, dtype)[0], **st.totals}, slots, values, -1)
+    elif before is not None:  # the totals the entries add up to after, less what they added up to before
+        prior = derive(pos, before, policy, dtype)[0]
+        for name, total in st.totals.items():
+            total += acc[name] - prior[name]
     acc.update(st.totals)
     return acc, count, slots, moved, doubled
 

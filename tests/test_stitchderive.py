@@ -168,3 +168,22 @@ def test_the_service_derives_the_sparse_state_from_sparse_from_on() -> None:
     base = {"w": torch.zeros(1000)}
     assert Stitcher(base, policy("average"), device="cpu", **service_layout(1000, 10)).derived
     assert not Stitcher(base, policy("average"), device="cpu", **service_layout(1000, 10**6)).derived
+
+
+def test_entries_freed_while_a_tensor_waits_to_be_recomputed_are_theta0() -> None:
+    """TIES majority: exact zero sums make the model-wide sign settle and the tensor stale; a removal then frees
+    entries that the recomputation (of the entries masks still cover) never visits."""
+    base = {"w": torch.arange(8, dtype=torch.float32)}
+    shapes, dtypes = {"w": (8,)}, {"w": torch.float32}
+
+    def mask(idx: list[int], values: list[float]) -> SparseDelta:
+        return SparseDelta({"w": torch.tensor(idx, dtype=torch.int32)}, {"w": torch.tensor(values)}, shapes, dtypes)
+
+    up, down = mask([0, 1, 2, 6], [1.0, 1.0, 1.0, 2.0]), mask([0, 1, 5], [-1.0, -1.0, -3.0])
+    s = Stitcher(base, policy("ties*"), device="cpu", dense_share=2.0, derived=True)
+    s.add("up", up)
+    s.add("down", down)
+    assert s._state["w"].stale  # the zero sums at 0 and 1 follow the model-wide sign, settled after the add
+    s.remove("up")
+    want = stitch(base, {"down": down}, policy("ties*"))
+    assert torch.equal(s.tensor("w"), want["w"]) and s.tensor("w")[2] == 2.0
