@@ -109,11 +109,13 @@ class Peaks:
         self.sample()
 
 
-def measure(folder: Path, finetunes: int, sparsity: float, accumulate: torch.dtype) -> None:
+def measure(folder: Path, finetunes: int, sparsity: float, accumulate: torch.dtype, state: str) -> None:
     """The child process: localize and stitch every finetune as the service does, and print what it cost."""
     from skillhub.ops import localize_checkpoint
     from skillhub.plugins import load_plugins
-    from skillhub.stitch import Stitcher
+    from skillhub.sections import StitchSection
+    from skillhub.stitch import Stitcher, service_layout
+    from skillhub.stitchstate import DENSE_SHARE
 
     plugins = load_plugins([], entry_points=False)
     family = plugins.family("state_dict")()
@@ -126,13 +128,17 @@ def measure(folder: Path, finetunes: int, sparsity: float, accumulate: torch.dty
         params = sum(math.prod(base[k].shape) for k in keys)
         copy = sum(math.prod(base[k].shape) * base[k].dtype.itemsize for k in base) / MiB
         t0 = time.perf_counter()
-        # As the service builds it (Hub): θ₀ straight from the memory-mapped base
-        stitcher = Stitcher({k: base.tensor(k) for k in keys}, policy, device="cpu", accumulate=accumulate)
+        # As the service builds it (Hub): θ₀ straight from the memory-mapped base, the layout for this size
+        layout = {"service": service_layout(params, StitchSection().sparse_from), "runs": {"dense_share": DENSE_SHARE},
+                  "derived": {"dense_share": DENSE_SHARE, "derived": True}}[state]
+        stitcher = Stitcher({k: base.tensor(k) for k in keys}, policy, device="cpu", accumulate=accumulate,
+                            **layout)
         t_init = time.perf_counter() - t0
         after_init = peaks.sample()
         print(f"model {params / 1e9:.2f}B params bf16 in {len(base.files)} shards; one bf16 copy {copy:.0f} MiB; "
               f"{finetunes} finetunes at sparsity {sparsity:g}, policy average, {str(accumulate)[6:]} sums, cpu, "
-              f"torch threads {torch.get_num_threads()}")
+              f"torch threads {torch.get_num_threads()}; sparse state "
+              f"{'derived from the masks' if stitcher.derived else 'stored in runs'} (--state {state})")
         print(f"process at start: {start['anon']:.0f} MiB anonymous; stitcher built in {t_init:.1f} s: "
               f"{after_init['anon']:.0f} MiB anonymous")
         print(f"{'skill':<7}{'localize s':>11}{'stitch s':>10}{'mask MiB':>10}{'anon MiB':>10}{'RSS MiB':>9}"
@@ -210,12 +216,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, help="torch threads in the measuring process (default: torch's own)")
     ap.add_argument("--accumulate", choices=["float64", "float32"], default="float64",
                     help="the stitcher's accumulator dtype ([stitch] accumulate)")
+    ap.add_argument("--state", choices=["service", "runs", "derived"], default="service",
+                    help="the stitcher's layout: the service's for this size (dense below [stitch] sparse_from, "
+                         "from there the sparse state derived from the kept masks), the sparse state stored in runs "
+                         "(the layout before), or derived whatever the size")
     ap.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)  # the child process
     args = ap.parse_args()
     if args.measure:
         if args.threads:
             torch.set_num_threads(args.threads)
-        measure(args.dir, args.finetunes, args.sparsity, getattr(torch, args.accumulate))
+        measure(args.dir, args.finetunes, args.sparsity, getattr(torch, args.accumulate), args.state)
         return
     folder = args.dir or Path(tempfile.mkdtemp(prefix="skillhub-scale-"))
     shapes = llm_shapes(args.size)
@@ -233,7 +243,7 @@ def main() -> None:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
                                                             os.environ.get("PYTHONPATH", "")])}
         subprocess.run([sys.executable, __file__, "--measure", "--dir", str(folder), "--finetunes",
-                        str(args.finetunes), "--sparsity", str(args.sparsity), "--accumulate", args.accumulate,
+                        str(args.finetunes), "--sparsity", str(args.sparsity), "--accumulate", args.accumulate, "--state", args.state,
                         *(["--threads", str(args.threads)] if args.threads else [])], check=True, env=env)
     finally:
         if args.dir is None and not args.keep:

@@ -23,7 +23,7 @@ from skillhub.delta import SparseDelta
 from skillhub.placement import synchronize
 from skillhub.plugins import load_plugins
 from skillhub.sections import StitchSection
-from skillhub.stitch import Stitcher, dense_share_for, resolve_device
+from skillhub.stitch import Stitcher, resolve_device, service_layout
 from skillhub.stitchstate import DENSE_SHARE
 
 
@@ -64,22 +64,25 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=12)
     ap.add_argument("--policy", default="average")
     ap.add_argument("--dense", action="store_true", help="masks in the dense form (no indices)")
-    ap.add_argument("--state", choices=("service", "dense", "sparse"), default="service",
+    ap.add_argument("--state", choices=("service", "dense", "sparse", "derived"), default="service",
                     help="the stitcher's accumulators: as the service keeps them for this model size ([stitch] "
-                         "sparse_from, default 500M parameters), always dense, or always sparse")
+                         "sparse_from, default 500M parameters: dense below, derived from there), always dense, "
+                         "always sparse (stored runs), or sparse and derived from the kept masks")
     args = ap.parse_args()
     shapes = vit_b_shapes(args.blocks)
     base = make_base(shapes)
     deltas = [random_delta(shapes, args.density, s, args.dense) for s in range(args.skills + 1)]
     policy = load_plugins([], entry_points=False).make_policy(args.policy)
     n = sum(t.numel() for t in base.values())
-    share = {"service": dense_share_for(n, StitchSection().sparse_from), "dense": 0.0, "sparse": DENSE_SHARE}[args.state]
+    layout = {"service": service_layout(n, StitchSection().sparse_from), "dense": {"dense_share": 0.0},
+              "sparse": {"dense_share": DENSE_SHARE},
+              "derived": {"dense_share": DENSE_SHARE, "derived": True}}[args.state]
+    s = Stitcher(base, policy, device="auto", **layout)
+    kind = "dense" if layout["dense_share"] == 0 else "sparse, derived" if s.derived else "sparse"
     print(f"model {n / 1e6:.1f}M params, {args.skills} skills of {deltas[0].nnz} entries ({args.density:.1%}), "
-          f"policy {args.policy}, device {Stitcher({}, policy).device}, accumulators "
-          f"{'dense' if share == 0 else 'sparse'} (--state {args.state})")
+          f"policy {args.policy}, device {s.device}, accumulators {kind} (--state {args.state})")
 
-    t_init = timed(lambda: Stitcher(base, policy, device="auto", dense_share=share))
-    s = Stitcher(base, policy, device="auto", dense_share=share)
+    t_init = timed(lambda: Stitcher(base, policy, device="auto", **layout))
     # A dense add leaves its merged tensors to be recomputed when next read: each change is timed with that read
     # (free after a sparse add), not with a copy.
     def read(st: Stitcher) -> None:
@@ -100,7 +103,7 @@ def main() -> None:
     t_snapshot = timed(lambda: s.snapshot())
 
     def rebuild() -> None:
-        r = Stitcher(base, policy, device="auto", dense_share=share)
+        r = Stitcher(base, policy, device="auto", **layout)
         for i in range(args.skills):
             r.add(str(i), deltas[i])
         read(r)

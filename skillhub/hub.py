@@ -42,7 +42,7 @@ from skillhub.recovery import RECOVERY_STEPS, check_registry_is_current
 from skillhub.registry import RecoveryReport, Registry, VersionRow
 from skillhub.routing import PatchedTensors, split_route_key, with_statistics
 from skillhub.statedir import take_lock
-from skillhub.stitch import Stitcher, dense_share_for, resolve_device
+from skillhub.stitch import Stitcher, resolve_device, service_layout
 
 if TYPE_CHECKING:
     from skillhub.delta import SparseDelta
@@ -102,7 +102,7 @@ class Hub:
         accumulate = torch.float64 if cfg.stitch.accumulate == "float64" else torch.float32
         parameters = sum(self.base[k].numel for k in self.included)
         stitcher = Stitcher({k: self.base.tensor(k) for k in self.included}, self.policy, device=self.device,
-                            accumulate=accumulate, dense_share=dense_share_for(parameters, cfg.stitch.sparse_from))
+                            accumulate=accumulate, **service_layout(parameters, cfg.stitch.sparse_from))
         included = set(self.included)
         passthrough = {k: self.base.tensor(k).clone() for k in self.base if k not in included}
         describe = {"base": self.base_sha, "family": self.family.name, "policy": self.policy.name,

@@ -4,23 +4,22 @@ Localize-and-Stitch (He et al., arXiv 2408.13656, §3.2): θ = θ₀ + Σₜ γ�
 the tasks' values are averaged; entries in no mask stay exactly θ₀; there is no scaling factor.
 
 The :class:`Stitcher` keeps, per included tensor and on its device, the merged tensor (in the base dtype: the one
-full copy of the model it holds) and, only where masks are, θ₀, the per-entry mask count C = Σₜ γₜ and the policy's
-accumulators (for ``average``, Σ = Σₜ γₜ⊙τₜ): :mod:`skillhub.stitchstate` keeps them in sorted runs of the covered
-entries, or dense once most of a tensor is covered, so the extra state is O(Σ mask sizes), not O(model). Adding or
-removing a skill updates the accumulators at that skill's indices and recomputes the merged entries there only, so
-its cost is proportional to the mask, not to the model or the number of skills (DESIGN §2).
+full copy of the model it holds) and the state it is computed from: θ₀, the per-entry mask count C = Σₜ γₜ and
+the policy's accumulators (for ``average``, Σ = Σₜ γₜ⊙τₜ). :mod:`skillhub.stitchstate` keeps them dense, or only
+where masks are, in sorted runs; or (``derived``, :mod:`skillhub.stitchderive`, the service's choice for big
+models) not at all: they are recomputed from the masks the stitcher keeps anyway, at the entries a change touches.
+Adding or removing a skill updates the state at that skill's indices and recomputes the merged entries there
+only, so its cost follows the mask, not the model (DESIGN §2).
 
 A tensor in the *dense* form (:class:`~skillhub.delta.SparseDelta`: values for every entry, no indices; what
 ``localize --sparsity 1`` makes) turns the tensor's accumulators dense and is added with whole-tensor operations
-instead of gather/scatter, when the policy supports it (``whole_tensor``; every built-in one does). Its merged tensor is then marked stale and recomputed in
-full, in cache-sized chunks, when it is next read (:meth:`Stitcher.tensor`, :meth:`Stitcher.snapshot`): n dense adds
-in a row cost one recomputation, not n. The arithmetic is the same as on the sparse path, entry for entry, so the
-result does not depend on the form or the order of the adds.
+when the policy supports it (``whole_tensor``; :mod:`skillhub.stitchdense`); its merged tensor is recomputed when
+next read. The arithmetic is the same on every path, entry for entry, so the result does not depend on the form
+or the order of the adds.
 
-Accumulators are float64 by default. Masked τ values are stored in the base dtype (float32 at most for usual
-models), and sums of a few float32 values are exact in float64, so an add followed by a remove restores the
-accumulators bit for bit: no drift, however many cycles. Where the count returns to 0 the accumulators are reset to
-0 and the merged entry to θ₀ exactly, whatever the accumulator dtype.
+Accumulators are float64 by default: sums of a few float32 values are exact in float64, so an add followed by a
+remove restores the stored accumulators bit for bit (the derived layout stores none: every change is a stitch
+from scratch of its entries). Where the count returns to 0 the merged entry is θ₀ exactly, whatever the dtype.
 """
 
 from __future__ import annotations
@@ -28,49 +27,30 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from skillhub.delta import SparseDelta
+from skillhub.delta import SparseDelta, index_dtype
 from skillhub.errors import StitchError
+from skillhub.stitchcow import Versions
+from skillhub.stitchdense import CHUNK, apply_dense, recompute_dense
+from skillhub.stitchderive import Entries, change, derive, sources, union
+from skillhub.stitchderive import counts as derived_counts
+from skillhub.stitchlayout import dense_share_for, resolve_device, service_layout
 from skillhub.stitchpolicy import Index, ScaleParams, StitchPolicy, zero_at
 from skillhub.stitchstate import DENSE_SHARE, Segment, TensorState, count_dtype
 
-__all__ = ["CHUNK", "COUNT_MAX", "Index", "ScaleParams", "StitchPolicy", "Stitcher", "count_dtype", "resolve_device",
-           "stitch", "zero_at"]
+__all__ = ["CHUNK", "COUNT_MAX", "Index", "ScaleParams", "StitchPolicy", "Stitcher", "count_dtype", "dense_share_for",
+           "resolve_device", "service_layout", "stitch", "zero_at"]
 
 if TYPE_CHECKING:
     import torch
 
 
 COUNT_MAX = 2**15 - 1  # torch.iinfo(count_dtype()).max, without importing torch
-#: Entries per step when a whole tensor is recomputed: float64 temporaries of this size stay in the CPU cache
-#: (about 4× faster than one pass over a 2M-entry tensor, which streams every temporary through memory).
-CHUNK = 1 << 18
 
 def _nonfinite(t: torch.Tensor) -> int:
     """Number of NaN and ±Inf entries of ``t``."""
     import torch
 
     return int(t.numel() - torch.count_nonzero(torch.isfinite(t))) if t.numel() else 0
-
-
-def resolve_device(spec: str | torch.device = "auto") -> torch.device:
-    """``auto`` picks CUDA when present, else the CPU; anything else is passed to :class:`torch.device`."""
-    import torch
-
-    if str(spec) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(spec)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise StitchError(f"device {spec!r} requested but CUDA is not available", key="device",
-                          hint='use device = "auto" or "cpu"')
-    return dev
-
-
-def dense_share_for(parameters: int, sparse_from: int) -> float:
-    """The ``dense_share`` the service gives its :class:`Stitcher` for a model of ``parameters`` included entries
-    (``[stitch] sparse_from``): 0 (dense accumulators from the start: flat O(mask) adds, for models whose dense state
-    fits) below ``sparse_from``, else :data:`~skillhub.stitchstate.DENSE_SHARE` (sums and counts only where masks
-    are, for big models)."""
-    return 0.0 if parameters < sparse_from else DENSE_SHARE
 
 
 class Stitcher:
@@ -83,25 +63,32 @@ class Stitcher:
     :param dense_share: covered share of a tensor from which its accumulators are kept dense
         (:mod:`skillhub.stitchstate`); 0 keeps every tensor dense from the start, above 1 keeps them sparse unless a
         dense-form mask arrives.
+    :param derived: keep no sparse accumulators: recompute them from the kept masks at the entries each change
+        touches, and read θ₀ there from ``base``, which must then not change while the stitcher lives
+        (:mod:`skillhub.stitchderive`). Every delta is then kept, ``removable`` or not. Ignored when
+        ``dense_share`` is 0 (dense from the start).
     """
 
     def __init__(self, base: Mapping[str, torch.Tensor], policy: StitchPolicy, *, device: str | torch.device = "auto",
-                 accumulate: torch.dtype | None = None, dense_share: float = DENSE_SHARE) -> None:
+                 accumulate: torch.dtype | None = None, dense_share: float = DENSE_SHARE,
+                 derived: bool = False) -> None:
         import torch
 
         accumulate = torch.float64 if accumulate is None else accumulate
         self.device = resolve_device(device)
         self.policy = policy
         self.accumulate = accumulate
-        self._state = {k: TensorState(t, policy, self.device, accumulate, dense_share) for k, t in base.items()}
+        self.derived = derived and dense_share > 0
+        self._state = {k: TensorState(t, policy, self.device, accumulate, dense_share, self.derived)
+                       for k, t in base.items()}
         self._tasks: dict[str, SparseDelta | None] = {}  # None: added for good
+        self._for_good: set[str] = set()  # derived layout: added for good, yet kept (the state is the masks)
         self._covered = 0
         self._overlapping = 0
-        # Copy on write: a merged tensor handed out by snapshot() (id of its state -> that tensor) belongs to a
-        # published version and is never written again; the next change to it writes a copy, made beforehand in
-        # the background when prepare() ran (id -> (the tensor copied, its copy)).
-        self._frozen: dict[int, torch.Tensor] = {}
-        self._spare: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # Copy on write: a merged tensor handed out by snapshot() belongs to a published version and is never
+        # written again; the next change to it writes a copy, made beforehand when prepare() ran.
+        self._versions = Versions()
+        self._writable = self._versions.writable
         # Non-finite merged entries per tensor (id of its state -> count, when not 0), kept as entries change, so
         # the smoke check of a new version (nonfinite()) costs O(changed entries), not a pass over the model.
         self._bad: dict[int, int] = {}
@@ -138,27 +125,30 @@ class Stitcher:
         delta = delta.to(self.device)
         if len(self._tasks) >= COUNT_MAX:  # a count never exceeds the number of skills in: only then look
             for key in delta.values:
-                if self._state[key].max_count() >= COUNT_MAX:
+                if int(self.count(key).max()) >= COUNT_MAX:
                     raise StitchError(f"more than {COUNT_MAX} masks overlap in {key!r}", key=key)
         done: list[str] = []
         try:
-            self._apply(delta, +1, done)
+            self._apply(task_id, delta, +1, done)
         except BaseException:
             # All or nothing (FAULTS C8): a device running out of memory half-way must not leave half a skill in.
-            self._apply(delta, -1, keys=done)
+            self._apply(task_id, delta, -1, keys=done)
             raise
-        self._tasks[task_id] = delta if removable else None
+        self._tasks[task_id] = delta if removable or self.derived else None
+        if not removable and self.derived:
+            self._for_good.add(task_id)
         self._settle()
 
     def remove(self, task_id: str) -> SparseDelta:
         """Take one skill out; cost O(its mask). Entries no mask covers any more become exactly θ₀."""
         if task_id not in self._tasks:
             raise StitchError(f"skill {task_id!r} is not stitched in", key=task_id)
-        if self._tasks[task_id] is None:
+        if self._tasks[task_id] is None or task_id in self._for_good:
             raise StitchError(f"skill {task_id!r} was stitched in for good (removable=False)", key=task_id)
-        delta = self._tasks.pop(task_id)
+        delta = self._tasks[task_id]
         assert delta is not None
-        self._apply(delta, -1)
+        self._apply(task_id, delta, -1)
+        del self._tasks[task_id]
         self._settle()
         return delta
 
@@ -166,10 +156,18 @@ class Stitcher:
         for key in self.policy.settle({k: st.settle_view() for k, st in self._state.items()}):
             self._state[key].stale = True
 
-    def _apply(self, delta: SparseDelta, sign: int, done: list[str] | None = None,
+    def _sources(self, key: str, st: TensorState, skip: str | None = None,
+                 last: SparseDelta | None = None) -> list[Entries]:
+        """The kept masks' entries of ``key`` in the order the skills were added, but ``skip``'s, and ``last``'s
+        after them (derived layout)."""
+        kept = [d for t, d in self._tasks.items() if d is not None and t != skip]
+        return sources([*kept, *([last] if last is not None else [])], key, index_dtype(st.numel))
+
+    def _apply(self, task_id: str, delta: SparseDelta, sign: int, done: list[str] | None = None,
                keys: list[str] | None = None) -> None:
         """Add (``sign`` = +1) or take out (-1) one mask's entries, tensor by tensor (only ``keys`` if given),
-        appending each finished tensor's key to ``done``."""
+        appending each finished tensor's key to ``done``. Meanwhile the skill is among :attr:`_tasks` when it is
+        being taken out, not when it is being added."""
         for key in delta.values if keys is None else keys:
             st = self._state[key]
             # A dense-form mask goes in with whole-tensor operations when the policy takes them and the tensor is,
@@ -177,26 +175,58 @@ class Stitcher:
             whole = key not in delta.indices and self.policy.whole_tensor and (
                 st.dense or st.covered + delta.nnz_of(key) >= st.dense_share * st.numel)
             if whole:
-                st.densify()
-                self._apply_dense(st, delta.values[key], delta.nnz_of(key), sign)
+                st.densify(self._sources(key, st) if st.derived and not st.dense else ())  # the state before
+                self._cover(st, *apply_dense(st, delta.values[key], delta.nnz_of(key), sign))
             else:
                 # Sparse, or a dense mask given to a policy that only takes indices: its non-zero entries.
                 idx = delta.flat_indices(key).long()
                 if idx.numel():
                     values = delta.values[key] if key in delta.indices else delta.values[key][idx]
-                    self._apply_sparse(st, idx, values, sign)
-            self._tidy(st)
+                    if st.derived and not st.dense:
+                        # Per-tensor totals, when taking a mask out, need the state before the change too: every
+                        # kept mask (this one in its place, or last when an add is being undone).
+                        before = (self._sources(key, st, last=None if task_id in self._tasks else delta)
+                                  if sign < 0 and st.totals else None)
+                        self._apply_derived(st, self._sources(key, st, skip=task_id), idx, values, sign, before)
+                    else:
+                        self._apply_sparse(st, idx, values, sign)
+            self._tidy(key, st, task_id, delta if sign > 0 else None)
             if done is not None:
                 done.append(key)
 
-    def _tidy(self, st: TensorState) -> None:
-        """Compact, densify or sparsify ``st`` when its covered share calls for it (:meth:`TensorState.tidy`)."""
+    def _tidy(self, key: str, st: TensorState, task_id: str, adding: SparseDelta | None) -> None:
+        """Compact, densify or sparsify ``st`` when its covered share calls for it (:meth:`TensorState.tidy`)
+        after ``task_id`` went in (``adding``: its delta, not yet among the kept ones) or out."""
         if st.wants_sparse():
             if st.stale:  # entries a dense removal freed are θ₀ again only once recomputed
-                self._materialise(st)
+                self._materialise(key, st)
             st.sparsify()
+        elif st.derived and not st.dense:
+            if st.covered >= st.dense_share * st.numel:
+                st.densify(self._sources(key, st, skip=task_id, last=adding))
         else:
             st.tidy()
+
+    def _apply_derived(self, st: TensorState, others: list[Entries], idx: torch.Tensor, values: torch.Tensor,
+                       sign: int, before: list[Entries] | None = None) -> None:
+        """One mask's entries of one derived tensor in or out (:func:`~skillhub.stitchderive.change`) and the
+        merged entries there recomputed. Only merged entries and totals are stored, so running out of memory
+        half-way changes nothing (FAULTS C8)."""
+        self._writable(st)
+        acc, count, slots, moved, doubled = change(st, others, before, idx, values, sign, self.accumulate)
+        self._cover(st, sign * moved, sign * doubled)
+        # Written even when the tensor is stale: its recomputation covers only the entries masks still cover, so
+        # the entries this change frees must be θ₀ already.
+        self._store(st, idx, [(idx, self._merged_at(st, st.theta0_at(idx), acc, count, slots))])
+
+    def _merged_at(self, st: TensorState, base: torch.Tensor, acc: dict[str, torch.Tensor], count: torch.Tensor,
+                   slots: Index, freed: bool = True) -> torch.Tensor:
+        """Merged entries from θ₀ there, the accumulators and the counts: θ₀ exactly where the count is 0 (θ₀ + 0.0
+        would turn -0.0 into +0.0), unless no count there can be 0 (not ``freed``)."""
+        import torch
+
+        merged = (base.to(self.accumulate) + self.policy.delta(acc, count, slots)).to(st.merged.dtype)
+        return torch.where(count == 0, base, merged) if freed else merged
 
     def _apply_sparse(self, st: TensorState, idx: torch.Tensor, values: torch.Tensor, sign: int) -> None:
         """One mask's entries of one tensor (sorted unique int64 ``idx``) in or out, in each stretch of accumulators
@@ -240,16 +270,16 @@ class Stitcher:
             if idle is not None:
                 self.policy.reset(seg.acc, idle)
         if not st.stale:  # else the whole tensor is recomputed before it is read anyway
-            self._write_merged(st, idx, plans)
+            self._store(st, idx, [(flat, self._merged_at(st, seg.base[seg.slots], seg.acc, after, seg.slots,
+                                                         freed=idle is not None))
+                                  for seg, _, after, _, flat, idle in plans])
         del plans, segs, applied  # the new run goes in last, with nothing else holding the runs' arrays
         if new is not None:
             st.keep(new)
 
-    def _write_merged(self, st: TensorState, idx: torch.Tensor, plans: list) -> None:
-        """The merged entries at ``idx`` recomputed from the accumulators just changed (``plans`` of
-        :meth:`_apply_sparse`), and the tensor's count of non-finite entries kept up to date."""
-        import torch
-
+    def _store(self, st: TensorState, idx: torch.Tensor, pieces: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Write the merged entries ``pieces`` (flat positions, values; together ``idx``) and keep the tensor's
+        count of non-finite entries up to date."""
         # The non-finite count changes by what idx held before and holds after. A tensor with no non-finite entry
         # (and a finite θ₀, which entries no mask covers any more return to) held none before: only the new values
         # need a look, no gather.
@@ -257,11 +287,7 @@ class Stitcher:
         exact = sid in self._bad or sid in self._base_bad
         bad_before = _nonfinite(st.merged[idx]) if exact else 0
         fresh = 0
-        for seg, _, after, _, flat, idle in plans:
-            base = seg.base[seg.slots]
-            merged = (base.to(self.accumulate) + self.policy.delta(seg.acc, after, seg.slots)).to(st.merged.dtype)
-            if idle is not None:  # exactly θ₀ where no mask is any more (θ₀ + 0.0 would turn -0.0 into +0.0)
-                merged = torch.where(after == 0, base, merged)
+        for flat, merged in pieces:
             st.merged[flat] = merged
             if not exact:
                 fresh += _nonfinite(merged)
@@ -271,66 +297,27 @@ class Stitcher:
         else:
             self._bad.pop(sid, None)
 
-    def _apply_dense(self, st: TensorState, values: torch.Tensor, nnz: int, sign: int) -> None:
-        """One dense mask (the non-zero ``values``) in or out of a dense ``st`` with whole-tensor operations: no
-        index is built, no gather or scatter is done; the merged tensor is recomputed when next read."""
-        import torch
-
-        assert st.count is not None
-        numel = values.numel()
-        inside = None if nnz == numel else values != 0
-        # Coverage changes and the entries that become free, from the counts before the change (and allocated
-        # before it, so running out of memory leaves this tensor as it was).
-        free: torch.Tensor | None = None
-        if inside is None and sign > 0:
-            # Every count goes up by one: all entries are covered after, and those covered before overlap after.
-            moved, doubled = numel - st.covered, st.covered - st.overlapping
-        elif inside is None:
-            # Every count goes down by one: what overlapped stays covered; entries at 1 become free.
-            moved, doubled = st.covered - st.overlapping, st.overlapping - int(torch.count_nonzero(st.count > 2))
-            free = st.count == 1 if moved else None
-        else:
-            edge, double = (st.count == 0, st.count == 1) if sign > 0 else (st.count == 1, st.count == 2)
-            edge &= inside
-            double &= inside
-            moved, doubled = int(torch.count_nonzero(edge)), int(torch.count_nonzero(double))
-            free = edge if sign < 0 and moved else None
-        step = sign if inside is None else inside
-        st.count.add_(step, alpha=1 if inside is None else sign)
-        try:
-            # Values go in as they are stored: the accumulator's in-place add widens them, no float64 copy.
-            self.policy.update(st.acc, slice(None), values, sign)
-        except BaseException:
-            st.count.add_(step, alpha=-1 if inside is None else -sign)
-            raise
-        self._cover(st, sign * moved, sign * doubled)
-        if free is not None:
-            self.policy.reset(st.acc, free)
-        st.stale = True
-
     def _cover(self, st: TensorState, covered: int, overlapping: int) -> None:
         st.covered += covered
         st.overlapping += overlapping
         self._covered += covered
         self._overlapping += overlapping
 
-    def _materialise(self, st: TensorState) -> None:
+    def _materialise(self, key: str, st: TensorState) -> None:
         """Recompute a stale merged tensor: the sparse path's arithmetic, chunk by chunk, and θ₀ bit for bit
         wherever the count is 0. Dense: every entry; sparse: the entries the runs hold (the others are θ₀)."""
         import torch
 
         self._writable(st, whole=st.dense)
         if st.dense:
-            assert st.base is not None and st.count is not None
-            n = st.numel
-            for start in range(0, n, CHUNK):
-                part = slice(start, min(start + CHUNK, n))
-                idx: Index = part if self.policy.whole_tensor else torch.arange(part.start, part.stop,
-                                                                                device=self.device)
-                count = st.count[part]
-                merged = (st.base[part].to(self.accumulate) + self.policy.delta(st.acc, count, idx)
-                          ).to(st.merged.dtype)
-                st.merged[part] = torch.where(count == 0, st.base[part], merged)
+            recompute_dense(st)
+        elif st.derived:  # every entry a kept mask covers (the others are θ₀)
+            sources = self._sources(key, st)
+            pos = union(sources, index_dtype(st.numel)).to(self.device)
+            acc, count = derive(pos, sources, self.policy, self.accumulate)
+            flat = pos.long()
+            st.merged[flat] = self._merged_at(st, st.theta0_at(flat), {**acc, **st.totals}, count,
+                                              torch.arange(pos.numel(), device=self.device))
         for run in st.runs:
             acc = {**run.acc, **st.totals}
             for start in range(0, len(run), CHUNK):
@@ -354,7 +341,7 @@ class Stitcher:
         weights, from counts kept as entries change (O(changed entries); stale tensors are recomputed first)."""
         for key, st in self._state.items():
             if st.stale:
-                self._materialise(st)
+                self._materialise(key, st)
             if self._bad.get(id(st)):
                 return key
         return None
@@ -363,7 +350,7 @@ class Stitcher:
         """The live merged tensor (do not modify; use :meth:`snapshot` for a copy that stays fixed)."""
         st = self._state[key]
         if st.stale:
-            self._materialise(st)
+            self._materialise(key, st)
         return st.merged.reshape(st.shape)
 
     def snapshot(self, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -381,38 +368,20 @@ class Stitcher:
         out = {}
         for k, st in self._state.items():
             out[k] = self.tensor(k)
-            self._frozen[id(st)] = st.merged
+            self._versions.freeze(st)
         return out
 
     def prepare(self) -> None:
         """Copy every frozen merged tensor that has no spare copy yet (safe to call from another thread while the
         stitcher works: a copy is used only if it is still a copy of the live tensor). Run it when the service is
         idle after a publication: the next change then writes into the copy instead of copying first."""
-        for sid, src in list(self._frozen.items()):
-            spare = self._spare.get(sid)
-            if spare is None or spare[0] is not src:
-                self._spare[sid] = (src, src.clone())
-
-    def _writable(self, st: TensorState, *, whole: bool = False) -> None:
-        """Before ``st.merged`` is written: if a published version holds it, switch to a copy (the spare when it
-        is a copy of this very tensor; else an exact copy now, or an uninitialised one when ``whole`` is about to
-        be overwritten)."""
-        import torch
-
-        sid = id(st)
-        frozen = self._frozen.get(sid)
-        if frozen is None or frozen is not st.merged:
-            return
-        spare = self._spare.pop(sid, None)
-        if spare is not None and spare[0] is st.merged:
-            st.merged = spare[1]
-        else:
-            st.merged = torch.empty_like(st.merged) if whole else st.merged.clone()
-        del self._frozen[sid]
+        self._versions.prepare()
 
     def count(self, key: str) -> torch.Tensor:
         """Per-entry number of active masks covering ``key`` (a copy)."""
         st = self._state[key]
+        if st.derived and not st.dense:
+            return derived_counts(st.numel, self._sources(key, st), self.device).reshape(st.shape)
         return st.counts().reshape(st.shape)
 
     def footprint(self) -> dict[str, int]:

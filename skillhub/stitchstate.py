@@ -29,11 +29,16 @@ Policies see exactly their contract (:class:`~skillhub.stitchpolicy.StitchPolicy
 entries and int64 indices into them; for a run those are positions within the run. Accumulators a policy names in
 ``totals`` (one value per tensor, such as TIES's model-wide balance) are kept once per tensor and handed in with
 every run's.
+
+**Derived** (``derived=True``, :mod:`skillhub.stitchderive`): no runs at all. The sparse accumulators are
+recomputed from the masks the stitcher keeps, at the entries each change touches, and θ₀ is read from the base
+tensor the state was built from (:attr:`TensorState.theta0`, not copied). The dense form is the same as above,
+built by replaying the masks once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from skillhub.delta import index_dtype
@@ -147,11 +152,14 @@ class TensorState:
     dtype, and its accumulators, sparse (:attr:`runs`) or dense (:attr:`base`, :attr:`count`, :attr:`acc`)."""
 
     __slots__ = ("acc", "base", "count", "covered", "dense_share", "device", "dtype", "merged", "numel",
-                 "overlapping", "policy", "runs", "shape", "stale", "totals")
+                 "overlapping", "policy", "runs", "shape", "stale", "theta0", "totals")
 
     def __init__(self, base: torch.Tensor, policy: StitchPolicy, device: torch.device, dtype: torch.dtype,
-                 dense_share: float = DENSE_SHARE) -> None:
+                 dense_share: float = DENSE_SHARE, derived: bool = False) -> None:
         self.shape = tuple(base.shape)
+        # Derived: θ₀ of covered entries is read from the tensor given (for the service a view of the memory-mapped
+        # base: page cache, shared and reclaimable), which must not change while the state lives.
+        self.theta0 = base.detach().reshape(-1) if derived else None
         # The one copy of the tensor the stitcher holds: θ₀ until a mask covers an entry.
         self.merged = base.detach().reshape(-1).to(device, copy=True)
         self.numel = self.merged.numel()
@@ -170,6 +178,17 @@ class TensorState:
     @property
     def dense(self) -> bool:
         return self.count is not None
+
+    @property
+    def derived(self) -> bool:
+        """Sparse accumulators derived from the masks (:mod:`skillhub.stitchderive`), never stored."""
+        return self.theta0 is not None
+
+    def theta0_at(self, pos: torch.Tensor) -> torch.Tensor:
+        """θ₀ at the flat positions ``pos`` (int64, on the device), from the base tensor (derived layout)."""
+        assert self.theta0 is not None
+        src = self.theta0
+        return src[pos if pos.device == src.device else pos.to(src.device)].to(self.device)
 
     def _fresh(self, n: int) -> dict[str, torch.Tensor]:
         return {k: t for k, t in self.policy.accumulators(n, self.device, self.dtype).items()
@@ -256,17 +275,17 @@ class TensorState:
 
     # --- the two forms --------------------------------------------------------------------------------------------
 
-    def densify(self) -> None:
-        """Turn to the dense form: θ₀ from the merged tensor where no mask is, from the runs where masks are."""
+    def densify(self, sources: Iterable[tuple[torch.Tensor, torch.Tensor]] = ()) -> None:
+        """Turn to the dense form: θ₀ from the merged tensor where no mask is, from the runs where masks are; in the
+        derived layout θ₀ from the base and the accumulators from the masks' ``sources`` (sorted indices and
+        values, in the order the skills were added), replayed once."""
         import torch
 
         if self.dense:
             return
-        base = self.merged.clone()
+        base = self.merged.clone() if self.theta0 is None else self.theta0.to(self.device, copy=True)
         count = torch.zeros(self.numel, dtype=count_dtype(), device=self.device)
         acc = self.policy.accumulators(self.numel, self.device, self.dtype)
-        for name, t in self.totals.items():
-            acc[name].copy_(t)
         count.zero_()  # touch the fresh (lazily zero-mapped) pages now, not on the next add
         for name, t in acc.items():
             if name not in self.totals:
@@ -277,6 +296,12 @@ class TensorState:
             count[p] = run.count
             for name, t in run.acc.items():
                 acc[name][p] = t
+        for idx, values in sources:  # the same values in the same order as the derived recomputation
+            p = idx.long()
+            self.policy.update(acc, p, values.to(self.dtype), +1)
+            count[p] += 1
+        for name, t in self.totals.items():  # the tensor's running totals, not the replay's
+            acc[name].copy_(t)
         self.base, self.count, self.acc, self.runs = base, count, acc, []
         self.totals = {k: acc[k] for k in self.totals}
 
@@ -284,6 +309,10 @@ class TensorState:
         """Turn to the sparse form: one run of the covered entries. The merged tensor must be up to date first
         (entries a dense removal freed are θ₀ only once recomputed); the caller sees to that."""
         assert self.count is not None and self.base is not None and not self.stale
+        if self.derived:  # nothing to keep but the totals: the masks hold the rest
+            self.totals = {k: self.acc[k].clone() for k in self.totals}
+            self.base, self.count, self.acc, self.runs = None, None, {}, []
+            return
         pos = (self.count != 0).nonzero().squeeze(1)
         run = Run(pos.to(index_dtype(self.numel)), self.count[pos], self.base[pos],
                   {k: t[pos] for k, t in self.acc.items() if k not in self.totals})

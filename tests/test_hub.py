@@ -47,11 +47,14 @@ def test_c7_a_version_failing_its_smoke_check_is_not_published(tmp_path: Path) -
         hub.close()
 
 
-def test_c10_removing_every_skill_returns_exactly_to_base(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sparse_from", [None, 0])
+def test_c10_removing_every_skill_returns_exactly_to_base(tmp_path: Path, sparse_from: int | None) -> None:
     g = torch.Generator().manual_seed(0)
     base = {"w": torch.randn(6, 5, generator=g), "b": torch.randn(5, generator=g)}
-    hub = make_hub(tmp_path, base)
+    # sparse_from = 0: the big-model layout (sparse state derived from the kept masks) on this tiny model
+    hub = make_hub(tmp_path, base, "" if sparse_from is None else f"[stitch]\nsparse_from = {sparse_from}\n")
     try:
+        assert hub.reconciler.stitcher.derived == (sparse_from == 0)
         for i in range(3):
             ft = {k: v + torch.randn(v.shape, generator=g) for k, v in base.items()}
             hub.ingest(drop(tmp_path, f"s{i}", ft), skill=f"s{i}")

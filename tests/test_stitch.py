@@ -18,9 +18,11 @@ from skillhub.stitch import Stitcher, StitchPolicy, resolve_device, stitch
 SHAPES = {"a": (6, 5), "b": (7,), "c": (2, 3, 2)}
 PLUGINS = load_plugins([], entry_points=False)
 TIES_RULES = {"ties": "count", "ties+": "positive", "ties*": "majority"}
-#: Stitcher dense_share values: every tensor's accumulators dense from the start, the default (dense once half
-#: covered), and sparse unless a dense-form mask forces dense
-SHARES = (0.0, 0.5, 2.0)
+#: Stitcher layouts: every tensor's accumulators dense from the start, the default (dense once half covered), sparse
+#: unless a dense-form mask forces dense, and the same two with the sparse accumulators derived from the kept masks
+LAYOUTS = {"dense": {"dense_share": 0.0}, "half": {"dense_share": 0.5}, "sparse": {"dense_share": 2.0},
+           "derived": {"dense_share": 0.5, "derived": True}, "derived-sparse": {"dense_share": 2.0, "derived": True}}
+SHARES = list(LAYOUTS)
 
 
 def base_model(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -111,14 +113,14 @@ def mixed_pool(quantized: bool = True) -> dict[int, SparseDelta]:
 @settings(max_examples=60, deadline=None)
 @given(ops=st.lists(st.tuples(st.booleans(), st.integers(0, 5)), min_size=1, max_size=40),
        policy=st.sampled_from(["average", "sum", *TIES_RULES]),
-       accumulate=st.sampled_from([torch.float64, torch.float32]), share=st.sampled_from(SHARES))
+       accumulate=st.sampled_from([torch.float64, torch.float32]), layout=st.sampled_from(SHARES))
 def test_incremental_equals_from_scratch(ops: list[tuple[bool, int]], policy: str, accumulate: torch.dtype,
-                                         share: float) -> None:
+                                         layout: str) -> None:
     base = base_model()
     # TIES elects on the exact sign of a sum: with float32 accumulators an add/remove residue can turn an exact 0
     # into ±1e-8, so exact ties are only meaningful with float64 ones (the default).
     pool = mixed_pool(quantized=accumulate == torch.float64 or policy in ("average", "sum"))
-    s = Stitcher(base, make_policy(policy), device="cpu", accumulate=accumulate, dense_share=share)
+    s = Stitcher(base, make_policy(policy), device="cpu", accumulate=accumulate, **LAYOUTS[layout])
     active: list[int] = []
     for add, i in ops:
         if add and i not in active:
@@ -146,15 +148,15 @@ def test_incremental_equals_from_scratch(ops: list[tuple[bool, int]], policy: st
         torch.testing.assert_close(s.tensor(k), fresh[k], rtol=0, atol=0 if accumulate == torch.float64 else 1e-5)
 
 
-@pytest.mark.parametrize("share", SHARES)
+@pytest.mark.parametrize("layout", SHARES)
 @pytest.mark.parametrize("dense", [(), tuple(SHAPES)])
 @pytest.mark.parametrize("policy", ["average", "sum", "ties"])
 @pytest.mark.parametrize("accumulate", [torch.float64, torch.float32])
 def test_many_cycles_return_exactly_to_base(policy: str, accumulate: torch.dtype, dense: tuple[str, ...],
-                                            share: float) -> None:
+                                            layout: str) -> None:
     base = base_model()
     deltas = [random_delta(s, density=0.8 if s % 2 else 1.0, dense=dense) for s in range(5)]
-    s = Stitcher(base, PLUGINS.make_policy(policy), device="cpu", accumulate=accumulate, dense_share=share)
+    s = Stitcher(base, PLUGINS.make_policy(policy), device="cpu", accumulate=accumulate, **LAYOUTS[layout])
     for _ in range(50):
         for i, d in enumerate(deltas):
             s.add(str(i), d)
@@ -198,15 +200,15 @@ def test_errors() -> None:
         s.add("other", other)
 
 
-@pytest.mark.parametrize("share", SHARES)
+@pytest.mark.parametrize("layout", SHARES)
 @pytest.mark.parametrize("dense", [(), ("a", "b")])
 @pytest.mark.parametrize("policy", ["average", "sum", "ties"])
 def test_c8_out_of_memory_half_way_through_an_add_leaves_nothing_behind(policy: str, dense: tuple[str, ...],
-                                                                        share: float, monkeypatch) -> None:
+                                                                        layout: str, monkeypatch) -> None:
     """FAULTS C8 at the stitcher: a device running out of memory on the second tensor of a mask (or the second run
     of one tensor's sparse accumulators) undoes the first."""
     base = base_model()
-    s = Stitcher(base, PLUGINS.make_policy(policy), device="cpu", dense_share=share)
+    s = Stitcher(base, PLUGINS.make_policy(policy), device="cpu", **LAYOUTS[layout])
     s.add("x", random_delta(1, dense=dense))
     before = s.snapshot()
     counts = {k: s.count(k) for k in base}
@@ -254,13 +256,13 @@ def test_device_resolution() -> None:
 
 @settings(max_examples=25, deadline=None)
 @given(ops=st.lists(st.tuples(st.booleans(), st.integers(0, 5)), min_size=1, max_size=30),
-       share=st.sampled_from(SHARES))
-def test_overlap_counters_match_a_recount(ops: list[tuple[bool, int]], share: float) -> None:
+       layout=st.sampled_from(SHARES))
+def test_overlap_counters_match_a_recount(ops: list[tuple[bool, int]], layout: str) -> None:
     base = base_model()
     pool = {i: random_delta(200 + i, density=0.6) for i in range(3)}
     pool |= {3: random_delta(203, density=1.0, dense=tuple(SHAPES)), 4: random_delta(204, 1.0, tuple(SHAPES)),
              5: random_delta(205, density=0.6, dense=("a", "b"))}
-    s = Stitcher(base, PLUGINS.make_policy("average"), device="cpu", dense_share=share)
+    s = Stitcher(base, PLUGINS.make_policy("average"), device="cpu", **LAYOUTS[layout])
     for add, i in ops:
         if add and str(i) not in s.active:
             s.add(str(i), pool[i])
@@ -376,14 +378,14 @@ def test_too_many_overlapping_masks_are_refused(dense: tuple[str, ...], monkeypa
     assert s.active == ["x", "y"]
 
 
-@pytest.mark.parametrize("share", SHARES)
+@pytest.mark.parametrize("layout", SHARES)
 @pytest.mark.parametrize("prepare", [False, True])
 @pytest.mark.parametrize("policy", ["average", "sum", "ties"])
-def test_snapshots_are_shared_copy_on_write_and_never_change(policy: str, prepare: bool, share: float) -> None:
+def test_snapshots_are_shared_copy_on_write_and_never_change(policy: str, prepare: bool, layout: str) -> None:
     """snapshot() hands out the live merged tensors without copying them; the next change to one writes a copy
     (made beforehand by prepare(), or then), so every published snapshot keeps its values, bit for bit."""
     base = base_model()
-    s = Stitcher(base, make_policy(policy), device="cpu", dense_share=share)
+    s = Stitcher(base, make_policy(policy), device="cpu", **LAYOUTS[layout])
     s.add("x", random_delta(1, dense=("b",)))
     first = s.snapshot()
     kept = {k: t.clone() for k, t in first.items()}
@@ -415,22 +417,22 @@ def test_prepare_beside_changes_never_hands_out_a_wrong_copy() -> None:
     s.prepare()
     s.add("y", random_delta(2))  # uses the spares
     s.prepare()  # nothing is frozen now: makes no copy
-    assert not s._spare
+    assert not s._versions.spare
     s.snapshot()
-    stale = {sid: (src.clone(), src.clone() + 1) for sid, src in s._frozen.items()}  # copies of other tensors
-    s._spare.update(stale)
+    stale = {sid: (src.clone(), src.clone() + 1) for sid, src in s._versions.frozen.items()}  # copies of other tensors
+    s._versions.spare.update(stale)
     s.add("z", random_delta(3))
     want = reference(base, [random_delta(1), random_delta(2), random_delta(3)], "average")
     assert all(torch.allclose(want[k], s.tensor(k), atol=1e-6) for k in base)
 
 
-@pytest.mark.parametrize("share", SHARES)
+@pytest.mark.parametrize("layout", SHARES)
 @pytest.mark.parametrize("dense", [(), ("a",)])
-def test_nonfinite_is_counted_as_entries_change(dense: tuple[str, ...], share: float) -> None:
+def test_nonfinite_is_counted_as_entries_change(dense: tuple[str, ...], layout: str) -> None:
     """The smoke check's count of NaN/Inf merged entries, kept per change, agrees with a full scan; it goes back to
     none when the skill that caused it is removed."""
     base = base_model()
-    s = Stitcher(base, make_policy("sum", scale=1e300), device="cpu", dense_share=share)  # λ·τ overflows float32: ±inf entries
+    s = Stitcher(base, make_policy("sum", scale=1e300), device="cpu", **LAYOUTS[layout])  # λ·τ overflows float32: ±inf entries
     assert s.nonfinite() is None
     s.add("x", random_delta(1, dense=dense))
     bad = s.nonfinite()
