@@ -114,6 +114,7 @@ def measure(folder: Path, finetunes: int, sparsity: float, accumulate: torch.dty
     from skillhub.ops import localize_checkpoint
     from skillhub.plugins import load_plugins
     from skillhub.sections import StitchSection
+    from skillhub.heap import fix_mmap_threshold
     from skillhub.stitch import Stitcher, service_layout
     from skillhub.stitchstate import DENSE_SHARE
 
@@ -126,6 +127,7 @@ def measure(folder: Path, finetunes: int, sparsity: float, accumulate: torch.dty
         base = open_checkpoint(folder / "base")
         keys = family.included_keys(base)
         params = sum(math.prod(base[k].shape) for k in keys)
+        fixed = fix_mmap_threshold(params, StitchSection().sparse_from)  # as the Hub does for a model this size
         copy = sum(math.prod(base[k].shape) * base[k].dtype.itemsize for k in base) / MiB
         t0 = time.perf_counter()
         # As the service builds it (Hub): θ₀ straight from the memory-mapped base, the layout for this size
@@ -137,7 +139,8 @@ def measure(folder: Path, finetunes: int, sparsity: float, accumulate: torch.dty
         after_init = peaks.sample()
         print(f"model {params / 1e9:.2f}B params bf16 in {len(base.files)} shards; one bf16 copy {copy:.0f} MiB; "
               f"{finetunes} finetunes at sparsity {sparsity:g}, policy average, {str(accumulate)[6:]} sums, cpu, "
-              f"torch threads {torch.get_num_threads()}; sparse state "
+              f"torch threads {torch.get_num_threads()}; glibc mmap threshold "
+              f"{'fixed by the service (skillhub.heap)' if fixed else 'as the environment leaves it'}; sparse state "
               f"{'derived from the masks' if stitcher.derived else 'stored in runs'} (--state {state})")
         print(f"process at start: {start['anon']:.0f} MiB anonymous; stitcher built in {t_init:.1f} s: "
               f"{after_init['anon']:.0f} MiB anonymous")

@@ -27,6 +27,7 @@ from skillhub.errors import ConfigError, DiskFullError, JobLostError, SkillhubEr
 from skillhub.follow import Follower
 from skillhub.hub import Hub
 from skillhub.log import get_logger
+from skillhub.heap import limit_malloc_arenas
 from skillhub.recovery import RECOVERY_STEPS
 
 log = get_logger("skillhub.daemon")
@@ -34,7 +35,6 @@ HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 COALESCE_SECONDS = 3.0
 JOB_POLL_SECONDS = 1.0  # a drop localizing on the executor is looked at again this often, or at once when done
-M_ARENA_MAX = -8  # glibc's mallopt parameter number
 
 
 def resolve_token(cfg: Config, *, create: bool = True) -> str:
@@ -267,24 +267,6 @@ def _with_base(cfg: Config) -> Config:
     from skillhub.demo import with_demo_base  # only then: the demo's trainer is no part of a configured service
 
     return with_demo_base(cfg)
-
-
-def limit_malloc_arenas(arenas: int = 2) -> bool:
-    """Cap glibc's malloc arenas (as ``MALLOC_ARENA_MAX`` would), unless the environment already sets it.
-
-    A long-running service whose request and rebuild threads free large tensors gets one arena per thread by
-    default, and their freed-but-kept pages grow the RSS by megabytes a minute (bench/soak.py measured 2-8 MiB/min,
-    and 0.2 with two arenas). Returns whether the cap was set (False off glibc).
-    """
-    if "MALLOC_ARENA_MAX" in os.environ:
-        return False
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None)
-        return bool(libc.mallopt(M_ARENA_MAX, arenas))
-    except (OSError, AttributeError):
-        return False
 
 
 def run(config_path: str | None = None) -> int:

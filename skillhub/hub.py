@@ -42,6 +42,7 @@ from skillhub.recovery import RECOVERY_STEPS, check_registry_is_current
 from skillhub.registry import RecoveryReport, Registry, VersionRow
 from skillhub.routing import PatchedTensors, split_route_key, with_statistics
 from skillhub.statedir import take_lock
+from skillhub.heap import MMAP_THRESHOLD, fix_mmap_threshold
 from skillhub.stitch import Stitcher, resolve_device, service_layout
 
 if TYPE_CHECKING:
@@ -101,6 +102,8 @@ class Hub:
         self.mask_analytics = AnalyticsCache(self.registry.load_mask)
         accumulate = torch.float64 if cfg.stitch.accumulate == "float64" else torch.float32
         parameters = sum(self.base[k].numel for k in self.included)
+        if fix_mmap_threshold(parameters, cfg.stitch.sparse_from):  # big models: freed scratch goes back (heap.py)
+            log.info("mmap_threshold_fixed", bytes=MMAP_THRESHOLD, parameters=parameters)
         stitcher = Stitcher({k: self.base.tensor(k) for k in self.included}, self.policy, device=self.device,
                             accumulate=accumulate, **service_layout(parameters, cfg.stitch.sparse_from))
         included = set(self.included)
