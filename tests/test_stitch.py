@@ -4,6 +4,7 @@ in the dense form (values for every entry, no indices) mixed freely with sparse 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import pytest
 import torch
@@ -90,6 +91,7 @@ def _mask(d: SparseDelta, key: str) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("policy,params", [("average", {}), ("sum", {"scale": 0.7}), ("ties", {"scale": 0.9})])
+
 def test_from_scratch_matches_formula(policy: str, params: dict) -> None:
     base = base_model()
     deltas = [random_delta(s) for s in range(4)]
@@ -121,14 +123,7 @@ def test_incremental_equals_from_scratch(ops: list[tuple[bool, int]], policy: st
     # into ±1e-8, so exact ties are only meaningful with float64 ones (the default).
     pool = mixed_pool(quantized=accumulate == torch.float64 or policy in ("average", "sum"))
     s = Stitcher(base, make_policy(policy), device="cpu", accumulate=accumulate, **LAYOUTS[layout])
-    active: list[int] = []
-    for add, i in ops:
-        if add and i not in active:
-            s.add(str(i), pool[i])
-            active.append(i)
-        elif not add and i in active:
-            s.remove(str(i))
-            active.remove(i)
+    active = replay(s, ops, pool)
     want = reference(base, [pool[i] for i in active], policy)
     covered = {k: sum(_mask(pool[i], k).int() for i in active) if active else torch.zeros(SHAPES[k]) for k in base}
     for k in base:
@@ -529,3 +524,17 @@ def test_the_service_keeps_dense_accumulators_below_sparse_from_and_sparse_ones_
     extra = ("base", "count", "accumulators")
     assert sum(dense.footprint()[k] for k in extra) >= 1000 * (4 + 8)  # θ₀ float32 and float64 sums per entry
     assert sum(sparse.footprint()[k] for k in extra) == 0  # nothing covered yet: nothing kept
+
+
+def replay(s: Stitcher, ops: list[tuple[bool, int]], pool: Mapping[int, SparseDelta] | list[SparseDelta]) -> list[int]:
+    """Apply ``ops`` (add or remove pool entry i; an add of an active one or a remove of an absent one is skipped);
+    returns the active entries in the order they were added."""
+    active: list[int] = []
+    for add, i in ops:
+        if add and i not in active:
+            s.add(str(i), pool[i])
+            active.append(i)
+        elif not add and i in active:
+            s.remove(str(i))
+            active.remove(i)
+    return active

@@ -9,6 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_stitch import replay
 
 from skillhub.delta import Provenance, SparseDelta
 from skillhub.errors import StitchError
@@ -70,14 +71,7 @@ def test_derived_equals_a_stitch_from_scratch_bit_for_bit(ops: list[tuple[bool, 
     base = base_model()
     s = Stitcher(base, policy(name), device="cpu", accumulate=accumulate, dense_share=2.0, derived=True)
     assert s.derived
-    active: list[int] = []
-    for add, i in ops:
-        if add and i not in active:
-            s.add(str(i), POOL[i])
-            active.append(i)
-        elif not add and i in active:
-            s.remove(str(i))
-            active.remove(i)
+    active = replay(s, ops, POOL)
     fresh = stitch(base, {str(i): POOL[i] for i in active}, policy(name), accumulate=accumulate)
     stored = Stitcher(base, policy(name), device="cpu", accumulate=accumulate, dense_share=2.0)
     for i in active:
