@@ -18,8 +18,7 @@ from skillhub.log import get_logger
 
 if TYPE_CHECKING:
     from skillhub.delta import SparseDelta
-    from skillhub.families import Examples
-    from skillhub.head import Head
+    from skillhub.families import Prepared
     from skillhub.routing import SkillPatcher
 
 log = get_logger("skillhub.autosparsity")
@@ -64,23 +63,25 @@ def wants_auto(params: Mapping[str, Any] | None) -> bool:
 
 
 def localize_auto(run: Callable[[Mapping[str, Any]], R], delta_of: Callable[[R], SparseDelta],
-                  params: Mapping[str, Any], *, scorer: SkillPatcher | None, head: Head | None,
-                  examples: Examples | None, why_not: str | None = None, skill: str = "",
-                  tag: str = "auto") -> tuple[R, dict[str, Any]]:
+                  params: Mapping[str, Any], prepared: Prepared, scorer: Callable[[], SkillPatcher | None], *,
+                  skill: str = "", tag: str = "auto") -> tuple[R, dict[str, Any]]:
     """``sparsity = "auto"`` as the service, ``skillhub localize`` and ``skillhub merge`` all run it: localize with
     ``run`` (called with numeric sparsities only, so every mask is stamped with the sparsity it was made at) at each
-    rung of ``auto_ladder`` and keep the first whose localized model, patched into ``scorer``, classifies the fit
-    examples at least ``auto_keep`` × as well as the finetune. Without a scorer, a head or examples, the smallest
-    rung, and the record says why. Returns ``run``'s result for the kept rung and the record for the registry."""
+    rung of ``auto_ladder`` and keep the first whose localized model, patched into ``scorer()`` (asked for only when
+    ``prepared`` has a head and examples), classifies the fit examples at least ``auto_keep`` × as well as the
+    finetune. Without a head, examples or a runnable model, the smallest rung, and the record says why. Returns
+    ``run``'s result for the kept rung and the record for the registry."""
     from skillhub.quality import accuracy as accuracy_of
     from skillhub.quality import embed, split
     from skillhub.strategies.dataless import Dataless
 
     p = Dataless.Params.model_validate(dict(params))
     ladder, keep = sorted(p.auto_ladder), p.auto_keep
-    if examples is None or head is None or scorer is None:
-        why = why_not or ("the model family runs no model to score masks on" if scorer is None and examples
-                          is not None else "no examples or no head in the drop")
+    head, examples = prepared.head, prepared.examples
+    patcher, why = None, prepared.examples_error or "no examples or no head in the drop"
+    if head is not None and examples is not None:
+        patcher, why = scorer(), "the model family runs no model to score masks on"
+    if head is None or examples is None or patcher is None:
         log.info("auto_sparsity_without_examples", skill=skill, sparsity=ladder[0], reason=why)
         return run({**params, "sparsity": ladder[0]}), {"sparsity": ladder[0], "reason": why}
     fit = split(examples).fit
@@ -91,13 +92,13 @@ def localize_auto(run: Callable[[Mapping[str, Any]], R], delta_of: Callable[[R],
         return delta_of(results[s])
 
     def accuracy(delta: SparseDelta) -> float:
-        rt = scorer.use(f"{tag}:{delta.nnz}", delta)
+        rt = patcher.use(f"{tag}:{delta.nnz}", delta)
         return accuracy_of(head, embed(rt, fit.images), fit.labels) or 0.0
 
     try:
         choice = choose(localize, accuracy, ladder=ladder, keep=keep)
     finally:
-        scorer.restore()
+        patcher.restore()
     log.info("auto_sparsity", skill=skill, sparsity=choice.sparsity, finetune=round(choice.finetune, 4),
              accuracy={repr(s): round(a, 4) for s, a in choice.accuracy.items()}, reached=choice.reached)
     return results[choice.sparsity], choice.record(keep)

@@ -59,10 +59,8 @@ def cmd_localize(args: argparse.Namespace) -> int:
 
     chosen = ""
     if auto:
-        scorer = scorer_for(base, family, resolve_device(cfg.device)) \
-            if prepared.examples is not None else None
-        result, record = localize_auto(run, lambda r: r.delta, params, scorer=scorer, head=prepared.head,
-                                       examples=prepared.examples, why_not=prepared.examples_error, skill=skill)
+        result, record = localize_auto(run, lambda r: r.delta, params, prepared,
+                                       lambda: scorer_for(base, family, resolve_device(cfg.device)), skill=skill)
         chosen = f" (sparsity auto: {record['sparsity']:.0%}, {record.get('reason') or _ladder(record)})"
     else:
         result = run(params)

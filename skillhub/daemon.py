@@ -25,9 +25,9 @@ from typing import Any
 from skillhub.config import Config, load_config
 from skillhub.errors import ConfigError, DiskFullError, JobLostError, SkillhubError
 from skillhub.follow import Follower
+from skillhub.heap import limit_malloc_arenas
 from skillhub.hub import Hub
 from skillhub.log import get_logger
-from skillhub.heap import limit_malloc_arenas
 from skillhub.recovery import RECOVERY_STEPS
 
 log = get_logger("skillhub.daemon")

@@ -26,6 +26,7 @@ from skillhub.executor import Executor, WorkspaceSpec, make_executor
 from skillhub.follow import Follower
 from skillhub.gate import Gate
 from skillhub.head import Head, HeadStore
+from skillhub.heap import MMAP_THRESHOLD, fix_mmap_threshold
 from skillhub.history import version_history
 from skillhub.inboxview import inbox_view
 from skillhub.inference import InferenceEngine
@@ -42,7 +43,6 @@ from skillhub.recovery import RECOVERY_STEPS, check_registry_is_current
 from skillhub.registry import RecoveryReport, Registry, VersionRow
 from skillhub.routing import PatchedTensors, split_route_key, with_statistics
 from skillhub.statedir import take_lock
-from skillhub.heap import MMAP_THRESHOLD, fix_mmap_threshold
 from skillhub.stitch import Stitcher, resolve_device, service_layout
 
 if TYPE_CHECKING:

@@ -12,7 +12,7 @@ the same files.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,10 +153,8 @@ def run(job: LocalizeJob, ws: Workspace) -> Localized:
                                    source_sha=job.source_sha, ctx=ctx, max_relative_delta=job.max_relative_delta)
 
     if wants_auto(params):
-        result, meta["auto_sparsity"] = localize_auto(
-            localize, lambda r: r.delta, params, scorer=ws.scorer() if prepared.examples is not None else None,
-            head=prepared.head, examples=prepared.examples, why_not=prepared.examples_error, skill=job.skill,
-            tag=f"auto:{job.version_id}")
+        result, meta["auto_sparsity"] = localize_auto(localize, lambda r: r.delta, params, prepared, ws.scorer,
+                                                      skill=job.skill, tag=f"auto:{job.version_id}")
     else:
         result = localize(params)
     return Localized(result.delta, result.seconds, time.perf_counter() - t0, prepared.head, prepared.examples, meta)

@@ -29,9 +29,9 @@ from skillhub.checkpoint import Checkpoint, open_checkpoint, write_safetensors
 from skillhub.delta import SparseDelta
 from skillhub.errors import CheckpointError, StitchError, UsageError
 from skillhub.families import ModelFamily, Prepared
+from skillhub.job import prepare, scorer_for
 from skillhub.localize import LocalizeContext
 from skillhub.ops import localize_checkpoint
-from skillhub.job import prepare, scorer_for
 from skillhub.plugins import Plugins
 from skillhub.routing import SkillPatcher
 from skillhub.stitch import Stitcher, StitchPolicy, resolve_device
@@ -133,7 +133,12 @@ def _merge(inputs: Inputs, out: str | Path, *, plugins: Plugins, family: ModelFa
     if masks is not None:
         masks.mkdir(parents=True, exist_ok=True)
     base_sha: list[str] = []  # the base is hashed once, by the first localization
-    scorer: list[SkillPatcher | None] = []  # θ₀ to score masks on (sparsity "auto"), built on first use
+    patcher: list[SkillPatcher | None] = []  # θ₀ to score masks on (sparsity "auto"), built on first use
+
+    def scorer() -> SkillPatcher | None:
+        if not patcher:
+            patcher.append(scorer_for(base, family, resolve_device(device)))
+        return patcher[0]
 
     def localize(name: str, prepared: Prepared) -> SparseDelta:
         t0 = time.perf_counter()
@@ -147,11 +152,7 @@ def _merge(inputs: Inputs, out: str | Path, *, plugins: Plugins, family: ModelFa
                                        skill=name, ctx=ctx, base_sha=base_sha[0] if base_sha else None).delta
 
         if wants_auto(params):  # the service's ladder, scored on each finetune's examples when it brings them
-            if prepared.examples is not None and not scorer:
-                scorer.append(scorer_for(base, family, resolve_device(device)))
-            delta, _ = localize_auto(run, lambda d: d, params or {}, scorer=scorer[0] if scorer else None,
-                                     head=prepared.head, examples=prepared.examples, why_not=prepared.examples_error,
-                                     skill=name)
+            delta, _ = localize_auto(run, lambda d: d, params or {}, prepared, scorer, skill=name)
         else:
             delta = run(params)
         base_sha[:] = [delta.provenance.base]
