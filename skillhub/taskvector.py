@@ -9,6 +9,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from skillhub import kernels
 from skillhub.delta import Provenance, SparseDelta, index_dtype
 from skillhub.errors import CheckpointError
 
@@ -57,7 +58,7 @@ class TaskVector:
         #: when ``norms`` is set (someone will ask :meth:`relative_norm`); else a cheaper min/max finiteness check
         self.squares: dict[str, float] = {}
         self.norms = norms
-        self._parts: dict[str, float] = {}
+        self._parts: dict[str, Any] = {}  # ‖τ‖² so far of a tensor read in pieces: a float, or kernels' lanes
 
     @classmethod
     def from_state_dicts(cls, base: Mapping[str, torch.Tensor], finetuned: Mapping[str, torch.Tensor],
@@ -108,21 +109,38 @@ class TaskVector:
                     raise CheckpointError(f"tensor {key!r} holds NaN or Inf", path=self.finetuned.path, key=key,
                                           hint="the finetune diverged; retrain it or drop another checkpoint")
             return
-        sq = sum_of_squares(t, buf, self._parts.get(key, 0.0) if part else 0.0)
+        state = self._parts.get(key) if part else None
+        if state is None:  # the compiled lanes where they apply (the same float a kernel's own pass gives), else float64
+            state = kernels.lanes() if t.dtype == torch.float32 else None
+            state = 0.0 if state is None else state
+        if isinstance(state, float) or not kernels.add_squares(t, state):
+            state = sum_of_squares(t, buf, float(state) if isinstance(state, float) else kernels.total(state))
+        sq = state if isinstance(state, float) else kernels.total(state)
         if not math.isfinite(sq):
             lo, hi = torch.aminmax(t.reshape(-1))
             if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
                 raise CheckpointError(f"tensor {key!r} holds NaN or Inf", path=self.finetuned.path, key=key,
                                       hint="the finetune diverged; retrain it or drop another checkpoint")
         if part:
-            self._parts[key] = sq
+            self._parts[key] = state
         else:
+            self.squares[key] = sq
+
+    def record_squares(self, key: str, sq: float) -> None:
+        """A pass of a strategy's own (a compiled kernel's) computed ‖τ‖² of ``key`` as it read τ: check it as
+        :meth:`record` checks τ (non-finite means τ holds NaN or ±Inf: float64 sums of float32 squares do not
+        overflow) and record it when norms are wanted."""
+        if not math.isfinite(sq):
+            raise CheckpointError(f"tensor {key!r} holds NaN or Inf", path=self.finetuned.path, key=key,
+                                  hint="the finetune diverged; retrain it or drop another checkpoint")
+        if self.norms:
             self.squares[key] = sq
 
     def finish(self, key: str) -> None:
         """All pieces of ``key`` were given to :meth:`record` (with ``part``), in order: its ‖τ‖² is their sum."""
         if self.norms:
-            self.squares[key] = self._parts.pop(key, 0.0)
+            state = self._parts.pop(key, 0.0)
+            self.squares[key] = state if isinstance(state, float) else kernels.total(state)
 
     def pieces(self, key: str, work: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
         """τ of one tensor, flat, in consecutive pieces of at most ``work.numel()`` entries written into ``work``:
@@ -139,7 +157,7 @@ class TaskVector:
         if size % SQUARES_DOT and size < n:
             raise ValueError(f"pieces of {size} entries: use a multiple of {SQUARES_DOT}")
         buf = np.empty(min(n, size, SQUARES_CHUNK), dtype=np.float64) if self.norms else None
-        self._parts[key] = 0.0
+        self._parts.pop(key, None)  # a fresh sum: the first piece starts it
         for start in range(0, n, size):
             m = min(size, n - start)
             t = work[:m]

@@ -42,6 +42,7 @@ from pydantic import (
     model_serializer,
 )
 
+from skillhub import kernels
 from skillhub.delta import SparseDelta, index_dtype
 from skillhub.errors import LocalizeError
 from skillhub.hookspecs import hookimpl
@@ -221,9 +222,11 @@ def _sample_threshold(task: TaskVector, k: int, n: int, gen: torch.Generator, ma
         numel = math.prod(task.shapes[key])
         m = max(1, round(SAMPLE_SIZE * numel / n))
         pos = torch.randint(0, numel, (m,), generator=gen)
-        b = task.base.tensor(key).reshape(-1)[pos].to(task.dtype)
-        f = task.finetuned.tensor(key).reshape(-1)[pos].to(task.dtype)
-        samples.append((f - b).abs())
+        bt, ft = task.base.tensor(key), task.finetuned.tensor(key)
+        got = kernels.sample_abs(ft, bt, pos, task.dtype)  # the same values, without torch's indexing per tensor
+        if got is None:
+            got = (ft.reshape(-1)[pos].to(task.dtype) - bt.reshape(-1)[pos].to(task.dtype)).abs()
+        samples.append(got)
     sample = torch.cat(samples)
     s = sample.numel()
     expected = k / n * s
@@ -268,8 +271,15 @@ def _candidates(task: TaskVector, threshold: float,
             return idx + offset if offset else idx, flat[idx], torch.from_numpy(a[idx.numpy()])
 
         out: dict[str, tuple[torch.Tensor, ...]] = {}
+        bufs = kernels.Buffers(min(kernels.OUT, size))  # the compiled pass's output (pages touched only if used)
         for key in keys:
-            if math.prod(task.shapes[key]) <= size:
+            fused = kernels.scan_pair(task.finetuned.tensor(key), task.base.tensor(key), threshold, bufs,
+                                      task.dtype)
+            if fused is not None:  # one compiled pass: no τ workspace, whole tensors of any size
+                idx, val, ab, sq = fused
+                task.record_squares(key, sq)
+                out[key] = (idx, val, ab)
+            elif math.prod(task.shapes[key]) <= size:
                 out[key] = select(task.tensor(key, out=work).reshape(-1), 0)
             else:
                 parts = [select(piece, start) for start, piece in task.pieces(key, work)]

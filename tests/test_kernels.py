@@ -1,0 +1,113 @@
+"""The compiled passes over τ give numpy's answer: the same candidates, τ and |τ|, one ‖τ‖² whatever the pieces,
+and masks bit for bit those of the numpy path."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from skillhub import kernels
+from skillhub.delta import Provenance
+from skillhub.errors import CheckpointError
+from skillhub.localize import LocalizeContext, run_localizer
+from skillhub.strategies import dataless
+from skillhub.strategies.dataless import Dataless
+from skillhub.taskvector import StateDict, TaskVector
+
+pytestmark = pytest.mark.skipif(not kernels.warm(), reason="numba is not importable here (or SKILLHUB_NO_JIT)")
+
+
+def pair(n: int, dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A base and a finetune of ``n`` entries with exact zeros and many ties in τ (quantized steps)."""
+    g = torch.Generator().manual_seed(seed)
+    b = torch.randn(n, generator=g)
+    step = torch.round(torch.randn(n, generator=g) * 4) / 64  # few distinct values: ties, and zeros
+    return (b + step).to(dtype), b.to(dtype)
+
+
+def reference(f: torch.Tensor, b: torch.Tensor, t: float) -> tuple[np.ndarray, ...]:
+    tau = (f.float() - b.float()).numpy()
+    a = np.abs(tau)
+    keep = a >= t if t > 0 else a > 0
+    keep &= a > 0
+    idx = np.flatnonzero(keep)
+    return idx, tau[idx], a[idx]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, kernels.LANES - 1, 5 * kernels.LANES, 10_007])
+@pytest.mark.parametrize("t", [0.0, 0.05])
+def test_scan_pair_is_numpys_selection(dtype: torch.dtype, n: int, t: float) -> None:
+    f, b = pair(n, dtype)
+    want = reference(f, b, t)
+    sqs = set()
+    for size in (kernels.LANES, 3 * kernels.LANES, kernels.OUT):  # small outputs flush many times
+        idx, val, ab, sq = kernels.scan_pair(f, b, t, kernels.Buffers(size), torch.float32)
+        assert np.array_equal(idx.numpy(), want[0]) and idx.dtype == torch.int64
+        assert np.array_equal(val.numpy(), want[1]) and np.array_equal(ab.numpy(), want[2])
+        sqs.add(sq)
+    tau64 = (f.float() - b.float()).double()  # τ in float32, squared and summed in float64
+    assert len(sqs) == 1 and sqs.pop() == pytest.approx(float((tau64 ** 2).sum()), rel=1e-12)
+
+
+def test_squares_are_the_same_float_from_a_scan_and_from_tau_in_pieces() -> None:
+    f, b = pair(3 * 8192 + 77, torch.float32, seed=3)
+    *_, sq = kernels.scan_pair(f, b, 0.1, kernels.Buffers(), torch.float32)
+    tau = f - b
+    acc = kernels.lanes()
+    for start in range(0, tau.numel(), 8192):
+        assert kernels.add_squares(tau[start:start + 8192], acc)
+    assert kernels.total(acc) == sq
+    assert not kernels.add_squares(tau.double(), kernels.lanes())  # not float32: the caller's own sum
+
+
+def test_nan_is_never_a_candidate_and_makes_the_squares_non_finite() -> None:
+    f, b = pair(1000, torch.float32)
+    f[17] = math.nan
+    idx, _, _, sq = kernels.scan_pair(f, b, 0.0, kernels.Buffers(), torch.float32)
+    assert 17 not in set(idx.tolist()) and not math.isfinite(sq)
+    tv = TaskVector(StateDict({"w": b}), StateDict({"w": f}), ["w"])
+    with pytest.raises(CheckpointError, match="'w' holds NaN"):
+        run_localizer(Dataless, tv, {"sparsity": 0.1}, LocalizeContext(), Provenance())
+
+
+def test_pairs_it_does_not_take_fall_back() -> None:
+    f, b = pair(100, torch.float16)
+    assert kernels.scan_pair(f, b, 0.0, kernels.Buffers(), torch.float32) is None
+    f32, b32 = pair(100, torch.float32)
+    assert kernels.scan_pair(f32, b32, 0.0, kernels.Buffers(), torch.float64) is None  # τ wanted in float64
+    assert kernels.scan_pair(f32, b32.to(torch.bfloat16), 0.0, kernels.Buffers(), torch.float32) is None
+    pos = torch.tensor([0, 5, 99])
+    assert kernels.sample_abs(f, b, pos, torch.float32) is None
+    assert torch.equal(kernels.sample_abs(f32, b32, pos, torch.float32), (f32[pos] - b32[pos]).abs())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("sparsity", [0.003, 0.05, 1.0])
+def test_masks_are_bit_for_bit_the_numpy_paths(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype,
+                                               sparsity: float) -> None:
+    g = torch.Generator().manual_seed(5)
+    shapes = {"emb": (300, 200), "w": (3 * 8192 + 17,), "b": (31,)}
+    base = {k: torch.randn(s, generator=g).to(dtype) for k, s in shapes.items()}
+    ft = {k: (v.float() + torch.round(torch.randn(v.shape, generator=g) * 3) / 256).to(dtype)
+          for k, v in base.items()}
+    monkeypatch.setattr(dataless, "SAMPLE_SIZE", 512)  # the sampled threshold taken, on a small model
+
+    def localize() -> tuple[object, dict[str, float]]:
+        tv = TaskVector(StateDict(base), StateDict(ft), list(shapes), norms=True)
+        return run_localizer(Dataless, tv, {"sparsity": sparsity}, LocalizeContext(), Provenance()), tv.squares
+
+    jit, jit_sq = localize()
+    monkeypatch.setattr(kernels, "_kernels", False)  # numba off: the numpy path
+    plain, plain_sq = localize()
+    assert jit.nnz == plain.nnz > 0 and set(jit.values) == set(plain.values)
+    for key in jit.values:
+        assert torch.equal(jit.values[key].view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                           plain.values[key].view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
+        if key in jit.indices:
+            assert torch.equal(jit.indices[key], plain.indices[key])
+    for key in jit_sq:  # two float64 sums of the same exact squares, in different orders
+        assert jit_sq[key] == pytest.approx(plain_sq[key], rel=1e-12)
