@@ -19,10 +19,11 @@ import torch
 
 from skillhub import views
 from skillhub.analytics import AnalyticsCache
-from skillhub.checkpoint import Checkpoint, fingerprint, open_checkpoint
+from skillhub.checkpoint import Checkpoint, open_checkpoint
 from skillhub.config import Config
 from skillhub.errors import ConfigError, FollowerError, RegistryCorruptError, RegistryError, StitchError
 from skillhub.executor import Executor, WorkspaceSpec, make_executor
+from skillhub.fingerprints import fingerprint
 from skillhub.follow import Follower
 from skillhub.gate import Gate
 from skillhub.head import Head, HeadStore
