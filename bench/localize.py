@@ -104,7 +104,8 @@ def cli_path(folder: Path, base_path: Path, ft_path: Path, sparsity: float, repe
     # A user's later runs: the base's fingerprint is in the store (any earlier run put it there), the new
     # finetune's is not. The store is reset to the base alone before each run.
     env_store = {**os.environ, "SKILLHUB_CACHE_DIR": str(folder / "cache")}
-    run([sys.executable, "-c", "from skillhub.checkpoint import fingerprint, open_checkpoint; "
+    run([sys.executable, "-c", "from skillhub.checkpoint import open_checkpoint; "
+                               "from skillhub.fingerprints import fingerprint; "
                                f"fingerprint(open_checkpoint({str(base_path)!r}))"], env_store)
     store = folder / "cache" / "fingerprints.json"
     base_only = store.read_text()

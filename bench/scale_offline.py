@@ -30,8 +30,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import llama_shapes  # noqa: E402
 
-from skillhub.checkpoint import fingerprint, open_checkpoint, write_safetensors  # noqa: E402
+from skillhub.checkpoint import open_checkpoint, write_safetensors  # noqa: E402
 from skillhub.delta import Provenance, SparseDelta, index_dtype  # noqa: E402
+from skillhub.fingerprints import fingerprint  # noqa: E402
 
 VOCAB, HIDDEN, MLP = 32000, 2048, 5632
 

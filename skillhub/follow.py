@@ -33,9 +33,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from skillhub.errors import SkillhubError, StitchError
+from skillhub.errors import FollowerError, RegistryError, SkillhubError, StitchError
 from skillhub.log import get_logger
 from skillhub.publish import ModelVersion, identity, read_current, read_manifest
+from skillhub.registry import Registry
 
 if TYPE_CHECKING:
     import torch
@@ -47,6 +48,20 @@ if TYPE_CHECKING:
 log = get_logger("skillhub.follow")
 RETRY_SECONDS = 2.0  # a version that failed to apply is tried again this long after, not on every poll
 DESCRIBE_KEYS = ("base", "family", "policy", "policy_params")
+
+
+def follower_registry(state: Path) -> tuple[Registry, FollowerError]:
+    """The state folder's files, read by hash, with no lock and no database: a follower writes nothing there, and
+    every query or change of the registry raises the :class:`~skillhub.errors.FollowerError` returned with it."""
+    if not (state / "models").is_dir():
+        raise RegistryError("no published versions to follow here (models/ is missing)", path=state,
+                            hint="start the primary (`skillhub run`) on this state folder first, or point "
+                                 "[state] dir at the primary's")
+    refusal = FollowerError(
+        "this service is a read-only follower: it serves the primary's published versions and changes nothing",
+        path=state, hint="send enable, disable, pin and remove to the primary (`skillhub run` without --follow "
+                         "on this state folder)")
+    return Registry.files_only(state, None, refusal), refusal
 
 
 def replay_plan(active: Mapping[str, str], wanted: Mapping[str, str]) -> tuple[list[str], list[str]]:

@@ -7,8 +7,9 @@ Parsing is bounded (FAULTS B3): the header's bytes are read by the streaming sca
 one top-level pair at a time, within caps that no real checkpoint reaches; its docstring says what they are and what
 a header costs. This module opens the file, sniffs impostors, and checks that the tensors tile the data exactly.
 
-The dtype tables (:data:`DTYPES`, :data:`DTYPE_CODES`, :data:`FLOAT_DTYPES`) are built on first use, as torch is
-imported then: code of the package calls :func:`dtypes`, :func:`dtype_codes` and :func:`float_dtypes`.
+The dtype tables (:mod:`skillhub.dtypecodes`; :data:`DTYPES`, :data:`DTYPE_CODES`, :data:`FLOAT_DTYPES`) are built
+on first use, as torch is imported then: code of the package calls :func:`dtypes`, :func:`dtype_codes` and
+:func:`float_dtypes`.
 
 Nothing here reads tensor data: :mod:`skillhub.checkpoint` maps it once the header has passed.
 """
@@ -23,18 +24,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from skillhub.dtypecodes import UNSUPPORTED_DTYPES, dtype_codes, dtypes, float_dtypes
 from skillhub.errors import CheckpointError
 from skillhub.headerscan import (
     MAX_DEPTH,
     MAX_ENTRY_VALUES,
     MAX_GENERIC_VALUES,
     MAX_METADATA_VALUES,
-    UNSUPPORTED_DTYPES,
     TensorInfo,
     _Scanner,
-    dtype_codes,
-    dtypes,
-    float_dtypes,
 )
 
 if TYPE_CHECKING:

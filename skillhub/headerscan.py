@@ -1,4 +1,4 @@
-"""The bounded streaming JSON scanner of a safetensors header (FAULTS B3), and the dtype codes it knows.
+"""The bounded streaming JSON scanner of a safetensors header (FAULTS B3).
 
 Python's ``json`` built the whole header before any check, ~25x its size in Python objects for a header of many tiny
 values (100 MiB of tiny metadata keys: ~2.5 GB), and nested ~1000 levels deep where the reference (serde_json) stops
@@ -21,8 +21,9 @@ rules (:class:`_Scanner`) and fails with the same message, but for two headers t
 cap it is always "more than N tensors", said as the cap is crossed; and thousands of entries past a bad one, the bad
 one is reported without reading on for a JSON error further down.
 
-torch is imported the first time a dtype is needed (:func:`dtypes`), not with this module: the config check and the
-CLI's help never load it. The file itself is opened and checked by :func:`skillhub.header.read_header`.
+torch is imported the first time a dtype is needed (:func:`skillhub.dtypecodes.dtypes`), not with this module: the
+config check and the CLI's help never load it. The file itself is opened and checked by
+:func:`skillhub.header.read_header`.
 """
 
 from __future__ import annotations
@@ -39,38 +40,11 @@ from json.decoder import scanstring
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from skillhub.dtypecodes import UNSUPPORTED_DTYPES, dtypes
 from skillhub.errors import CheckpointError
 
 if TYPE_CHECKING:
     import torch
-
-#: codes that exist in the format but that skillhub refuses (FAULTS B5).
-UNSUPPORTED_DTYPES = {"F8_E4M3", "F8_E5M2", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2", "U16", "U32", "U64", "C64"}
-
-
-@functools.cache
-def dtypes() -> dict[str, torch.dtype]:
-    """The safetensors dtype codes we can read, and their torch dtypes (imports torch on the first call)."""
-    import torch
-
-    return {
-        "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
-        "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-    }
-
-
-@functools.cache
-def dtype_codes() -> dict[torch.dtype, str]:
-    """The code of each torch dtype of :func:`dtypes`."""
-    return {v: k for k, v in dtypes().items()}
-
-
-@functools.cache
-def float_dtypes() -> frozenset[torch.dtype]:
-    """The floating-point dtypes of :func:`dtypes`."""
-    import torch
-
-    return frozenset({torch.float64, torch.float32, torch.float16, torch.bfloat16})
 
 
 @functools.cache

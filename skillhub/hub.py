@@ -19,15 +19,15 @@ import torch
 
 from skillhub import views
 from skillhub.analytics import AnalyticsCache
-from skillhub.checkpoint import Checkpoint, fingerprint, open_checkpoint
+from skillhub.checkpoint import Checkpoint, open_checkpoint
 from skillhub.config import Config
-from skillhub.errors import ConfigError, FollowerError, RegistryCorruptError, RegistryError, StitchError
+from skillhub.errors import ConfigError, RegistryCorruptError, StitchError
 from skillhub.executor import Executor, WorkspaceSpec, make_executor
-from skillhub.follow import Follower
+from skillhub.fingerprints import fingerprint
+from skillhub.follow import Follower, follower_registry
 from skillhub.gate import Gate
 from skillhub.head import Head, HeadStore
 from skillhub.heap import MMAP_THRESHOLD, fix_mmap_threshold
-from skillhub.history import version_history
 from skillhub.inboxview import inbox_view
 from skillhub.inference import InferenceEngine
 from skillhub.ingest import Ingestor
@@ -41,6 +41,7 @@ from skillhub.publish import ModelVersion, Publisher
 from skillhub.reconcile import Reconciler
 from skillhub.recovery import RECOVERY_STEPS, check_registry_is_current
 from skillhub.registry import RecoveryReport, Registry, VersionRow
+from skillhub.reload import check_reload
 from skillhub.routing import PatchedTensors, split_route_key, with_statistics
 from skillhub.statedir import take_lock
 from skillhub.stitch import Stitcher, resolve_device, service_layout
@@ -50,8 +51,6 @@ if TYPE_CHECKING:
     from skillhub.families import Runtime
 
 log = get_logger("skillhub.hub")
-#: config sections a live reload may not change (the edit is refused; a restart applies it)
-RESTART_SECTIONS = ("base", "state", "device", "stitch", "watch", "serve", "plugins", "executor")
 
 
 class Hub:
@@ -90,7 +89,11 @@ class Hub:
             raise ConfigError("no base model: [base] weights is not set", key="base.weights",
                               hint="set [base] weights (and model), or run `skillhub run`, which uses the demo")
         state = Path(cfg.state.dir)
-        report = self._open_as_follower(state) if self.following else self._open_registry(state)
+        report: RecoveryReport | None = None
+        if self.following:  # the primary's files, no lock, no database: every change is refused
+            self.registry, self._refusal = follower_registry(state)
+        else:
+            report = self._open_registry(state)
         self.family = self.plugins.family(cfg.base.family).from_config(cfg.base)
         self.base_path = Path(cfg.base.weights)
         self.base: Checkpoint = open_checkpoint(self.base_path)
@@ -166,19 +169,6 @@ class Hub:
             log.warning("orphan_masks_set_aside", count=len(report.removed_orphans), folder=str(state / "orphans"),
                         hint="one is normal after a crash; many mean the registry lost rows: run skillhub doctor")
         return report
-
-    def _open_as_follower(self, state: Path) -> None:
-        """The state folder's files, read by hash, with no lock and no database: a follower writes nothing there,
-        and every query or change of the registry raises :class:`~skillhub.errors.FollowerError`."""
-        if not (state / "models").is_dir():
-            raise RegistryError("no published versions to follow here (models/ is missing)", path=state,
-                                hint="start the primary (`skillhub run`) on this state folder first, or point "
-                                     "[state] dir at the primary's")
-        self._refusal = reason = FollowerError(
-            "this service is a read-only follower: it serves the primary's published versions and changes nothing",
-            path=state, hint="send enable, disable, pin and remove to the primary (`skillhub run` without --follow "
-                             "on this state folder)")
-        self.registry = Registry.files_only(state, None, reason)
 
     def close(self) -> None:
         if self._engine is not None:
@@ -357,28 +347,10 @@ class Hub:
 
     def apply_config(self, config: Config) -> None:
         """Switch to a new, already validated config: skills on/off, pins, strategies (stitch policy, base and
-        device changes need a restart and are refused)."""
-        old = self.config
-        for field in RESTART_SECTIONS:
-            if getattr(old, field) != getattr(config, field):
-                raise StitchError(f"changing [{field}] needs a restart", key=field,
-                                  hint="restart `skillhub run` to apply it")
-        check_config(config, self.plugins)
-        self._check_skill_names(old, config)
+        device changes need a restart and are refused: :func:`skillhub.reload.check_reload`)."""
+        check_reload(self.config, config, self.plugins, lambda: (s.name for s in self.registry.skills()))
         self.config = config
         self.on_change()
-
-    def _check_skill_names(self, old: Config, new: Config) -> None:
-        """An edit may not newly name a skill the registry does not know (FAULTS B11: most likely a typo, which would
-        otherwise do nothing, silently). Names already in the config before are left alone."""
-        known = {s.name for s in self.registry.skills()}
-        for field, before, after in (("skills.disabled", old.skills.disabled, new.skills.disabled),
-                                     ("skills", old.skills.per_skill, new.skills.per_skill)):
-            unknown = sorted(set(after) - set(before) - known)
-            if unknown:
-                raise ConfigError(f"{field}: unknown skill {unknown[0]!r}", path=new.source, key=field,
-                                  hint=f"known skills: {', '.join(sorted(known)) or 'none yet'}; to set up a skill "
-                                       "before dropping it, give the drop a sidecar NAME.toml instead")
 
     # --- views --------------------------------------------------------------------------------------------------
 
@@ -402,31 +374,13 @@ class Hub:
 
     def analytics(self, version: int | None = None) -> dict[str, Any]:
         """The mask analytics of the served version, or of kept version ``version`` (what ``GET /v1/analytics``
-        answers): :func:`skillhub.analytics.analyze`, cached per version."""
-        cur = self.current
-        if version is None or (cur is not None and version == cur.number):
-            if cur is None:
-                raise StitchError("no model version is being served yet", hint="drop a skill into the inbox")
-            return self.mask_analytics.of(cur.number, cur.manifest)
-        manifest = self.reconciler.publisher.manifest(version)
-        if manifest is None:
-            kept = self.reconciler.publisher.numbers()
-            raise RegistryError(f"unknown version {version}: not among the kept versions "
-                                f"({', '.join(map(str, kept)) or 'none'})", key="version",
-                                hint="older versions are pruned ([state] keep_versions)")
-        return self.mask_analytics.of(version, manifest)
+        answers): :func:`skillhub.views.analytics`, cached per version."""
+        return views.analytics(self.mask_analytics, self.current, lambda: self.reconciler.publisher, version)
 
     def history(self) -> list[dict[str, Any]]:
         """What each kept version changed, newest first, with the gate's decisions (``GET /v1/history``):
-        :func:`skillhub.history.version_history` over the kept manifests (the served one as it is held in memory,
-        where the gate's ``held`` note may be newer than the file)."""
-        publisher = self.reconciler.publisher
-        cur = self.current
-        manifests = [m for n in publisher.numbers() if (cur is None or n != cur.number)
-                     and (m := publisher.manifest(n)) is not None]
-        if cur is not None:
-            manifests.append({**cur.manifest, "version": cur.number, "created": cur.created})
-        return version_history(manifests)
+        :func:`skillhub.views.history` over the kept manifests."""
+        return views.history(self.reconciler.publisher, self.current)
 
     def inbox(self) -> dict[str, Any]:
         """The drops waiting in the inbox and the rejected ones with their reasons (``GET /v1/inbox``)."""

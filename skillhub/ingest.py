@@ -22,13 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from skillhub import faultpoints
-from skillhub.checkpoint import Checkpoint, fingerprint, open_checkpoint
+from skillhub.checkpoint import Checkpoint, open_checkpoint
 from skillhub.config import Config
 from skillhub.copying import staged_sha256
 from skillhub.desired import localization
 from skillhub.errors import CheckpointError, DiskFullError, JobLostError, LocalizeError, SkillhubError
 from skillhub.executor import Executor
 from skillhub.families import ModelFamily
+from skillhub.fingerprints import fingerprint
 from skillhub.job import LocalizeJob, Localized, skill_seed
 from skillhub.log import get_logger
 from skillhub.metrics import Metrics

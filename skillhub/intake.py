@@ -6,9 +6,10 @@ drop has stopped changing it is copied to a private staging folder while it is h
 checked on the copy, and the copy is handed to the caller's ``on_arrival``. The source is then deleted, left pending
 (:class:`RetryLater`), or moved to ``inbox/.rejected/`` beside a ``<name>.reason.txt`` saying why and what to do.
 
-This module owns the worker, the arrival rule and those outcomes; :mod:`skillhub.watcher` keeps the observer on the
-inbox and its health, :mod:`skillhub.staging` reads a drop's files and makes the checked copy, and
-:mod:`skillhub.disposal` deletes a consumed drop or moves a rejected one to ``inbox/.rejected/``.
+This module owns the worker and those outcomes; :mod:`skillhub.pending` holds what the worker knows of a pending
+drop and the arrival rule's waits, :mod:`skillhub.watcher` keeps the observer on the inbox and its health,
+:mod:`skillhub.staging` reads a drop's files and makes the checked copy, and :mod:`skillhub.disposal` deletes a
+consumed drop or moves a rejected one to ``inbox/.rejected/``.
 
 Arrival rule (DESIGN §4): a drop renamed into the inbox (from inside or outside it) is ready at once: a rename is how
 a writer says it is done (FAULTS A2), so no stability window is waited for. Otherwise a drop is ready once its
@@ -30,7 +31,6 @@ import stat
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from skillhub.disposal import move_to_rejected, remove_consumed
 from skillhub.drops import PICKLE_SUFFIXES, Arrival, RetryLater, ignored
 from skillhub.errors import CheckpointError, SkillhubError
 from skillhub.log import get_logger
+from skillhub.pending import SETTLE_SECONDS, TICK_SECONDS, Pending, Wait, truncated_quiet
 from skillhub.staging import (
     Changed,
     Stager,
@@ -49,31 +50,9 @@ from skillhub.staging import (
     show_name,
     special_file,
 )
-from skillhub.watcher import CLOSED, MOVED_IN, Change, InboxWatch
+from skillhub.watcher import Change, InboxWatch
 
-SETTLE_SECONDS = 0.1  # quiet time after a close-write event (a move-in needs none)
-TICK_SECONDS = 0.25  # longest sleep of the worker while something is pending
 HEALTH_SECONDS = 1.0  # how often the worker checks that the inbox is still there
-
-
-class _Wait(Exception):
-    """Keep the drop pending without complaint; look again at ``due``."""
-
-    def __init__(self, due: float) -> None:
-        self.due = due
-
-
-@dataclass
-class _Entry:
-    name: str
-    kind: str = ""
-    sig: object = None  # last observed signature of the drop (and its sidecar)
-    since: float = 0.0  # monotonic time at which ``sig`` was first observed
-    hint: str | None = None  # the last event, if it says more than "changed": CLOSED or MOVED_IN
-    due: float = 0.0
-    truncated: object = None  # signature at which the staged copy looked truncated
-    error: str | None = None  # last transient error logged, so that each is logged once
-    held: Arrival | None = None  # staged copy kept across RetryLater while the source is unchanged
 
 
 class Intake:
@@ -99,7 +78,7 @@ class Intake:
         self._events: dict[str, str | None] = {}  # name -> what its last event said, from the watch's thread
         self._scan_requested, self._check_root, self._idle = True, False, False
         self._working = self._settling = False
-        self._entries: dict[str, _Entry] = {}  # worker-only from here on
+        self._entries: dict[str, Pending] = {}  # worker-only from here on
         self._dead: dict[str, object] = {}  # drops we could neither consume nor move away, by signature
         self._consumed: dict[str, None] = {}  # recently consumed stems, to explain late sidecars
         self._watch = InboxWatch(self.inbox, self._on_changes, on_overflow=self.rescan, poll=poll, logger=self.log,
@@ -228,7 +207,7 @@ class Intake:
             return
         for name in names:
             if not ignored(name) and name not in self._entries:
-                self._entries[name] = _Entry(name, due=now)
+                self._entries[name] = Pending(name, due=now)
 
     def _note(self, events: dict[str, str | None], now: float) -> None:
         for name, hint in events.items():
@@ -241,11 +220,11 @@ class Intake:
                     self.log.info("sidecar_left_alone", name=show_name(name), why="its checkpoint was already consumed")
             if ignored(name):
                 continue
-            e = self._entries.setdefault(name, _Entry(name))
+            e = self._entries.setdefault(name, Pending(name))
             e.hint = e.hint if hint is None else hint
             e.due = now
 
-    def _step(self, e: _Entry) -> None:
+    def _step(self, e: Pending) -> None:
         """Look at one pending drop once: wait, stage and deliver it, reject it, or forget it."""
         now = time.monotonic()
         path = self.inbox / e.name
@@ -264,17 +243,16 @@ class Intake:
             if sig != e.sig:
                 self._drop_held(e)
                 e.sig, e.since = sig, now
-            trunc_quiet = max(5 * self.stable_seconds, 5.0)
-            quiet = trunc_quiet if e.truncated == sig else self._quiet(e.hint)
+            quiet = e.quiet(sig, self.stable_seconds)
             if now - e.since < quiet:
-                raise _Wait(now + min(TICK_SECONDS, e.since + quiet - now))
+                raise Wait(now + min(TICK_SECONDS, e.since + quiet - now))
             if e.kind == "file" and not e.name.lower().endswith(".safetensors"):
                 raise CheckpointError("not a safetensors checkpoint: name it NAME.safetensors", path=e.name,
                                       hint="or drop a folder NAME/ holding model.safetensors or shards and an index")
             if e.held is not None and not os.path.lexists(e.held.staged):
                 self._drop_held(e)  # the caller took the staged copy away before asking us to retry
             arrival = e.held or self._prepare(e, path, st, tree, now)
-        except _Wait as w:
+        except Wait as w:
             e.due = w.due
             return
         except FileNotFoundError:  # FAULTS A7: gone between the event and the open
@@ -282,10 +260,10 @@ class Intake:
                 self.log.debug("drop_vanished", name=show_name(e.name))
                 self._dead.pop(e.name, None)
                 return self._forget(e)
-            e.sig, e.hint, e.truncated, e.due = None, None, None, now + TICK_SECONDS  # a part of it went away
+            e.look_again(now)  # a part of it went away
             return
         except Changed:
-            e.sig, e.hint, e.truncated, e.due = None, None, None, now + TICK_SECONDS
+            e.look_again(now)
             self.log.info("drop_changed_while_reading", name=show_name(e.name))
             return
         except (Transient, OSError) as x:
@@ -296,7 +274,7 @@ class Intake:
             e.due = now + max(self.stable_seconds, 0.05)
             return
         except Truncated as t:
-            if time.monotonic() - e.since >= max(5 * self.stable_seconds, 5.0):
+            if time.monotonic() - e.since >= truncated_quiet(self.stable_seconds):
                 return self._reject(e, f"{show_name(e.name)}: the file is truncated ({t}): the copy or download did "
                                        "not finish. Hint: drop the complete file again")
             e.truncated, e.hint, e.due = e.sig, None, now + TICK_SECONDS
@@ -306,21 +284,17 @@ class Intake:
             return self._reject(e, str(x))
         self._deliver(e, path, arrival)
 
-    def _quiet(self, hint: str | None) -> float:
-        """How long a drop must stay unchanged after the event ``hint`` before it is read."""
-        return 0.0 if hint == MOVED_IN else SETTLE_SECONDS if hint == CLOSED else self.stable_seconds
-
-    def _plan(self, e: _Entry, tree: dict[str, os.stat_result], now: float) -> list[str]:
+    def _plan(self, e: Pending, tree: dict[str, os.stat_result], now: float) -> list[str]:
         """The checkpoint files of a folder drop (index first); waits while shards are missing (FAULTS A3)."""
         files, waiting = folder_plan(self.inbox / e.name, e.name, tree)
         if waiting is None:
             return files
         if now - e.since < self.shard_timeout_seconds:
-            raise _Wait(min(now + TICK_SECONDS, e.since + self.shard_timeout_seconds))
+            raise Wait(min(now + TICK_SECONDS, e.since + self.shard_timeout_seconds))
         raise CheckpointError(waiting, path=e.name, hint="copy every shard into a folder outside the inbox, then "
                                                          "move the whole folder in")
 
-    def _prepare(self, e: _Entry, path: Path, st: os.stat_result, tree: dict[str, os.stat_result],
+    def _prepare(self, e: Pending, path: Path, st: os.stat_result, tree: dict[str, os.stat_result],
                  now: float) -> Arrival:
         """Check the size cap, read the sidecar, copy to staging while hashing, check the copy (A1, A6, B10)."""
         if e.kind == "dir":
@@ -339,7 +313,7 @@ class Intake:
         return Arrival(e.name, stem, path, final, sha, size, sidecar)
 
     # ---- outcomes ---------------------------------------------------------------------------------------------
-    def _deliver(self, e: _Entry, path: Path, arrival: Arrival) -> None:
+    def _deliver(self, e: Pending, path: Path, arrival: Arrival) -> None:
         try:
             self.on_arrival(arrival)
         except RetryLater as x:
@@ -373,13 +347,13 @@ class Intake:
         self.log.info("drop_consumed", name=show_name(e.name), sha256=arrival.sha256)
         self._forget(e)
 
-    def _unchanged(self, e: _Entry, path: Path) -> bool:
+    def _unchanged(self, e: Pending, path: Path) -> bool:
         try:
             return drop_signature(self.inbox, path, os.lstat(path), e.kind)[0] == e.sig
         except OSError:
             return False
 
-    def _reject(self, e: _Entry, reason: str, *, check: bool = False) -> None:
+    def _reject(self, e: Pending, reason: str, *, check: bool = False) -> None:
         """Move the drop (and a file's sidecar) to ``inbox/.rejected/`` with ``<name>.reason.txt``."""
         if check and not self._unchanged(e, self.inbox / e.name):
             e.sig = None
@@ -398,12 +372,12 @@ class Intake:
                     self.on_reject(reason)
         self._forget(e)
 
-    def _drop_held(self, e: _Entry, arrival: Arrival | None = None) -> None:
+    def _drop_held(self, e: Pending, arrival: Arrival | None = None) -> None:
         """Release a staged copy we made and did not hand over; delete it when nobody else holds it."""
         arrival, e.held = arrival or e.held, None
         if arrival is not None:
             self._stager.release(arrival.staged)
 
-    def _forget(self, e: _Entry) -> None:
+    def _forget(self, e: Pending) -> None:
         self._drop_held(e)
         self._entries.pop(e.name, None)

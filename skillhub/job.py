@@ -21,11 +21,12 @@ import torch
 
 from skillhub import faultpoints
 from skillhub.autosparsity import localize_auto, wants_auto
-from skillhub.checkpoint import Checkpoint, fingerprint, open_checkpoint
+from skillhub.checkpoint import Checkpoint, open_checkpoint
 from skillhub.config import BaseSection
 from skillhub.delta import SparseDelta
 from skillhub.errors import CheckpointError, ExecutorError, LocalizeError
 from skillhub.families import Examples, ModelFamily, Prepared
+from skillhub.fingerprints import fingerprint
 from skillhub.head import Head
 from skillhub.localize import LocalizeContext
 from skillhub.log import get_logger

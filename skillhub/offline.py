@@ -24,9 +24,10 @@ from typing import Any
 
 import torch
 
-from skillhub.checkpoint import Checkpoint, fingerprint, open_checkpoint
+from skillhub.checkpoint import Checkpoint, open_checkpoint
 from skillhub.delta import MaskFile, SparseDelta
 from skillhub.errors import StitchError
+from skillhub.fingerprints import fingerprint
 from skillhub.modelfolder import Shard, finite, layout_of, write_model_staged
 from skillhub.stitch import Stitcher, StitchPolicy
 

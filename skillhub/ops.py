@@ -10,10 +10,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from skillhub.checkpoint import Checkpoint, fingerprint
+from skillhub.checkpoint import Checkpoint
 from skillhub.delta import Provenance, SparseDelta
 from skillhub.errors import CheckpointError, SkillhubError
 from skillhub.families import ModelFamily, Prepared
+from skillhub.fingerprints import fingerprint
 from skillhub.localize import LocalizeContext, run_localizer
 from skillhub.plugins import Plugins
 from skillhub.taskvector import TaskVector, squares_of

@@ -33,6 +33,7 @@ from skillhub.stitchcow import Versions
 from skillhub.stitchdense import CHUNK, apply_dense, recompute_dense
 from skillhub.stitchderive import Entries, change, derive, sources, union
 from skillhub.stitchderive import counts as derived_counts
+from skillhub.stitchfinite import NonFinite
 from skillhub.stitchlayout import dense_share_for, resolve_device, service_layout
 from skillhub.stitchpolicy import Index, ScaleParams, StitchPolicy, zero_at
 from skillhub.stitchstate import DENSE_SHARE, Segment, TensorState, count_dtype
@@ -45,12 +46,6 @@ if TYPE_CHECKING:
 
 
 COUNT_MAX = 2**15 - 1  # torch.iinfo(count_dtype()).max, without importing torch
-
-def _nonfinite(t: torch.Tensor) -> int:
-    """Number of NaN and ±Inf entries of ``t``."""
-    import torch
-
-    return int(t.numel() - torch.count_nonzero(torch.isfinite(t))) if t.numel() else 0
 
 
 class Stitcher:
@@ -89,12 +84,9 @@ class Stitcher:
         # written again; the next change to it writes a copy, made beforehand when prepare() ran.
         self._versions = Versions()
         self._writable = self._versions.writable
-        # Non-finite merged entries per tensor (id of its state -> count, when not 0), kept as entries change, so
-        # the smoke check of a new version (nonfinite()) costs O(changed entries), not a pass over the model.
-        self._bad: dict[int, int] = {}
-        for st in self._state.values():
-            self._count_bad(st)
-        self._base_bad = set(self._bad)  # tensors whose θ₀ itself holds NaN/Inf
+        # Non-finite merged entries per tensor, kept as entries change, so the smoke check of a new version
+        # (nonfinite()) costs O(changed entries), not a pass over the model.
+        self._finite = NonFinite(self._state.values())
 
     @property
     def keys(self) -> list[str]:
@@ -217,7 +209,7 @@ class Stitcher:
         self._cover(st, sign * moved, sign * doubled)
         # Written even when the tensor is stale: its recomputation covers only the entries masks still cover, so
         # the entries this change frees must be θ₀ already.
-        self._store(st, idx, [(idx, self._merged_at(st, st.theta0_at(idx), acc, count, slots))])
+        self._finite.store(st, idx, [(idx, self._merged_at(st, st.theta0_at(idx), acc, count, slots))])
 
     def _merged_at(self, st: TensorState, base: torch.Tensor, acc: dict[str, torch.Tensor], count: torch.Tensor,
                    slots: Index, freed: bool = True) -> torch.Tensor:
@@ -270,32 +262,12 @@ class Stitcher:
             if idle is not None:
                 self.policy.reset(seg.acc, idle)
         if not st.stale:  # else the whole tensor is recomputed before it is read anyway
-            self._store(st, idx, [(flat, self._merged_at(st, seg.base[seg.slots], seg.acc, after, seg.slots,
-                                                         freed=idle is not None))
-                                  for seg, _, after, _, flat, idle in plans])
+            self._finite.store(st, idx, [(flat, self._merged_at(st, seg.base[seg.slots], seg.acc, after,
+                                                                seg.slots, freed=idle is not None))
+                                         for seg, _, after, _, flat, idle in plans])
         del plans, segs, applied  # the new run goes in last, with nothing else holding the runs' arrays
         if new is not None:
             st.keep(new)
-
-    def _store(self, st: TensorState, idx: torch.Tensor, pieces: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Write the merged entries ``pieces`` (flat positions, values; together ``idx``) and keep the tensor's
-        count of non-finite entries up to date."""
-        # The non-finite count changes by what idx held before and holds after. A tensor with no non-finite entry
-        # (and a finite θ₀, which entries no mask covers any more return to) held none before: only the new values
-        # need a look, no gather.
-        sid = id(st)
-        exact = sid in self._bad or sid in self._base_bad
-        bad_before = _nonfinite(st.merged[idx]) if exact else 0
-        fresh = 0
-        for flat, merged in pieces:
-            st.merged[flat] = merged
-            if not exact:
-                fresh += _nonfinite(merged)
-        bad = self._bad.get(sid, 0) + (_nonfinite(st.merged[idx]) if exact else fresh) - bad_before
-        if bad:
-            self._bad[sid] = bad
-        else:
-            self._bad.pop(sid, None)
 
     def _cover(self, st: TensorState, covered: int, overlapping: int) -> None:
         st.covered += covered
@@ -326,15 +298,7 @@ class Stitcher:
                 merged = (base.to(self.accumulate) + self.policy.delta(acc, count, slots)).to(st.merged.dtype)
                 st.merged[run.pos[slots].long()] = torch.where(count == 0, base, merged)
         st.stale = False
-        self._count_bad(st)
-
-    def _count_bad(self, st: TensorState) -> None:
-        """Count the non-finite entries of a whole merged tensor (start-up, and after a full recomputation)."""
-        bad = _nonfinite(st.merged) if st.merged.is_floating_point() else 0
-        if bad:
-            self._bad[id(st)] = bad
-        else:
-            self._bad.pop(id(st), None)
+        self._finite.count(st)
 
     def nonfinite(self) -> str | None:
         """The first merged tensor holding NaN or ±Inf, else ``None``: the smoke check of a version's merged
@@ -342,7 +306,7 @@ class Stitcher:
         for key, st in self._state.items():
             if st.stale:
                 self._materialise(key, st)
-            if self._bad.get(id(st)):
+            if self._finite.holds(st):
                 return key
         return None
 

@@ -1,13 +1,18 @@
-"""What the service shows of its registry and its served version: the skill list (``GET /v1/skills``) and the model
-(``GET /v1/model``), as plain JSON-ready dicts built from the records the :class:`~skillhub.hub.Hub` hands over."""
+"""What the service shows of its registry and its versions: the skill list (``GET /v1/skills``), the model
+(``GET /v1/model``), a kept version's mask analytics (``GET /v1/analytics``) and the version history
+(``GET /v1/history``), as plain JSON-ready dicts built from the records the :class:`~skillhub.hub.Hub` hands over."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from skillhub.errors import RegistryError, StitchError
+from skillhub.history import version_history
+
 if TYPE_CHECKING:
-    from skillhub.publish import ModelVersion
+    from skillhub.analytics import AnalyticsCache
+    from skillhub.publish import ModelVersion, Publisher
     from skillhub.records import SkillState, VersionRow
     from skillhub.sections import SkillsSection
 
@@ -57,3 +62,32 @@ def model(version: ModelVersion, *, base_sha: str, policy: str, overlap: Any, in
     return {"version": version.number, "base": base_sha, "policy": policy, "skills": skills_,
             "held": version.manifest.get("held") or {}, "included_parameters": included_parameters,
             "overlap": overlap, "created": version.created}
+
+
+def analytics(cache: AnalyticsCache, current: ModelVersion | None, kept: Callable[[], Publisher],
+              version: int | None = None) -> dict[str, Any]:
+    """The mask analytics of the served version ``current``, or of kept version ``version``:
+    :func:`skillhub.analytics.analyze`, cached per version in ``cache``. ``kept()`` is the publisher of the kept
+    versions, asked for only for a version other than the served one."""
+    if version is None or (current is not None and version == current.number):
+        if current is None:
+            raise StitchError("no model version is being served yet", hint="drop a skill into the inbox")
+        return cache.of(current.number, current.manifest)
+    manifest = kept().manifest(version)
+    if manifest is None:
+        numbers = kept().numbers()
+        raise RegistryError(f"unknown version {version}: not among the kept versions "
+                            f"({', '.join(map(str, numbers)) or 'none'})", key="version",
+                            hint="older versions are pruned ([state] keep_versions)")
+    return cache.of(version, manifest)
+
+
+def history(publisher: Publisher, current: ModelVersion | None) -> list[dict[str, Any]]:
+    """What each kept version changed, newest first, with the gate's decisions:
+    :func:`skillhub.history.version_history` over the kept manifests (the served one as it is held in memory,
+    where the gate's ``held`` note may be newer than the file)."""
+    manifests = [m for n in publisher.numbers() if (current is None or n != current.number)
+                 and (m := publisher.manifest(n)) is not None]
+    if current is not None:
+        manifests.append({**current.manifest, "version": current.number, "created": current.created})
+    return version_history(manifests)

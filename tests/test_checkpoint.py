@@ -20,15 +20,15 @@ import safetensors
 import safetensors.torch
 import torch
 
-import skillhub.checkpoint as ckpt_mod
+import skillhub.fingerprints as fp_mod
 from skillhub.checkpoint import (
-    FingerprintCache,
     open_checkpoint,
     read_tensors,
     validate_against,
     write_safetensors,
 )
 from skillhub.errors import CheckpointError
+from skillhub.fingerprints import FingerprintCache
 from skillhub.header import read_header
 from skillhub.taskvector import StateDict, TaskVector
 
@@ -724,13 +724,13 @@ def test_task_vector_float64_when_asked() -> None:
 
 def test_fingerprint_is_the_files_sha256_and_is_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[Path] = []
-    real = ckpt_mod.sha256_file
+    real = fp_mod.sha256_file
 
     def counting(path, *a, **kw):
         calls.append(Path(path))
         return real(path, *a, **kw)
 
-    monkeypatch.setattr(ckpt_mod, "sha256_file", counting)
+    monkeypatch.setattr(fp_mod, "sha256_file", counting)
     p = tmp_path / "x.safetensors"
     write_safetensors(p, {"a": torch.arange(5.0)}, {})
     cache = FingerprintCache()
@@ -771,8 +771,8 @@ def test_fingerprint_of_a_sharded_checkpoint(tmp_path: Path) -> None:
 def test_fingerprints_outlive_the_process_in_a_store_and_a_rewrite_is_seen(tmp_path: Path,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[Path] = []
-    real = ckpt_mod.sha256_file
-    monkeypatch.setattr(ckpt_mod, "sha256_file", lambda path, *a, **kw: calls.append(Path(path)) or real(path))
+    real = fp_mod.sha256_file
+    monkeypatch.setattr(fp_mod, "sha256_file", lambda path, *a, **kw: calls.append(Path(path)) or real(path))
     p, store = tmp_path / "base.safetensors", tmp_path / "cache" / "fingerprints.json"
     write_safetensors(p, {"a": torch.arange(5.0)}, {})
     assert FingerprintCache(store).file(p) == sha256(p) and len(calls) == 1

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from skillhub import ops
-from skillhub.checkpoint import fingerprint, open_checkpoint, write_safetensors
+from skillhub.checkpoint import open_checkpoint, write_safetensors
 from skillhub.errors import CheckpointError
 from skillhub.families.state_dict import StateDictFamily
+from skillhub.fingerprints import fingerprint
 from skillhub.ops import base_squares, localize_checkpoint
 from skillhub.plugins import load_plugins
 from skillhub.taskvector import (

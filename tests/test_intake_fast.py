@@ -6,6 +6,7 @@ decisions, events or calls, never on wall-clock time."""
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import os
 import struct
@@ -21,6 +22,7 @@ import skillhub.copying as copying_mod
 import skillhub.staging as staging_mod
 import skillhub.watcher as watcher_mod
 from skillhub.intake import Intake
+from skillhub.pending import quiet_after
 from skillhub.staging import Stager, staged_sha256
 from skillhub.watcher import CHANGED, CLOSED, GONE, MOVED_IN, InboxWatch
 from test_intake import STABLE, Env, ListLogger, sha, st_bytes, wait_for
@@ -343,5 +345,6 @@ def test_staged_sha256_of_a_folder_matches_the_stager(env: Env, tmp_path: Path) 
 def test_a_small_stable_window_still_applies_to_plain_writes(env: Env) -> None:
     """Sanity: the quiet time of a plain write is ``stable_seconds``, of a close-write the short settle."""
     it: Intake = env.start()
-    assert it._quiet(None) == STABLE and it._quiet(CHANGED) == STABLE and it._quiet(MOVED_IN) == 0.0
-    assert 0 < it._quiet(CLOSED) < STABLE
+    quiet = functools.partial(quiet_after, stable_seconds=it.stable_seconds)
+    assert quiet(None) == STABLE and quiet(CHANGED) == STABLE and quiet(MOVED_IN) == 0.0
+    assert 0 < quiet(CLOSED) < STABLE

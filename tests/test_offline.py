@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from skillhub.checkpoint import fingerprint, open_checkpoint, write_safetensors
+from skillhub.checkpoint import open_checkpoint, write_safetensors
 from skillhub.delta import MaskFile, Provenance, SparseDelta
 from skillhub.errors import CheckpointError, StitchError
+from skillhub.fingerprints import fingerprint
 from skillhub.modelfolder import PARTIAL
 from skillhub.offline import stitch_masks
 from skillhub.plugins import load_plugins
