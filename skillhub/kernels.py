@@ -31,8 +31,9 @@ if TYPE_CHECKING:
 #: Entries per block, and float64 accumulators of ‖τ‖²: 32 float32 values are two AVX-512 (four AVX2) registers,
 #: the width at which the compiled loop measured fastest (16 and 64 were slower) on the benchmark's 85M pair.
 LANES = 32
-#: Candidates a worker's output buffers hold before a flush (16 bytes each): 16 MiB per worker.
-OUT = 1 << 20
+#: Candidates a worker's output buffers hold before a flush (16 bytes each): 1 MiB per worker, so that they stay in
+#: the CPU cache and a fresh worker does not fault in pages it barely uses.
+OUT = 1 << 16
 
 _kernels: Any = None  # the compiled functions of _build, on first use; False without numba (or with SKILLHUB_NO_JIT)
 
@@ -71,18 +72,21 @@ def _build() -> tuple[Any, ...]:
         return c
 
     # Blocks are walked by range loops from 0 over views that start at ``pos`` (a block boundary): numba then knows
-    # every index is non-negative, drops its wraparound checks and LLVM vectorizes the block (4× faster than a
-    # range from ``pos``). No more blocks than the output can surely take: a block adds at most LANES.
+    # every index is non-negative, drops its wraparound checks and LLVM vectorizes the block (2× faster than a
+    # range from ``pos``). A call stops before a block the output might not hold (a block adds at most LANES).
     @jit
     def scan_f32(f: Any, b: Any, pos: int, t: float, acc: Any, idx: Any, val: Any, ab: Any) -> tuple[int, int]:
         fv, bv = f[pos:], b[pos:]
-        n, c = fv.size, 0
-        blocks = min(n // lanes, idx.size // lanes)
+        n, cap, c = fv.size, idx.size, 0
         blk = np.empty(lanes, np.float32)
         sq = acc.copy()  # local: LLVM does not vectorize into an argument that might alias f or b
         tt = np.float32(t)
-        for j in range(blocks):
+        done = n - n % lanes
+        for j in range(n // lanes):
             s = j * lanes
+            if c > cap - lanes:  # the output may not take another block: the caller flushes and calls again
+                done = s
+                break
             hit = False
             for i in range(lanes):
                 d = fv[s + i] - bv[s + i]
@@ -91,8 +95,7 @@ def _build() -> tuple[Any, ...]:
                 hit |= abs(d) >= tt
             if hit:
                 c = emit(blk, pos + s, tt, c, lanes, idx, val, ab)
-        done = blocks * lanes
-        if blocks == n // lanes and c + lanes <= idx.size:  # the tail, shorter than a block
+        if done == n - n % lanes and c <= cap - lanes:  # the tail, shorter than a block
             for i in range(n - done):
                 d = fv[done + i] - bv[done + i]
                 blk[i] = d
@@ -106,16 +109,18 @@ def _build() -> tuple[Any, ...]:
     def scan_bf16(f: Any, b: Any, pos: int, t: float, acc: Any, idx: Any, val: Any, ab: Any) -> tuple[int, int]:
         # bfloat16 is the top half of a float32: widen the raw bits by a shift and read them as float32.
         fv, bv = f[pos:], b[pos:]
-        n, c = fv.size, 0
-        blocks = min((n + lanes - 1) // lanes, idx.size // lanes)  # the last one may be short
+        n, cap, c = fv.size, idx.size, 0
         blk = np.empty(lanes, np.float32)
         bits = np.empty(2 * lanes, np.uint32)
         wide = bits.view(np.float32)
         sq = acc.copy()
         tt = np.float32(t)
-        done = 0
-        for j in range(blocks):
+        done = n
+        for j in range((n + lanes - 1) // lanes):  # the last block may be short
             s = j * lanes
+            if c > cap - lanes:
+                done = s
+                break
             m = min(lanes, n - s)
             hit = False
             for i in range(m):
@@ -128,7 +133,6 @@ def _build() -> tuple[Any, ...]:
                 hit |= abs(d) >= tt
             if hit:
                 c = emit(blk, pos + s, tt, c, m, idx, val, ab)
-            done = s + m
         acc[:] = sq
         return c, pos + done
 

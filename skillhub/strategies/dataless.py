@@ -50,6 +50,7 @@ from skillhub.localize import LocalizeContext, Localizer
 from skillhub.taskvector import TaskVector
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 SAMPLE_SIZE = 1 << 18
@@ -317,13 +318,24 @@ def _select_exact(cands: dict[str, tuple[torch.Tensor, ...]], k: int) -> dict[st
     if surplus > 0:  # more ties at v than places left: drop the last ones in canonical order
         tie_pos = np.flatnonzero(values == v)
         keep[tie_pos[len(tie_pos) - surplus:]] = False
-    keep_t = torch.from_numpy(keep)
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for key, part in zip(keys, torch.split(keep_t, sizes)):
-        idx = cands[key][0][part]
-        if idx.numel():
-            out[key] = (idx, cands[key][1][part])
+    start = 0
+    for key, size in zip(keys, sizes):  # numpy's boolean indexing: torch's costs ~30 µs a call, 2 calls a tensor
+        part = keep[start:start + size]
+        start += size
+        idx = cands[key][0].numpy()[part]
+        if idx.size:
+            out[key] = (torch.from_numpy(idx), _take(cands[key][1], part))
     return out
+
+
+def _take(values: torch.Tensor, part: np.ndarray) -> torch.Tensor:
+    """``values[part]`` through numpy where it has the dtype (bfloat16 values through their raw bits)."""
+    import torch
+
+    if values.dtype == torch.bfloat16:
+        return torch.from_numpy(values.view(torch.int16).numpy()[part]).view(torch.bfloat16)
+    return torch.from_numpy(values.numpy()[part])
 
 
 @hookimpl
