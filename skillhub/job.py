@@ -11,6 +11,7 @@ the same files.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from typing import Any
 
 import torch
 
-from skillhub import faultpoints
+from skillhub import faultpoints, kernels
 from skillhub.autosparsity import localize_auto, wants_auto
 from skillhub.checkpoint import Checkpoint, open_checkpoint
 from skillhub.config import BaseSection
@@ -102,6 +103,9 @@ class Workspace:
         self.base, self.base_sha, self.family = base, base_sha, family
         self.plugins, self.device = plugins, device
         self._patcher: SkillPatcher | None = None
+        # A workspace lives as long as its process (the daemon, a Ray worker), so the compiled localization pass
+        # pays for its loading here: in the background, before the first drop needs it (skillhub.kernels).
+        threading.Thread(target=kernels.warm, name="skillhub-kernels", daemon=True).start()
 
     def scorer(self) -> SkillPatcher | None:
         """A runnable copy of θ₀ to score localized models on (``None``: the family runs no model)."""

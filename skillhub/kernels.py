@@ -14,14 +14,17 @@ FAULTS B8 error. ‖τ‖² is summed in a fixed order of its own (entry i into 
 end), so it is the same float whatever pieces a tensor is read in, but not bit for bit :func:`~skillhub.taskvector.
 sum_of_squares`'s order: both are float64 sums of exact float32 squares.
 
-**Optional at run time.** numba is a dependency; when it cannot be imported, or ``SKILLHUB_NO_JIT=1`` is set, or a
-pair is not float32 or bfloat16 on the CPU, :func:`scan_pair` returns ``None`` and the caller takes its numpy path.
-Compiled code is cached on disk (numba's ``cache=True``), so only the first run on a machine compiles (about 1 s).
+**When it runs.** numba is a dependency, but loading it costs about 0.7 s a process (:data:`JIT_FROM`): the
+service loads it at start-up in the background (:func:`warm`), so every drop takes the compiled pass; a one-off
+``skillhub localize`` takes it only for a model big enough to gain. Without numba, with ``SKILLHUB_NO_JIT=1``, or
+for a pair that is not float32 or bfloat16 on the CPU, callers take their numpy path. Machine code is cached on disk
+(numba's ``cache=True``): only the first run on a machine compiles (about 3 s).
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -30,147 +33,55 @@ if TYPE_CHECKING:
 
 #: Entries per block, and float64 accumulators of ‖τ‖²: 32 float32 values are two AVX-512 (four AVX2) registers,
 #: the width at which the compiled loop measured fastest (16 and 64 were slower) on the benchmark's 85M pair.
+#: The same as :data:`skillhub.jitted.LANES` (written twice so that reading it needs no numba; a test holds them equal).
 LANES = 32
 #: Candidates a worker's output buffers hold before a flush (16 bytes each): 1 MiB per worker, so that they stay in
 #: the CPU cache and a fresh worker does not fault in pages it barely uses.
 OUT = 1 << 16
 
-_kernels: Any = None  # the compiled functions of _build, on first use; False without numba (or with SKILLHUB_NO_JIT)
+#: A process that has not loaded the compiled code yet loads it for a pass over at least this many entries: loading
+#: costs about 0.7 s (importing numba, its registries, the cached machine code) and saves about 0.8 ns an entry, so a
+#: one-off `skillhub localize` of an 85M model is faster without it. The service loads it at start-up (:func:`warm`,
+#: in the background), after which every pass takes it.
+JIT_FROM = 1 << 30
+
+_lock = threading.Lock()
+_kernels: Any = None  # skillhub.jitted's functions, on first use; False without numba (or with SKILLHUB_NO_JIT)
+
+
+def ready(numel: int) -> bool:
+    """Whether a pass over ``numel`` entries should take the compiled path: when it is loaded already, or when the
+    pass is long enough to pay for loading it (:data:`JIT_FROM`; it is then loaded here)."""
+    if _kernels is None and numel < JIT_FROM:
+        return False
+    return bool(_compile())
 
 
 def _compile() -> Any:
+    with _lock:  # the service's warm-up thread and a first localization may both ask
+        return _load()
+
+
+def _load() -> Any:
     global _kernels
     if _kernels is None:
         if os.environ.get("SKILLHUB_NO_JIT", "") not in ("", "0"):
             _kernels = False
             return _kernels
         try:
-            import numba  # noqa: F401
+            from skillhub import jitted
         except ImportError:  # pragma: no cover - numba is a dependency; a platform without its wheel falls back
             _kernels = False
         else:
-            _kernels = _build()
+            _kernels = (jitted.scan_f32, jitted.scan_bf16, jitted.squares_f32, jitted.gather_f32, jitted.gather_bf16)
     return _kernels
-
-
-def _build() -> tuple[Any, ...]:
-    import numba
-    import numpy as np
-
-    lanes = LANES
-    jit = numba.njit(nogil=True, cache=True, boundscheck=False)
-
-    @jit
-    def emit(blk: Any, pos: int, t: float, c: int, m: int, idx: Any, val: Any, ab: Any) -> int:
-        for i in range(m):
-            a = abs(blk[i])
-            if a >= t and a > 0:
-                idx[c] = pos + i
-                val[c] = blk[i]
-                ab[c] = a
-                c += 1
-        return c
-
-    # Blocks are walked by range loops from 0 over views that start at ``pos`` (a block boundary): numba then knows
-    # every index is non-negative, drops its wraparound checks and LLVM vectorizes the block (2× faster than a
-    # range from ``pos``). A call stops before a block the output might not hold (a block adds at most LANES).
-    @jit
-    def scan_f32(f: Any, b: Any, pos: int, t: float, acc: Any, idx: Any, val: Any, ab: Any) -> tuple[int, int]:
-        fv, bv = f[pos:], b[pos:]
-        n, cap, c = fv.size, idx.size, 0
-        blk = np.empty(lanes, np.float32)
-        sq = acc.copy()  # local: LLVM does not vectorize into an argument that might alias f or b
-        tt = np.float32(t)
-        done = n - n % lanes
-        for j in range(n // lanes):
-            s = j * lanes
-            if c > cap - lanes:  # the output may not take another block: the caller flushes and calls again
-                done = s
-                break
-            hit = False
-            for i in range(lanes):
-                d = fv[s + i] - bv[s + i]
-                blk[i] = d
-                sq[i] += np.float64(d) * np.float64(d)
-                hit |= abs(d) >= tt
-            if hit:
-                c = emit(blk, pos + s, tt, c, lanes, idx, val, ab)
-        if done == n - n % lanes and c <= cap - lanes:  # the tail, shorter than a block
-            for i in range(n - done):
-                d = fv[done + i] - bv[done + i]
-                blk[i] = d
-                sq[i] += np.float64(d) * np.float64(d)
-            c = emit(blk, pos + done, tt, c, n - done, idx, val, ab)
-            done = n
-        acc[:] = sq
-        return c, pos + done
-
-    @jit
-    def scan_bf16(f: Any, b: Any, pos: int, t: float, acc: Any, idx: Any, val: Any, ab: Any) -> tuple[int, int]:
-        # bfloat16 is the top half of a float32: widen the raw bits by a shift and read them as float32.
-        fv, bv = f[pos:], b[pos:]
-        n, cap, c = fv.size, idx.size, 0
-        blk = np.empty(lanes, np.float32)
-        bits = np.empty(2 * lanes, np.uint32)
-        wide = bits.view(np.float32)
-        sq = acc.copy()
-        tt = np.float32(t)
-        done = n
-        for j in range((n + lanes - 1) // lanes):  # the last block may be short
-            s = j * lanes
-            if c > cap - lanes:
-                done = s
-                break
-            m = min(lanes, n - s)
-            hit = False
-            for i in range(m):
-                bits[i] = np.uint32(fv[s + i]) << np.uint32(16)
-                bits[lanes + i] = np.uint32(bv[s + i]) << np.uint32(16)
-            for i in range(m):
-                d = wide[i] - wide[lanes + i]
-                blk[i] = d
-                sq[i] += np.float64(d) * np.float64(d)
-                hit |= abs(d) >= tt
-            if hit:
-                c = emit(blk, pos + s, tt, c, m, idx, val, ab)
-        acc[:] = sq
-        return c, pos + done
-
-    @jit
-    def squares_f32(t: Any, acc: Any) -> None:
-        # The same lanes as the scans (entry i into lane i mod LANES, in order), so a tensor's ‖τ‖² is the same float
-        # whichever pass computed it.
-        n = t.size
-        sq = acc.copy()
-        for pos in range(0, n - n % lanes, lanes):
-            for i in range(lanes):
-                sq[i] += np.float64(t[pos + i]) * np.float64(t[pos + i])
-        for i in range(n - n % lanes, n):
-            sq[i % lanes] += np.float64(t[i]) * np.float64(t[i])
-        acc[:] = sq
-
-    @jit
-    def gather_f32(f: Any, b: Any, pos: Any, out: Any) -> None:
-        for i in range(pos.size):
-            out[i] = abs(f[pos[i]] - b[pos[i]])
-
-    @jit
-    def gather_bf16(f: Any, b: Any, pos: Any, out: Any) -> None:
-        bits = np.empty(2, np.uint32)
-        wide = bits.view(np.float32)
-        for i in range(pos.size):
-            bits[0] = np.uint32(f[pos[i]]) << np.uint32(16)
-            bits[1] = np.uint32(b[pos[i]]) << np.uint32(16)
-            out[i] = abs(wide[0] - wide[1])
-
-    return scan_f32, scan_bf16, squares_f32, gather_f32, gather_bf16
 
 
 def lanes() -> np.ndarray | None:
     """A fresh set of ‖τ‖² accumulators for :func:`add_squares`, or ``None`` when the compiled path is off."""
     import numpy as np
 
-    return np.zeros(LANES, np.float64) if _compile() else None
+    return np.zeros(LANES, np.float64) if _kernels else None
 
 
 def add_squares(t: torch.Tensor, acc: np.ndarray) -> bool:
@@ -178,7 +89,7 @@ def add_squares(t: torch.Tensor, acc: np.ndarray) -> bool:
     the last) into ``acc`` in the scans' order; ``False`` (nothing added) when ``t`` is not float32 on the CPU."""
     import torch
 
-    kernels = _compile()
+    kernels = _kernels
     if not kernels or t.dtype != torch.float32 or t.device.type != "cpu":
         return False
     kernels[2](t.detach().reshape(-1).numpy(), acc)
@@ -212,7 +123,7 @@ def _arrays(f: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> tuple[Any, 
     if dtype != torch.float32 or f.dtype != b.dtype or f.device.type != "cpu" or b.device.type != "cpu" \
             or f.dtype not in (torch.float32, torch.bfloat16):
         return None
-    kernels = _compile()
+    kernels = _kernels  # loaded by ready() or warm(); never here, where loading would cost more than one pass saves
     if not kernels:
         return None
     fa, ba = f.detach().reshape(-1), b.detach().reshape(-1)
@@ -267,14 +178,27 @@ def scan_pair(f: torch.Tensor, b: torch.Tensor, threshold: float, bufs: Buffers,
 
 
 def warm() -> bool:
-    """Compile (or load from numba's cache) both kernels on a few entries, so the first real pass does not pay for
-    it; ``False`` when the compiled path is off. The daemon calls it at start-up, beside its other work."""
+    """Load both scans and the other compiled functions (from numba's disk cache, or compiling them the first time
+    on a machine) by running each on a few entries, so that the first real pass does not pay for it; ``False`` when
+    the compiled path is off or failed to load (it is then off for this process: callers take their numpy path)."""
+    global _kernels
     import torch
 
-    if not _compile():
+    try:
+        if not _compile():
+            return False
+        bufs = Buffers(LANES)
+        for dt in (torch.float32, torch.bfloat16):
+            x = torch.arange(2 * LANES + 3, dtype=torch.float32).to(dt)
+            scan_pair(x, torch.zeros_like(x), 1.0, bufs, torch.float32)
+            sample_abs(x, torch.zeros_like(x), torch.tensor([0, 1]), torch.float32)
+        import numpy as np
+
+        add_squares(torch.ones(LANES + 1), np.zeros(LANES, np.float64))
+        return True
+    except Exception as e:  # noqa: BLE001 - a broken numba install must not stop the service: numpy serves
+        from skillhub.log import get_logger
+
+        get_logger("skillhub.kernels").warning("kernels_unavailable", error=f"{type(e).__name__}: {e}")
+        _kernels = False
         return False
-    bufs = Buffers(LANES)
-    for dt in (torch.float32, torch.bfloat16):
-        x = torch.arange(2 * LANES + 3, dtype=torch.float32).to(dt)
-        scan_pair(x, torch.zeros_like(x), 1.0, bufs, torch.float32)
-    return True

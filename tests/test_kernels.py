@@ -53,6 +53,12 @@ def test_scan_pair_is_numpys_selection(dtype: torch.dtype, n: int, t: float) -> 
     assert len(sqs) == 1 and sqs.pop() == pytest.approx(float((tau64 ** 2).sum()), rel=1e-12)
 
 
+def test_the_block_width_is_the_compiled_one() -> None:
+    from skillhub import jitted
+
+    assert kernels.LANES == jitted.LANES
+
+
 def test_squares_are_the_same_float_from_a_scan_and_from_tau_in_pieces() -> None:
     f, b = pair(3 * 8192 + 77, torch.float32, seed=3)
     *_, sq = kernels.scan_pair(f, b, 0.1, kernels.Buffers(), torch.float32)

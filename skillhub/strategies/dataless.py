@@ -202,6 +202,7 @@ def global_topk(task: TaskVector, k: int, *, seed: int = 0,
     if k <= 0:
         return {}
     n = task.numel
+    kernels.ready(n)  # load the compiled pass if it pays (a long pass, or the service, which loaded it at start)
     gen = torch.Generator().manual_seed(seed)
     margin = 1.0
     while True:

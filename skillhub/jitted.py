@@ -1,0 +1,129 @@
+"""The compiled functions behind :mod:`skillhub.kernels` (numba; imported only by it, only when numba is).
+
+They are module-level functions so that numba's disk cache (``cache=True``, in ``__pycache__``) finds them again in
+the next process: a function built inside another one gets a new cache entry every time. See
+:mod:`skillhub.kernels` for what each computes and why it is shaped so.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numba
+import numpy as np
+
+#: Entries per block and float64 accumulators of ‖τ‖² (:data:`skillhub.kernels.LANES`, which must be equal: a test
+#: holds them so; that module does not import this one's numba to read it).
+LANES = 32
+lanes = LANES  # a global constant: numba compiles it into the loops (their trip count is known)
+
+jit = numba.njit(nogil=True, cache=True, boundscheck=False)
+
+
+@jit
+def emit(blk: Any, pos: int, t: float, c: int, m: int, idx: Any, val: Any, ab: Any) -> int:
+    for i in range(m):
+        a = abs(blk[i])
+        if a >= t and a > 0:
+            idx[c] = pos + i
+            val[c] = blk[i]
+            ab[c] = a
+            c += 1
+    return c
+
+
+# Blocks are walked by range loops from 0 over views that start at ``pos`` (a block boundary): numba then knows
+# every index is non-negative, drops its wraparound checks and LLVM vectorizes the block (2× faster than a
+# range from ``pos``). A call stops before a block the output might not hold (a block adds at most LANES).
+@jit
+def scan_f32(f: Any, b: Any, pos: int, t: float, acc: Any, idx: Any, val: Any, ab: Any) -> tuple[int, int]:
+    fv, bv = f[pos:], b[pos:]
+    n, cap, c = fv.size, idx.size, 0
+    blk = np.empty(lanes, np.float32)
+    sq = acc.copy()  # local: LLVM does not vectorize into an argument that might alias f or b
+    tt = np.float32(t)
+    done = n - n % lanes
+    for j in range(n // lanes):
+        s = j * lanes
+        if c > cap - lanes:  # the output may not take another block: the caller flushes and calls again
+            done = s
+            break
+        hit = False
+        for i in range(lanes):
+            d = fv[s + i] - bv[s + i]
+            blk[i] = d
+            sq[i] += np.float64(d) * np.float64(d)
+            hit |= abs(d) >= tt
+        if hit:
+            c = emit(blk, pos + s, tt, c, lanes, idx, val, ab)
+    if done == n - n % lanes and c <= cap - lanes:  # the tail, shorter than a block
+        for i in range(n - done):
+            d = fv[done + i] - bv[done + i]
+            blk[i] = d
+            sq[i] += np.float64(d) * np.float64(d)
+        c = emit(blk, pos + done, tt, c, n - done, idx, val, ab)
+        done = n
+    acc[:] = sq
+    return c, pos + done
+
+
+@jit
+def scan_bf16(f: Any, b: Any, pos: int, t: float, acc: Any, idx: Any, val: Any, ab: Any) -> tuple[int, int]:
+    # bfloat16 is the top half of a float32: widen the raw bits by a shift and read them as float32.
+    fv, bv = f[pos:], b[pos:]
+    n, cap, c = fv.size, idx.size, 0
+    blk = np.empty(lanes, np.float32)
+    bits = np.empty(2 * lanes, np.uint32)
+    wide = bits.view(np.float32)
+    sq = acc.copy()
+    tt = np.float32(t)
+    done = n
+    for j in range((n + lanes - 1) // lanes):  # the last block may be short
+        s = j * lanes
+        if c > cap - lanes:
+            done = s
+            break
+        m = min(lanes, n - s)
+        hit = False
+        for i in range(m):
+            bits[i] = np.uint32(fv[s + i]) << np.uint32(16)
+            bits[lanes + i] = np.uint32(bv[s + i]) << np.uint32(16)
+        for i in range(m):
+            d = wide[i] - wide[lanes + i]
+            blk[i] = d
+            sq[i] += np.float64(d) * np.float64(d)
+            hit |= abs(d) >= tt
+        if hit:
+            c = emit(blk, pos + s, tt, c, m, idx, val, ab)
+    acc[:] = sq
+    return c, pos + done
+
+
+@jit
+def squares_f32(t: Any, acc: Any) -> None:
+    # The same lanes as the scans (entry i into lane i mod LANES, in order), so a tensor's ‖τ‖² is the same float
+    # whichever pass computed it.
+    n = t.size
+    sq = acc.copy()
+    for pos in range(0, n - n % lanes, lanes):
+        for i in range(lanes):
+            sq[i] += np.float64(t[pos + i]) * np.float64(t[pos + i])
+    for i in range(n - n % lanes, n):
+        sq[i % lanes] += np.float64(t[i]) * np.float64(t[i])
+    acc[:] = sq
+
+
+@jit
+def gather_f32(f: Any, b: Any, pos: Any, out: Any) -> None:
+    for i in range(pos.size):
+        out[i] = abs(f[pos[i]] - b[pos[i]])
+
+
+@jit
+def gather_bf16(f: Any, b: Any, pos: Any, out: Any) -> None:
+    bits = np.empty(2, np.uint32)
+    wide = bits.view(np.float32)
+    for i in range(pos.size):
+        bits[0] = np.uint32(f[pos[i]]) << np.uint32(16)
+        bits[1] = np.uint32(b[pos[i]]) << np.uint32(16)
+        out[i] = abs(wide[0] - wide[1])
