@@ -42,6 +42,7 @@ from common import make_base, make_finetune, until, vit_b_shapes  # noqa: E402
 
 from skillhub.checkpoint import open_checkpoint, write_safetensors  # noqa: E402
 from skillhub.delta import Provenance  # noqa: E402
+from skillhub import kernels  # noqa: E402
 from skillhub.localize import LocalizeContext, run_localizer  # noqa: E402
 from skillhub.strategies.dataless import Dataless  # noqa: E402
 from skillhub.taskvector import TaskVector  # noqa: E402
@@ -75,6 +76,7 @@ def main() -> None:
             srcs.append(p)
         del base
         b = open_checkpoint(root / "base.safetensors")
+        kernels.warm()  # the compiled pass, loaded as the service's workspace loads it at start-up
         _localize_alone(b, srcs[0])  # warm-up: first-call costs are no part of either figure
         times: list[float] = []
 
