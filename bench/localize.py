@@ -1,5 +1,7 @@
 """Dataless localization on an 85M-parameter float32 pair (a CLIP ViT-B/32 image tower's size), side by side with
-the floor (read both files and compute τ once) and a naive global ``torch.topk`` over the concatenated model; and
+the floor (read both files and compute τ once) and a naive global ``torch.topk`` over the concatenated model, by the
+numpy path (a process that has not loaded numba) and the compiled one (``skillhub.kernels``, which the service
+loads at start-up); and
 ``skillhub localize`` as a user runs it (a whole process: open, validate, provenance hashes, localize, write the
 mask), its start-up (the same process importing what it needs and doing nothing) subtracted.
 

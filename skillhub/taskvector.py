@@ -106,8 +106,7 @@ class TaskVector:
             if t.numel():
                 lo, hi = torch.aminmax(t.reshape(-1))
                 if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
-                    raise CheckpointError(f"tensor {key!r} holds NaN or Inf", path=self.finetuned.path, key=key,
-                                          hint="the finetune diverged; retrain it or drop another checkpoint")
+                    raise self._nonfinite(key)
             return
         state = self._parts.get(key) if part else None
         if state is None:  # the compiled lanes where they apply (the same float a kernel's own pass gives), else float64
@@ -119,8 +118,7 @@ class TaskVector:
         if not math.isfinite(sq):
             lo, hi = torch.aminmax(t.reshape(-1))
             if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
-                raise CheckpointError(f"tensor {key!r} holds NaN or Inf", path=self.finetuned.path, key=key,
-                                      hint="the finetune diverged; retrain it or drop another checkpoint")
+                raise self._nonfinite(key)
         if part:
             self._parts[key] = state
         else:
@@ -131,10 +129,13 @@ class TaskVector:
         :meth:`record` checks τ (non-finite means τ holds NaN or ±Inf: float64 sums of float32 squares do not
         overflow) and record it when norms are wanted."""
         if not math.isfinite(sq):
-            raise CheckpointError(f"tensor {key!r} holds NaN or Inf", path=self.finetuned.path, key=key,
-                                  hint="the finetune diverged; retrain it or drop another checkpoint")
+            raise self._nonfinite(key)
         if self.norms:
             self.squares[key] = sq
+
+    def _nonfinite(self, key: str) -> CheckpointError:
+        return CheckpointError(f"tensor {key!r} holds NaN or Inf", path=self.finetuned.path, key=key,
+                               hint="the finetune diverged; retrain it or drop another checkpoint")
 
     def finish(self, key: str) -> None:
         """All pieces of ``key`` were given to :meth:`record` (with ``part``), in order: its ‖τ‖² is their sum."""
