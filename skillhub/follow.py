@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from skillhub.errors import FollowerError, RegistryError, SkillhubError, StitchError
 from skillhub.log import get_logger
-from skillhub.publish import ModelVersion, identity, read_current, read_manifest
+from skillhub.publish import ModelVersion, PublishedVersions, identity, read_current, read_manifest
 from skillhub.registry import Registry
 
 if TYPE_CHECKING:
@@ -123,6 +123,7 @@ class Follower:
                  passthrough: Mapping[str, torch.Tensor], describe: Mapping[str, Any], metrics: Metrics,
                  poll_seconds: float = 0.1) -> None:
         self.masks, self.models_dir, self.stitcher = masks, Path(models_dir), stitcher
+        self.publisher = PublishedVersions(self.models_dir)  # the primary's kept versions, read only (history views)
         self.passthrough, self.describe, self.metrics = dict(passthrough), dict(describe), metrics
         self.poll_seconds = poll_seconds
         self.lock = threading.RLock()  # held while the stitcher changes (views read it under the same lock)

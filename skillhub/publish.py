@@ -62,14 +62,29 @@ class ModelVersion:
         return identity(self.manifest)
 
 
-class Publisher:
+class PublishedVersions:
+    """The published versions of a models folder, read only: their numbers and manifests (what a follower shows
+    of the primary's versions; :class:`Publisher` is the writer of the same folder)."""
+
+    def __init__(self, models_dir: Path) -> None:
+        self.dir = models_dir
+
+    def manifest(self, number: int) -> dict[str, Any] | None:
+        """A published version's manifest, or None when it is missing or unreadable."""
+        return read_manifest(self.dir, number)
+
+    def numbers(self) -> list[int]:
+        return sorted(int(p.name) for p in self.dir.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+class Publisher(PublishedVersions):
     """Owns ``state/models/``: version numbers, manifests, the ``current`` pointer, background weight files."""
 
     def __init__(self, models_dir: Path, *, keep: int = 5, write_weights: bool = True,
                  quiet_seconds: float = 2.0, layout: Layout | None = None) -> None:
         """:param layout: the base's layout (:func:`skillhub.modelfolder.layout_of`); for a base folder, versions'
         weights are written in it (a loadable model folder), else as one ``model.safetensors``."""
-        self.dir = models_dir
+        super().__init__(models_dir)
         self.layout = layout if layout is not None and layout.folder else None
         self.quiet_seconds = quiet_seconds
         self._last_publish = 0.0
@@ -105,10 +120,6 @@ class Publisher:
                     t.unlink(missing_ok=True)
         return self.manifest(current) if current is not None else None
 
-    def manifest(self, number: int) -> dict[str, Any] | None:
-        """A published version's manifest, or None when it is missing or unreadable."""
-        return read_manifest(self.dir, number)
-
     @staticmethod
     def peek_current(models_dir: Path) -> dict[str, Any] | None:
         """The current version's manifest read without a publisher (nothing is created or cleaned)."""
@@ -124,9 +135,6 @@ class Publisher:
 
     def current_number(self) -> int | None:
         return read_current(self.dir)
-
-    def numbers(self) -> list[int]:
-        return sorted(int(p.name) for p in self.dir.iterdir() if p.is_dir() and p.name.isdigit())
 
     def next_number(self) -> int:
         return max(self.numbers(), default=0) + 1

@@ -12,7 +12,7 @@ from skillhub.history import version_history
 
 if TYPE_CHECKING:
     from skillhub.analytics import AnalyticsCache
-    from skillhub.publish import ModelVersion, Publisher
+    from skillhub.publish import ModelVersion, PublishedVersions
     from skillhub.records import SkillState, VersionRow
     from skillhub.sections import SkillsSection
 
@@ -64,7 +64,7 @@ def model(version: ModelVersion, *, base_sha: str, policy: str, overlap: Any, in
             "overlap": overlap, "created": version.created}
 
 
-def analytics(cache: AnalyticsCache, current: ModelVersion | None, kept: Callable[[], Publisher],
+def analytics(cache: AnalyticsCache, current: ModelVersion | None, kept: Callable[[], PublishedVersions],
               version: int | None = None) -> dict[str, Any]:
     """The mask analytics of the served version ``current``, or of kept version ``version``:
     :func:`skillhub.analytics.analyze`, cached per version in ``cache``. ``kept()`` is the publisher of the kept
@@ -82,7 +82,7 @@ def analytics(cache: AnalyticsCache, current: ModelVersion | None, kept: Callabl
     return cache.of(version, manifest)
 
 
-def history(publisher: Publisher, current: ModelVersion | None) -> list[dict[str, Any]]:
+def history(publisher: PublishedVersions, current: ModelVersion | None) -> list[dict[str, Any]]:
     """What each kept version changed, newest first, with the gate's decisions:
     :func:`skillhub.history.version_history` over the kept manifests (the served one as it is held in memory,
     where the gate's ``held`` note may be newer than the file)."""

@@ -259,3 +259,31 @@ def test_a_follower_reads_the_primarys_token_and_never_makes_one(tmp_path: Path)
     assert not (tmp_path / "state" / "token").exists()
     token = resolve_token(cfg)  # the primary makes it; the follower reads the same
     assert resolve_token(cfg, create=False) == token
+
+
+def test_a_follower_hub_shows_the_primarys_history_and_kept_versions_analytics(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(3)
+    base = {"w": torch.randn(6, 5, generator=g), "b": torch.randn(5, generator=g)}
+    write_safetensors(tmp_path / "base.safetensors", base, {})
+    (tmp_path / "config.toml").write_text('[base]\nweights = "base.safetensors"\n[state]\ndir = "state"\n'
+                                          '[localize]\nmax_relative_delta = 100.0\n[localize.params]\nsparsity = 0.3\n')
+    cfg = load_config(tmp_path / "config.toml", env={})
+    primary = Hub(cfg)
+    primary.start()
+    follower = Hub(cfg, follow=True)
+    try:
+        for i in range(2):
+            path = tmp_path / f"s{i}.safetensors"
+            write_safetensors(path, {k: v + torch.randn(v.shape, generator=g) for k, v in base.items()}, {})
+            primary.ingest(path, skill=f"s{i}")
+            primary.reconcile()
+        primary.reconciler.publisher.flush()
+        follower.start()
+        assert follower.current is not None and follower.current.number == primary.current.number
+        assert [h["version"] for h in follower.history()] == [h["version"] for h in primary.history()]
+        older = primary.history()[-1]["version"]
+        assert older != follower.current.number
+        assert follower.analytics(older) == primary.analytics(older)
+    finally:
+        follower.close()
+        primary.close()
