@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from skillhub.checkpoint import write_safetensors
-from skillhub.config import load_config
+from skillhub.config import Config, load_config
 from skillhub.delta import SparseDelta
 from skillhub.errors import FollowerError
 from skillhub.follow import Follower, apply_manifest, replay_plan
@@ -159,12 +159,7 @@ def _tree(state: Path) -> dict[str, str]:
 
 
 def test_a_follower_hub_serves_the_primarys_versions_writes_nothing_and_refuses_changes(tmp_path: Path) -> None:
-    g = torch.Generator().manual_seed(0)
-    base = {"w": torch.randn(6, 5, generator=g), "b": torch.randn(5, generator=g)}
-    write_safetensors(tmp_path / "base.safetensors", base, {})
-    (tmp_path / "config.toml").write_text('[base]\nweights = "base.safetensors"\n[state]\ndir = "state"\n'
-                                          '[localize]\nmax_relative_delta = 100.0\n[localize.params]\nsparsity = 0.3\n')
-    cfg = load_config(tmp_path / "config.toml", env={})
+    g, base, cfg = _small_service(tmp_path, seed=0)
     primary = Hub(cfg)
     primary.start()
     follower = Hub(cfg, follow=True)
@@ -262,12 +257,7 @@ def test_a_follower_reads_the_primarys_token_and_never_makes_one(tmp_path: Path)
 
 
 def test_a_follower_hub_shows_the_primarys_history_and_kept_versions_analytics(tmp_path: Path) -> None:
-    g = torch.Generator().manual_seed(3)
-    base = {"w": torch.randn(6, 5, generator=g), "b": torch.randn(5, generator=g)}
-    write_safetensors(tmp_path / "base.safetensors", base, {})
-    (tmp_path / "config.toml").write_text('[base]\nweights = "base.safetensors"\n[state]\ndir = "state"\n'
-                                          '[localize]\nmax_relative_delta = 100.0\n[localize.params]\nsparsity = 0.3\n')
-    cfg = load_config(tmp_path / "config.toml", env={})
+    g, base, cfg = _small_service(tmp_path, seed=3)
     primary = Hub(cfg)
     primary.start()
     follower = Hub(cfg, follow=True)
@@ -287,3 +277,13 @@ def test_a_follower_hub_shows_the_primarys_history_and_kept_versions_analytics(t
     finally:
         follower.close()
         primary.close()
+
+
+def _small_service(tmp_path: Path, *, seed: int) -> tuple[torch.Generator, dict[str, torch.Tensor], Config]:
+    """A two-tensor base and the config of a primary and its follower on one state folder (masks of 30%)."""
+    g = torch.Generator().manual_seed(seed)
+    base = {"w": torch.randn(6, 5, generator=g), "b": torch.randn(5, generator=g)}
+    write_safetensors(tmp_path / "base.safetensors", base, {})
+    (tmp_path / "config.toml").write_text('[base]\nweights = "base.safetensors"\n[state]\ndir = "state"\n'
+                                          '[localize]\nmax_relative_delta = 100.0\n[localize.params]\nsparsity = 0.3\n')
+    return g, base, load_config(tmp_path / "config.toml", env={})
