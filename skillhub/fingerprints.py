@@ -27,8 +27,9 @@ class FingerprintCache:
 
     A file's identity is (resolved path, size, mtime_ns, inode, ctime_ns): a change of content changes its ctime,
     which no user can set back. A sharded checkpoint's fingerprint is the sha256 of its shard names and shard
-    hashes. The process has one, :data:`FINGERPRINTS`: a hash computed anywhere (the stager hashes a drop while it
-    copies it) is known everywhere; with a ``store`` (a JSON file) hashes also outlive the process, so that neither
+    hashes. The process has one, :data:`FINGERPRINTS`: a file hashed once is known everywhere in it (a staged drop's
+    hash, computed while it is copied, is handed to the ingest with the drop instead); with a ``store`` (a JSON
+    file) hashes also outlive the process, so that neither
     ``skillhub localize`` nor a service start reads a multi-GB base again just to name it.
     """
 
@@ -67,11 +68,6 @@ class FingerprintCache:
             os.replace(tmp, self._store)  # atomic; concurrent writers lose entries at worst, never corrupt it
         except OSError:
             pass  # a read-only home or a full disk only costs a hash next time
-
-    def remember(self, path: Path, sha256: str) -> None:
-        """Record a file's sha256 computed elsewhere (while copying it), so that it is never read again to hash."""
-        with self._lock:
-            self._cache[self._key(Path(path))] = sha256
 
     def file(self, path: Path, *, persist: bool = True) -> str:
         """sha256 of one file (read once per identity). ``persist=False`` keeps it out of the store (files that
