@@ -185,7 +185,6 @@ def run(cfg: Mapping[str, Any], seed: int, out: Path) -> dict[str, Any]:
             {"method": "pretrained (θ₀)", "test": pretrained},
             {"method": "individual finetuned", "test": individual},
         ]
-        val_cache: dict[str, dict[str, float]] = {}
 
         def tuned(method: str, deltas: dict[str, SparseDelta], policy: str, loc_s: float,
                   extra: dict[str, Any]) -> dict[str, Any]:
