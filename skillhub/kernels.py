@@ -5,8 +5,8 @@ entries with |τ| ≥ t, their τ and |τ|, and ‖τ‖² for the distance chec
 workspace, ``abs``, a comparison, ``flatnonzero``, two gathers and a float64 sum of squares: each a pass through memory,
 about 5× the floor of reading both tensors once (``bench/localize.py``). The kernel here does it in one pass, blocks of
 :data:`LANES` entries at a time: τ into a small local block, each square into its lane's float64 accumulator, and the
-block compacted only when some |τ| in it reaches t (at 1% sparsity most blocks of 32 have none above a candidate
-threshold of about 1%).
+block compacted only when some |τ| in it reaches t (at 1% sparsity about a third of the blocks of 32 hold a
+candidate; the others are never written out).
 
 **Exactly numpy's answer.** τ is the same float32 subtraction; a candidate is kept on the same rule (|τ| ≥ t and
 τ ≠ 0, so t = 0 keeps the non-zeros); NaN is never a candidate and makes ‖τ‖² NaN, which the caller turns into the
@@ -46,7 +46,7 @@ OUT = 1 << 16
 JIT_FROM = 1 << 30
 
 _lock = threading.Lock()
-_kernels: Any = None  # skillhub.jitted's functions, on first use; False without numba (or with SKILLHUB_NO_JIT)
+_kernels: Any = None  # the module skillhub.jitted, on first use; False without numba (or with SKILLHUB_NO_JIT)
 
 
 def ready(numel: int) -> bool:
@@ -73,27 +73,23 @@ def _load() -> Any:
         except ImportError:  # pragma: no cover - numba is a dependency; a platform without its wheel falls back
             _kernels = False
         else:
-            _kernels = (jitted.scan_f32, jitted.scan_bf16, jitted.squares_f32, jitted.gather_f32, jitted.gather_bf16)
+            _kernels = jitted
     return _kernels
 
 
-def lanes() -> np.ndarray | None:
-    """A fresh set of ‖τ‖² accumulators for :func:`add_squares`, or ``None`` when the compiled path is off."""
+def lanes(t: torch.Tensor) -> np.ndarray | None:
+    """A fresh set of ‖τ‖² accumulators for :func:`add_squares` of τ like ``t`` (float32 on the CPU), or ``None``
+    when the compiled path does not take it (off, or another dtype or device: the caller sums in its own order)."""
     import numpy as np
-
-    return np.zeros(LANES, np.float64) if _kernels else None
-
-
-def add_squares(t: torch.Tensor, acc: np.ndarray) -> bool:
-    """Add the squares of float32 τ (a whole tensor, or its next piece: pieces a multiple of :data:`LANES` long but
-    the last) into ``acc`` in the scans' order; ``False`` (nothing added) when ``t`` is not float32 on the CPU."""
     import torch
 
-    kernels = _kernels
-    if not kernels or t.dtype != torch.float32 or t.device.type != "cpu":
-        return False
-    kernels[2](t.detach().reshape(-1).numpy(), acc)
-    return True
+    return np.zeros(LANES, np.float64) if _kernels and t.dtype == torch.float32 and t.device.type == "cpu" else None
+
+
+def add_squares(t: torch.Tensor, acc: np.ndarray) -> None:
+    """Add the squares of float32 τ (a whole tensor, or its next piece: pieces a multiple of :data:`LANES` long but
+    the last) into ``acc``, lanes from :func:`lanes`, in the scans' order."""
+    _kernels.squares_f32(t.detach().reshape(-1).numpy(), acc)
 
 
 def total(acc: np.ndarray) -> float:
@@ -115,7 +111,7 @@ class Buffers:
 
 
 def _arrays(f: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> tuple[Any, Any, Any] | None:
-    """The kernels and flat numpy views of a pair the compiled path takes (float32 or bfloat16 on the CPU, one
+    """:mod:`skillhub.jitted` and flat numpy views of a pair the compiled path takes (float32 or bfloat16 on the CPU, one
     dtype, τ wanted in float32), else ``None``."""
     import numpy as np
     import torch
@@ -123,13 +119,13 @@ def _arrays(f: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> tuple[Any, 
     if dtype != torch.float32 or f.dtype != b.dtype or f.device.type != "cpu" or b.device.type != "cpu" \
             or f.dtype not in (torch.float32, torch.bfloat16):
         return None
-    kernels = _kernels  # loaded by ready() or warm(); never here, where loading would cost more than one pass saves
-    if not kernels:
+    jitted = _kernels  # loaded by ready() or warm(); never here, where loading would cost more than one pass saves
+    if not jitted:
         return None
     fa, ba = f.detach().reshape(-1), b.detach().reshape(-1)
     if f.dtype == torch.bfloat16:  # raw bits: numpy has no bfloat16
-        return kernels, fa.view(torch.int16).numpy().view(np.uint16), ba.view(torch.int16).numpy().view(np.uint16)
-    return kernels, fa.numpy(), ba.numpy()
+        return jitted, fa.view(torch.int16).numpy().view(np.uint16), ba.view(torch.int16).numpy().view(np.uint16)
+    return jitted, fa.numpy(), ba.numpy()
 
 
 def sample_abs(f: torch.Tensor, b: torch.Tensor, pos: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
@@ -141,9 +137,9 @@ def sample_abs(f: torch.Tensor, b: torch.Tensor, pos: torch.Tensor, dtype: torch
     got = _arrays(f, b, dtype)
     if got is None:
         return None
-    kernels, fa, ba = got
+    jitted, fa, ba = got
     out = np.empty(pos.numel(), np.float32)
-    (kernels[4] if fa.dtype == np.uint16 else kernels[3])(fa, ba, pos.numpy(), out)
+    (jitted.gather_bf16 if fa.dtype == np.uint16 else jitted.gather_f32)(fa, ba, pos.numpy(), out)
     return torch.from_numpy(out)
 
 
@@ -159,8 +155,8 @@ def scan_pair(f: torch.Tensor, b: torch.Tensor, threshold: float, bufs: Buffers,
     got = _arrays(f, b, dtype)
     if got is None:
         return None
-    kernels, fa, ba = got
-    kernel = kernels[1] if fa.dtype == np.uint16 else kernels[0]
+    jitted, fa, ba = got
+    kernel = jitted.scan_bf16 if fa.dtype == np.uint16 else jitted.scan_f32
     acc = np.zeros(LANES, np.float64)
     n, pos = fa.size, 0
     parts: list[tuple[np.ndarray, ...]] = []
@@ -192,9 +188,8 @@ def warm() -> bool:
             x = torch.arange(2 * LANES + 3, dtype=torch.float32).to(dt)
             scan_pair(x, torch.zeros_like(x), 1.0, bufs, torch.float32)
             sample_abs(x, torch.zeros_like(x), torch.tensor([0, 1]), torch.float32)
-        import numpy as np
-
-        add_squares(torch.ones(LANES + 1), np.zeros(LANES, np.float64))
+        one = torch.ones(LANES + 1)
+        add_squares(one, lanes(one))
         return True
     except Exception as e:  # noqa: BLE001 - a broken numba install must not stop the service: numpy serves
         from skillhub.log import get_logger

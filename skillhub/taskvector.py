@@ -109,12 +109,14 @@ class TaskVector:
                     raise self._nonfinite(key)
             return
         state = self._parts.get(key) if part else None
-        if state is None:  # the compiled lanes where they apply (the same float a kernel's own pass gives), else float64
-            state = kernels.lanes() if t.dtype == torch.float32 else None
-            state = 0.0 if state is None else state
-        if isinstance(state, float) or not kernels.add_squares(t, state):
-            state = sum_of_squares(t, buf, float(state) if isinstance(state, float) else kernels.total(state))
-        sq = state if isinstance(state, float) else kernels.total(state)
+        if state is None:  # a fresh sum: the compiled lanes where they take τ (the float a scan gives), else float64
+            lanes = kernels.lanes(t)
+            state = 0.0 if lanes is None else lanes
+        if isinstance(state, float):
+            state = sq = sum_of_squares(t, buf, state)
+        else:
+            kernels.add_squares(t, state)
+            sq = kernels.total(state)
         if not math.isfinite(sq):
             lo, hi = torch.aminmax(t.reshape(-1))
             if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):

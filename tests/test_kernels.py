@@ -63,11 +63,12 @@ def test_squares_are_the_same_float_from_a_scan_and_from_tau_in_pieces() -> None
     f, b = pair(3 * 8192 + 77, torch.float32, seed=3)
     *_, sq = kernels.scan_pair(f, b, 0.1, kernels.Buffers(), torch.float32)
     tau = f - b
-    acc = kernels.lanes()
+    acc = kernels.lanes(tau)
+    assert acc is not None
     for start in range(0, tau.numel(), 8192):
-        assert kernels.add_squares(tau[start:start + 8192], acc)
+        kernels.add_squares(tau[start:start + 8192], acc)
     assert kernels.total(acc) == sq
-    assert not kernels.add_squares(tau.double(), kernels.lanes())  # not float32: the caller's own sum
+    assert kernels.lanes(tau.double()) is None  # not float32: the caller sums in its own order
 
 
 def test_nan_is_never_a_candidate_and_makes_the_squares_non_finite() -> None:
