@@ -7,6 +7,8 @@ import hashlib
 import json
 import os
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -160,14 +162,9 @@ def _tree(state: Path) -> dict[str, str]:
 
 def test_a_follower_hub_serves_the_primarys_versions_writes_nothing_and_refuses_changes(tmp_path: Path) -> None:
     g, base, cfg = _small_service(tmp_path, seed=0)
-    primary = Hub(cfg)
-    primary.start()
-    follower = Hub(cfg, follow=True)
-    try:
+    with _primary_and_follower(cfg) as (primary, follower):
         for i in range(3):
-            path = tmp_path / f"s{i}.safetensors"
-            write_safetensors(path, {k: v + torch.randn(v.shape, generator=g) for k, v in base.items()}, {})
-            primary.ingest(path, skill=f"s{i}")
+            primary.ingest(_finetune(tmp_path, f"s{i}", base, g), skill=f"s{i}")
         primary.reconcile()
         primary.reconciler.publisher.flush()
         before = _tree(tmp_path / "state")
@@ -191,9 +188,6 @@ def test_a_follower_hub_serves_the_primarys_versions_writes_nothing_and_refuses_
         assert follower.current.number == primary.current.number
         assert set(follower.current.manifest["skills"]) == {"s0"}
         assert all(torch.equal(follower.current.tensors[k], primary.current.tensors[k]) for k in base)
-    finally:
-        follower.close()
-        primary.close()
 
 
 def test_a_follower_refuses_a_state_folder_nobody_published_in(tmp_path: Path) -> None:
@@ -217,10 +211,7 @@ def test_a_follower_hub_answers_with_the_heads_the_manifest_names(tmp_path: Path
                                           '[localize]\nmax_relative_delta = 100.0\n[localize.params]\n'
                                           'sparsity = 0.5\n')
     cfg = load_config(tmp_path / "config.toml", env={})
-    primary = Hub(cfg)
-    primary.start()
-    follower = Hub(cfg, follow=True)
-    try:
+    with _primary_and_follower(cfg) as (primary, follower):
         write_safetensors(tmp_path / "s.safetensors", {"w": base["w"] + torch.randn(6, 5, generator=g)}, {})
         primary.ingest(tmp_path / "s.safetensors", skill="s")
         primary.reconcile()
@@ -237,9 +228,6 @@ def test_a_follower_hub_answers_with_the_heads_the_manifest_names(tmp_path: Path
         assert follower.current.number == manifest["version"]
         assert follower.engine.head(follower.current, "s", "merged").scale == 2.0
         assert follower.engine.head(follower.current, "s", "skill").scale == 3.0
-    finally:
-        follower.close()
-        primary.close()
 
 
 def test_a_follower_reads_the_primarys_token_and_never_makes_one(tmp_path: Path) -> None:
@@ -258,14 +246,9 @@ def test_a_follower_reads_the_primarys_token_and_never_makes_one(tmp_path: Path)
 
 def test_a_follower_hub_shows_the_primarys_history_and_kept_versions_analytics(tmp_path: Path) -> None:
     g, base, cfg = _small_service(tmp_path, seed=3)
-    primary = Hub(cfg)
-    primary.start()
-    follower = Hub(cfg, follow=True)
-    try:
+    with _primary_and_follower(cfg) as (primary, follower):
         for i in range(2):
-            path = tmp_path / f"s{i}.safetensors"
-            write_safetensors(path, {k: v + torch.randn(v.shape, generator=g) for k, v in base.items()}, {})
-            primary.ingest(path, skill=f"s{i}")
+            primary.ingest(_finetune(tmp_path, f"s{i}", base, g), skill=f"s{i}")
             primary.reconcile()
         primary.reconciler.publisher.flush()
         follower.start()
@@ -274,9 +257,6 @@ def test_a_follower_hub_shows_the_primarys_history_and_kept_versions_analytics(t
         older = primary.history()[-1]["version"]
         assert older != follower.current.number
         assert follower.analytics(older) == primary.analytics(older)
-    finally:
-        follower.close()
-        primary.close()
 
 
 def _small_service(tmp_path: Path, *, seed: int) -> tuple[torch.Generator, dict[str, torch.Tensor], Config]:
@@ -287,3 +267,23 @@ def _small_service(tmp_path: Path, *, seed: int) -> tuple[torch.Generator, dict[
     (tmp_path / "config.toml").write_text('[base]\nweights = "base.safetensors"\n[state]\ndir = "state"\n'
                                           '[localize]\nmax_relative_delta = 100.0\n[localize.params]\nsparsity = 0.3\n')
     return g, base, load_config(tmp_path / "config.toml", env={})
+
+
+def _finetune(tmp_path: Path, name: str, base: dict[str, torch.Tensor], g: torch.Generator) -> Path:
+    """A finetune of ``base`` (unit noise on every entry) written as ``NAME.safetensors``."""
+    path = tmp_path / f"{name}.safetensors"
+    write_safetensors(path, {k: v + torch.randn(v.shape, generator=g) for k, v in base.items()}, {})
+    return path
+
+
+@contextmanager
+def _primary_and_follower(cfg: Config) -> Iterator[tuple[Hub, Hub]]:
+    """A started primary Hub and a follower Hub (not started) on the same config, both closed afterwards."""
+    primary = Hub(cfg)
+    primary.start()
+    follower = Hub(cfg, follow=True)
+    try:
+        yield primary, follower
+    finally:
+        follower.close()
+        primary.close()
