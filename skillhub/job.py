@@ -104,8 +104,10 @@ class Workspace:
         self.plugins, self.device = plugins, device
         self._patcher: SkillPatcher | None = None
         # A workspace lives as long as its process (the daemon, a Ray worker), so the compiled localization pass
-        # pays for its loading here: in the background, before the first drop needs it (skillhub.kernels).
-        threading.Thread(target=kernels.warm, name="skillhub-kernels", daemon=True).start()
+        # pays for its loading here: in the background, before the first drop needs it (skillhub.kernels). Not a
+        # daemon thread: a process that exits while numba compiles (the first run on a machine, ~3 s) would be
+        # aborted in LLVM's C++ ("terminate called without an active exception"); exit waits for it instead.
+        threading.Thread(target=kernels.warm, name="skillhub-kernels").start()
 
     def scorer(self) -> SkillPatcher | None:
         """A runnable copy of θ₀ to score localized models on (``None``: the family runs no model)."""

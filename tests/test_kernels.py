@@ -118,3 +118,21 @@ def test_masks_are_bit_for_bit_the_numpy_paths(monkeypatch: pytest.MonkeyPatch, 
             assert torch.equal(jit.indices[key], plain.indices[key])
     for key in jit_sq:  # two float64 sums of the same exact squares, in different orders
         assert jit_sq[key] == pytest.approx(plain_sq[key], rel=1e-12)
+
+
+def test_the_workspaces_warm_up_is_waited_for_at_exit_not_cut_off() -> None:
+    # A daemon thread inside numba's compile (LLVM's C++) at interpreter exit aborts the process (SIGABRT, seen
+    # in CI on a fresh clone: a start-up that failed at once exited -6 instead of 2). Exit must wait for it.
+    import threading
+
+    import torch
+
+    from skillhub.job import Workspace
+
+    before = set(threading.enumerate())
+    Workspace(base=None, base_sha="", family=None, plugins=None, device=torch.device("cpu"))  # type: ignore[arg-type]
+    started = [t for t in threading.enumerate() if t not in before and t.name == "skillhub-kernels"]
+    for t in started:
+        assert not t.daemon
+        t.join(60)
+    assert started or kernels.warm()  # (already finished: it ran, and the compiled path is loaded)

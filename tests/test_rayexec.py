@@ -134,8 +134,9 @@ def test_a_worker_killed_mid_job_leaves_the_drop_pending_and_it_is_registered_on
             svc.proc.wait()
 
 
-def run_service(root: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SKILLHUB_")} | {"SKILLHUB_TOKEN": "t"}
+def run_service(root: Path, timeout: float = 120, env: dict[str, str] | None = None
+                ) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SKILLHUB_")} | {"SKILLHUB_TOKEN": "t"} | (env or {})
     return subprocess.run([sys.executable, "-m", "skillhub", "run", "--config", str(root / "config.toml")],
                           cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -154,6 +155,15 @@ def test_ray_unreachable_at_start_up_is_a_config_error_naming_executor_address(t
     assert out.returncode == 2, out.stderr[-2000:]
     last = out.stderr.strip().splitlines()[-1]
     assert "[executor] address" in last and "on_unreachable" in last, last
+
+
+def test_a_start_up_that_fails_while_numba_first_compiles_exits_with_its_own_code(tmp_path: Path) -> None:
+    # An empty numba cache: the workspace's warm-up compiles (seconds) while the start-up fails at once. A process
+    # exiting under a daemon thread inside LLVM was aborted ("terminate called without an active exception", -6).
+    root, _, _, _ = make_world(tmp_path, f'[executor]\nkind = "ray"\naddress = "127.0.0.1:{closed_port()}"\n')
+    out = run_service(root, env={"NUMBA_CACHE_DIR": str(tmp_path / "numba-cache")})
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "terminate called" not in out.stderr
 
 
 def test_ray_unreachable_falls_back_to_local_when_the_config_asks_for_it(tmp_path: Path) -> None:
