@@ -25,6 +25,11 @@ NO_FAST_COPY = {errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno
                 errno.ETXTBSY, errno.EISDIR}
 
 
+def stat_sig(st: os.stat_result) -> tuple[int, ...]:
+    """What says a file changed: mode, size, mtime, ctime, inode and device."""
+    return (st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+
+
 class Transient(Exception):
     """Keep the drop pending and log why (once); retry later."""
 
@@ -146,6 +151,23 @@ def _hash_range(fd: int, off: int, n: int, digest: Any, buf: bytearray, stop: th
             raise Changed()  # our own copy shrank: only a bug of ours could do that, so read the drop again
         digest.update(memoryview(buf)[:got])
         off += got
+
+
+def hash_file(path: Path, stop: threading.Event | None = None) -> str:
+    """The sha256 of our own file ``path`` (staged or taken: nobody else can truncate it, so mapping it is safe),
+    read through a mapping (no copy into a buffer)."""
+    digest, fd = hashlib.sha256(), os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if not (size := os.fstat(fd).st_size):
+            return digest.hexdigest()
+        with mmap.mmap(fd, size, prot=mmap.PROT_READ) as mapping, memoryview(mapping) as view:
+            for off in range(0, size, CHUNK):
+                if stop is not None and stop.is_set():
+                    raise Transient("stopping")
+                digest.update(view[off:off + CHUNK])
+    finally:
+        os.close(fd)
+    return digest.hexdigest()
 
 
 def staged_sha256(path: Path) -> str:

@@ -31,13 +31,14 @@ def remove_consumed(inbox: Path, path: Path, kind: str, stem: str) -> None:
         (inbox / f"{stem}.toml").unlink(missing_ok=True)
 
 
-def move_to_rejected(inbox: Path, name: str, kind: str, reason: str) -> None:
-    """Move the drop ``name`` (and a file's sidecar) to ``inbox/.rejected/``, replacing what is there under the same
-    names, then write ``<name>.reason.txt`` (``reason`` and :data:`TODO`) atomically; a name too long for the file
-    system is shortened with a hash."""
+def move_to_rejected(inbox: Path, name: str, kind: str, reason: str, *, source: Path | None = None) -> None:
+    """Move the drop ``name`` (from ``source`` when it was taken out of the inbox; and a file's sidecar, unless a newer
+    drop of that name is in the inbox) to ``inbox/.rejected/``, replacing what is there under the same names, then
+    write ``<name>.reason.txt`` (``reason`` and :data:`TODO`) atomically; a name too long for the file system is
+    shortened with a hash."""
     path, rejected = inbox / name, inbox / ".rejected"
-    moves = [(path, rejected / name)]
-    if kind == "file" and name.lower().endswith(".safetensors"):
+    moves = [(source or path, rejected / name)]
+    if kind == "file" and name.lower().endswith(".safetensors") and not (source and os.path.lexists(path)):
         side = inbox / f"{name[:-12]}.toml"
         if os.path.lexists(side):
             moves.append((side, rejected / side.name))

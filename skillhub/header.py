@@ -93,17 +93,20 @@ def sniff_not_safetensors(head: bytes) -> str | None:
 
 
 def read_header(
-    path: str | Path, *, max_header_bytes: int = MAX_HEADER_BYTES, max_tensors: int = MAX_TENSORS
+    path: str | Path, *, max_header_bytes: int = MAX_HEADER_BYTES, max_tensors: int = MAX_TENSORS,
+    fd: int | None = None,
 ) -> Header:
     """Read and fully check a safetensors header without mapping or allocating the data.
 
     Checks: the file is safetensors at all; the header size is within the cap and the file; the header is JSON with
     no duplicate names, within the parse caps; dtypes are known; every tensor's byte span matches its shape and
-    dtype, lies inside the data, and the spans tile the data exactly (no overlap, no gap, no trailing bytes).
+    dtype, lies inside the data, and the spans tile the data exactly (no overlap, no gap, no trailing bytes). With
+    ``fd``, reads that open file from its start (``path`` only names it in errors) instead of opening ``path``.
     """
     path = Path(path)
     try:
-        with open(path, "rb") as f:
+        with open(path, "rb") if fd is None else os.fdopen(os.dup(fd), "rb") as f:
+            f.seek(0)
             st = os.fstat(f.fileno())
             head = f.read(64)
             if len(head) < 8:

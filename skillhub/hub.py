@@ -29,6 +29,7 @@ from skillhub.gate import Gate
 from skillhub.head import Head, HeadStore
 from skillhub.heap import MMAP_THRESHOLD, fix_mmap_threshold
 from skillhub.inboxview import inbox_view
+from skillhub.taking import TAKEN
 from skillhub.inference import InferenceEngine
 from skillhub.ingest import Ingestor
 from skillhub.job import Workspace
@@ -384,4 +385,4 @@ class Hub:
 
     def inbox(self) -> dict[str, Any]:
         """The drops waiting in the inbox and the rejected ones with their reasons (``GET /v1/inbox``)."""
-        return inbox_view(Path(self.config.watch.dir))
+        return inbox_view(Path(self.config.watch.dir), taken=Path(self.config.state.dir) / "staging" / TAKEN)

@@ -26,24 +26,27 @@ def _size(path: Path) -> int:
         return 0
 
 
-def inbox_view(inbox: Path, *, limit: int = 100) -> dict[str, Any]:
-    """``{"pending": [{"name", "bytes", "modified"}], "rejected": [{"name", "reason", "rejected"}]}``: the inbox's
-    drops (oldest first) and the ``limit`` newest rejections (newest first); names only, never a path."""
+def inbox_view(inbox: Path, *, taken: Path | None = None, limit: int = 100) -> dict[str, Any]:
+    """``{"pending": [{"name", "bytes", "modified", "taken"}], "rejected": [{"name", "reason", "rejected"}]}``: the
+    drops waiting (oldest first): those in the inbox, and those moved out of it into ``taken`` while they are
+    localized (``"taken": true``, :mod:`skillhub.taking`); and the ``limit`` newest rejections (newest first); names
+    only, never a path."""
     pending: list[dict[str, Any]] = []
     rejected: list[dict[str, Any]] = []
-    try:
-        names = os.listdir(inbox)
-    except OSError:
-        names = []
-    for name in names:
-        if ignored(name):
-            continue
-        path = inbox / name
+    for folder, moved in ((inbox, False), (taken, True)):
         try:
-            mtime = path.lstat().st_mtime
+            names = os.listdir(folder) if folder is not None else []
         except OSError:
-            continue  # gone meanwhile: consumed
-        pending.append({"name": name, "bytes": _size(path), "modified": mtime})
+            names = []
+        for name in names:
+            if ignored(name):
+                continue
+            path = folder / name  # type: ignore[operator]
+            try:
+                mtime = path.lstat().st_mtime
+            except OSError:
+                continue  # gone meanwhile: consumed
+            pending.append({"name": name, "bytes": _size(path), "modified": mtime, "taken": moved})
     folder = inbox / ".rejected"
     try:
         notes = [n for n in os.listdir(folder) if n.endswith(REASON_SUFFIX) and not n.startswith(".")]

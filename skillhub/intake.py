@@ -2,21 +2,19 @@
 
 A drop is a regular file ``NAME.safetensors`` or a folder ``NAME/`` (``model.safetensors``, or shards named by one
 ``*.index.json``) directly in the inbox, with an optional TOML sidecar ``NAME.toml`` (``NAME/skill.toml``). Once a
-drop has stopped changing it is copied to a private staging folder while it is hashed, its safetensors headers are
-checked on the copy, and the copy is handed to the caller's ``on_arrival``. The source is then deleted, left pending
-(:class:`RetryLater`), or moved to ``inbox/.rejected/`` beside a ``<name>.reason.txt`` saying why and what to do.
+drop has stopped changing it is staged: a file nobody else holds open is moved out of the inbox
+(:mod:`skillhub.taking`), anything else is copied to a private staging folder while it is hashed; its safetensors
+headers are checked where nobody else can write them, and the staged file is handed to the caller's
+``on_arrival``. The drop is then deleted, left pending (:class:`RetryLater`; a moved one waits in
+``staging/.taken/``, and goes back into the inbox when the intake stops), or moved to ``inbox/.rejected/`` beside a
+``<name>.reason.txt`` saying why and what to do.
 
 This module owns the worker and those outcomes; :mod:`skillhub.pending` holds what the worker knows of a pending
 drop and the arrival rule's waits, :mod:`skillhub.watcher` keeps the observer on the inbox and its health,
 :mod:`skillhub.staging` reads a drop's files and makes the checked copy, and :mod:`skillhub.disposal` deletes a
 consumed drop or moves a rejected one to ``inbox/.rejected/``.
 
-Arrival rule (DESIGN §4): a drop renamed into the inbox (from inside or outside it) is ready at once: a rename is how
-a writer says it is done (FAULTS A2), so no stability window is waited for. Otherwise a drop is ready once its
-signature (size, mtime, ctime, inode of every file, and of a file's sidecar) has not changed for ``stable_seconds``,
-or for 0.1 s after a close-write. A staged copy whose header promises more bytes than it has sends the drop back to
-pending (a writer still at work after all); it is rejected as truncated only once it has stayed so, unchanged, for
-max(5 × ``stable_seconds``, 5 s).
+The arrival rule (when a drop counts as finished, DESIGN §4; FAULTS A1-A3) is :mod:`skillhub.pending`'s.
 
 Threading: the watch's thread only records names and wakes the worker; every filesystem operation runs in the one
 worker thread, so a drop is never processed twice at once. Nothing in the inbox is memory-mapped (a truncation would
@@ -35,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from skillhub.disposal import move_to_rejected, remove_consumed
-from skillhub.drops import PICKLE_SUFFIXES, Arrival, RetryLater, ignored
+from skillhub.drops import Arrival, RetryLater, ignored, refuse
 from skillhub.errors import CheckpointError, SkillhubError
 from skillhub.log import get_logger
 from skillhub.pending import SETTLE_SECONDS, TICK_SECONDS, Pending, Wait, truncated_quiet
@@ -48,8 +46,9 @@ from skillhub.staging import (
     folder_plan,
     read_sidecar,
     show_name,
-    special_file,
 )
+from skillhub.taking import consume_taken, give_back_all
+from skillhub.taking import give_back as give_back_taken
 from skillhub.watcher import Change, InboxWatch
 
 HEALTH_SECONDS = 1.0  # how often the worker checks that the inbox is still there
@@ -76,6 +75,7 @@ class Intake:
         self._lock = threading.Lock()
         self._wake, self._stop = threading.Event(), threading.Event()
         self._events: dict[str, str | None] = {}  # name -> what its last event said, from the watch's thread
+        self._poked: set[str] = set()  # names the caller asked to look at again (poke)
         self._scan_requested, self._check_root, self._idle = True, False, False
         self._working = self._settling = False
         self._entries: dict[str, Pending] = {}  # worker-only from here on
@@ -92,6 +92,7 @@ class Intake:
         restart of the machine, first verify the staged copies (:meth:`Stager.check_after_reboot`)."""
         self._stager.check_writable()
         self._stager.check_after_reboot(self.log.warning)
+        give_back_all(self.staging, self.inbox, self.log.warning)  # drops taken before a crash: pending again
         self._check_inbox()
         self._worker = threading.Thread(target=self._run, name="skillhub-intake", daemon=True)
         self._worker.start()
@@ -118,6 +119,8 @@ class Intake:
     def poke(self, name: str) -> None:
         """Look at the drop ``name`` again now (thread-safe): the caller's work it waited for (:class:`RetryLater`)
         is done."""
+        with self._lock:
+            self._poked.add(name)
         self._on_changes([(name, None)])
 
     @property
@@ -165,6 +168,7 @@ class Intake:
             try:
                 with self._lock:
                     events, self._events = self._events, {}
+                    poked, self._poked = self._poked, set()
                     scan, self._scan_requested = self._scan_requested, False
                     root, self._check_root = self._check_root, False
                 if root or now >= next_health:
@@ -173,7 +177,7 @@ class Intake:
                 if scan or now >= next_scan:
                     self._scan(now)
                     next_scan = now + self.rescan_seconds
-                self._note(events, now)
+                self._note(events, now, poked)
                 due_now = sorted(n for n, e in self._entries.items() if e.due <= now)
                 with self._lock:
                     self._working = bool(due_now)
@@ -209,7 +213,7 @@ class Intake:
             if not ignored(name) and name not in self._entries:
                 self._entries[name] = Pending(name, due=now)
 
-    def _note(self, events: dict[str, str | None], now: float) -> None:
+    def _note(self, events: dict[str, str | None], now: float, poked: set[str]) -> None:
         for name, hint in events.items():
             if name.endswith(".toml") and not name.startswith("."):
                 stem, ck = name[:-5], name[:-5] + ".safetensors"
@@ -222,21 +226,22 @@ class Intake:
                 continue
             e = self._entries.setdefault(name, Pending(name))
             e.hint = e.hint if hint is None else hint
-            e.due = now
+            if e.held is None or e.held.taken is None or name in poked:  # the inbox's events are not a taken drop's
+                e.due = now
 
     def _step(self, e: Pending) -> None:
         """Look at one pending drop once: wait, stage and deliver it, reject it, or forget it."""
         now = time.monotonic()
         path = self.inbox / e.name
+        if e.held is not None and e.held.taken is not None:  # taken out of the inbox: nothing there to look at
+            if os.path.lexists(e.held.staged):
+                return self._deliver(e, path, e.held)
+            self._drop_held(e)  # the caller took the staged copy away before asking us to retry
+            return e.look_again(now)
         try:
             st = os.lstat(path)
-            if (why := special_file(st)) is not None:
-                raise CheckpointError(why, path=e.name, hint="copy the file itself into the inbox")
+            refuse(e.name, st)
             e.kind = "dir" if stat.S_ISDIR(st.st_mode) else "file"
-            if e.kind == "file" and e.name.lower().endswith(PICKLE_SUFFIXES):
-                raise CheckpointError("pickle checkpoints are never opened on the watched path", path=e.name,
-                                      hint="convert it with `skillhub convert` (weights only, in a subprocess) and "
-                                           "drop the .safetensors file it writes")
             sig, tree = drop_signature(self.inbox, path, st, e.kind)
             if self._dead.get(e.name) == sig:
                 return self._forget(e)
@@ -308,9 +313,10 @@ class Intake:
             raise CheckpointError(f"larger than the cap of {self.max_bytes} bytes ({size} bytes)", path=e.name,
                                   hint="drop a finetune of the configured base model (same size as the base)")
         sidecar = read_sidecar(side, e.name, e.kind) if side is not None else None
-        final, sha = self._stager.stage(e.name, e.kind, path, st, tree, files, size, e.sig)
-        self.log.info("drop_staged", name=show_name(e.name), sha256=sha, size=size, ready_by=e.hint or "stable")
-        return Arrival(e.name, stem, path, final, sha, size, sidecar)
+        final, sha, taken = self._stager.stage(e.name, e.kind, path, st, tree, files, size, e.sig)
+        self.log.info("drop_staged", name=show_name(e.name), sha256=sha, size=size, ready_by=e.hint or "stable",
+                      moved=taken is not None)
+        return Arrival(e.name, stem, path, final, sha, size, sidecar, taken)
 
     # ---- outcomes ---------------------------------------------------------------------------------------------
     def _deliver(self, e: Pending, path: Path, arrival: Arrival) -> None:
@@ -323,28 +329,35 @@ class Intake:
                           **({"reason": x.reason} if x.reason else {}))
             return
         except SkillhubError as x:
-            self._drop_held(e, arrival)
+            self._drop_held(e, arrival, give_back=False)
             if x.path is not None and Path(x.path) == Path(arrival.staged):
                 x.path = Path(e.name)  # the reason names the user's drop, not our (now deleted) staged copy
-            return self._reject(e, str(x), check=True)
+            return self._reject(e, str(x), check=True, taken=arrival.taken)
         except Exception as x:
             self.log.error("on_arrival_failed", name=show_name(e.name), error=repr(x), exc_info=True)
-            self._drop_held(e, arrival)
-            return self._reject(e, f"internal error: {type(x).__name__}: {x}", check=True)
+            self._drop_held(e, arrival, give_back=False)
+            return self._reject(e, f"internal error: {type(x).__name__}: {x}", check=True, taken=arrival.taken)
         e.held = None
         self._stager.hand_over(arrival.staged)  # the caller owns the staged copy now
-        if not self._unchanged(e, path):
+        if arrival.taken is None and not self._unchanged(e, path):
             e.sig = None  # replaced while the caller worked: the new content is a new drop
             return
         try:
-            remove_consumed(self.inbox, path, e.kind, arrival.stem)
+            if arrival.taken is not None:
+                consume_taken(arrival.taken, path, e.sig[1] if isinstance(e.sig, tuple) else None)
+            else:
+                remove_consumed(self.inbox, path, e.kind, arrival.stem)
         except OSError as x:
             self.log.error("drop_not_removed", name=show_name(e.name), error=x.strerror or str(x))
-            self._dead[e.name] = e.sig
+            if arrival.taken is None:
+                self._dead[e.name] = e.sig
+        self.log.info("drop_consumed", name=show_name(e.name), sha256=arrival.sha256)
+        if arrival.taken is not None and os.path.lexists(path):
+            e.held, e.sig = None, None  # a new drop of the same name arrived meanwhile: look at it as such
+            return
         self._consumed[arrival.stem] = None
         while len(self._consumed) > 1000:
             del self._consumed[next(iter(self._consumed))]
-        self.log.info("drop_consumed", name=show_name(e.name), sha256=arrival.sha256)
         self._forget(e)
 
     def _unchanged(self, e: Pending, path: Path) -> bool:
@@ -353,13 +366,14 @@ class Intake:
         except OSError:
             return False
 
-    def _reject(self, e: Pending, reason: str, *, check: bool = False) -> None:
-        """Move the drop (and a file's sidecar) to ``inbox/.rejected/`` with ``<name>.reason.txt``."""
-        if check and not self._unchanged(e, self.inbox / e.name):
+    def _reject(self, e: Pending, reason: str, *, check: bool = False, taken: Path | None = None) -> None:
+        """Move the drop (from ``taken`` if it was taken; and a file's sidecar) to ``inbox/.rejected/`` with
+        ``<name>.reason.txt``. With ``check``, a drop in the inbox that changed meanwhile is left alone: it is new."""
+        if check and taken is None and not self._unchanged(e, self.inbox / e.name):
             e.sig = None
             return
         try:
-            move_to_rejected(self.inbox, e.name, e.kind, reason)
+            move_to_rejected(self.inbox, e.name, e.kind, reason, source=taken)
         except FileNotFoundError:
             self.log.debug("drop_vanished", name=show_name(e.name))
         except OSError as x:
@@ -372,11 +386,16 @@ class Intake:
                     self.on_reject(reason)
         self._forget(e)
 
-    def _drop_held(self, e: Pending, arrival: Arrival | None = None) -> None:
-        """Release a staged copy we made and did not hand over; delete it when nobody else holds it."""
+    def _drop_held(self, e: Pending, arrival: Arrival | None = None, *, give_back: bool = True) -> None:
+        """Release a staged copy we made and did not hand over; delete it when nobody else holds it. A taken drop
+        goes back into the inbox (unless ``give_back`` is false: the caller disposes of it)."""
         arrival, e.held = arrival or e.held, None
         if arrival is not None:
             self._stager.release(arrival.staged)
+            if give_back and arrival.taken is not None and os.path.lexists(arrival.taken):
+                if not give_back_taken(arrival.taken, self.inbox / e.name):
+                    self.log.info("taken_drop_superseded", name=show_name(e.name))
+                e.sig = None
 
     def _forget(self, e: Pending) -> None:
         self._drop_held(e)

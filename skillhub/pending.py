@@ -1,8 +1,10 @@
 """A drop intake's worker is waiting on, and the arrival rule (DESIGN §4): how long it must stay unchanged.
 
-A drop renamed into the inbox is ready at once (a rename is how a writer says it is done, FAULTS A2); after a
-close-write it is ready once it has not changed for :data:`SETTLE_SECONDS`; otherwise once its signature has not
-changed for ``stable_seconds``. A staged copy that looked truncated at the drop's current signature is looked at
+A drop renamed into the inbox (from inside or outside it) is ready at once: a rename is how a writer says it is done
+(FAULTS A2). After a close-write it is ready once it has not changed for :data:`SETTLE_SECONDS`; otherwise once its
+signature (mode, size, mtime, ctime and inode of every file, and of a file's sidecar) has not changed for
+``stable_seconds``. A folder whose index names shards not there yet waits for them up to the intake's
+``shard_timeout_seconds`` (FAULTS A3). A staged copy that looked truncated at the drop's current signature is looked at
 again only after :func:`truncated_quiet`, and rejected as truncated once it has stayed so that long.
 
 Only :class:`skillhub.intake.Intake`'s worker thread touches a :class:`Pending`.

@@ -9,7 +9,9 @@ copy it made until the copy is handed over to the caller or released.
 Nothing in the inbox is memory-mapped (a truncation would be SIGBUS), followed through a symlink, or opened in a way
 that can block (a FIFO). Drop names may hold anything (FAULTS A11): :func:`show_name` makes them safe to log.
 
-The copy reads each byte of the drop once: a reflink clone where the file system has them (FICLONE: no data moves),
+A file drop nobody else holds open is moved, not copied (:mod:`skillhub.taking`): its header is checked under the
+write lease that proves it, and it is hashed where it then lies, its own. Otherwise the copy reads each byte of the
+drop once: a reflink clone where the file system has them (FICLONE: no data moves),
 else ``copy_file_range`` (the kernel copies page cache to page cache), else ``read``/``write``; the sha256 is taken
 of the staged copy (our own file, which nobody else can truncate) in a second thread while the next chunk is copied.
 Staged copies are not fsynced (see :meth:`Stager.check_after_reboot` for why that is safe).
@@ -33,9 +35,10 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from skillhub.atomic import fsync_dir
-from skillhub.copying import Changed, Transient, _copy_stream, _walk, staged_sha256
+from skillhub.copying import Changed, Transient, _copy_stream, _walk, hash_file, staged_sha256, stat_sig
 from skillhub.errors import CheckpointError, SkillhubError, printable
 from skillhub.header import MAX_HEADER_BYTES, read_header
+from skillhub.taking import give_back, take
 
 MAX_SIDECAR_BYTES = 1 << 20
 MAX_INDEX_BYTES = 64 << 20
@@ -50,10 +53,6 @@ class Truncated(Exception):
 
 
 show_name = printable  # the intake's name for it
-
-
-def _sig(st: os.stat_result) -> tuple[int, ...]:
-    return (st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
 
 
 def _open_source(path: Path) -> int:
@@ -82,25 +81,13 @@ def drop_signature(inbox: Path, path: Path, st: os.stat_result,
     """
     if kind == "dir":
         tree = _walk(path)
-        return (_sig(st), tuple(sorted((r, _sig(s)) for r, s in tree.items()))), tree
+        return (stat_sig(st), tuple(sorted((r, stat_sig(s)) for r, s in tree.items()))), tree
     side = inbox / (path.name[:-12] + ".toml") if path.name.lower().endswith(".safetensors") else None
     try:
         sst = os.lstat(side) if side else None
     except FileNotFoundError:
         sst = None
-    return (_sig(st), _sig(sst) if sst else None), {"": st}
-
-
-def special_file(st: os.stat_result) -> str | None:
-    """Why ``st`` is neither a regular file nor a folder (a symlink, FIFO, device or socket), else ``None``."""
-    mode = st.st_mode
-    if stat.S_ISLNK(mode):
-        return "is a symbolic link: only regular files and folders inside the inbox are read"
-    for test, what in ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return f"is {what}, not a regular file"
-    return None
+    return (stat_sig(st), stat_sig(sst) if sst else None), {"": st}
 
 
 def remove_path(path: Path) -> None:
@@ -111,10 +98,12 @@ def remove_path(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _truncation(path: Path) -> str | None:
-    """Why the staged safetensors file looks cut short, or ``None`` if it does not (it may still be malformed)."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
+def _truncation(path: Path, fd: int | None = None) -> str | None:
+    """Why the staged safetensors file (or the open file ``fd``) looks cut short, or ``None`` if it does not (it may
+    still be malformed)."""
+    with open(path, "rb") if fd is None else os.fdopen(os.dup(fd), "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        f.seek(0)
         head = f.read(8)
         if len(head) < 8:
             return f"only {size} bytes"
@@ -246,7 +235,8 @@ class Stager:
         """After the machine restarted, hash every staged copy again and delete those whose bytes no longer match
         their name (returned). On any other start this reads one small file.
 
-        Why staged copies are not fsynced: a drop leaves the inbox only once its mask is durable in the registry;
+        Why staged copies are not fsynced: a drop leaves the inbox (or ``.taken/``, where a moved drop waits) only
+        once its mask is durable in the registry;
         the staged copy then only serves a later re-localization (a config edit) and the "same bytes already
         staged" shortcut. Within one boot every process reads it from the page cache exactly as written, whatever
         became of the daemon; only a crash of the machine can lose unwritten pages (a short, zero-filled or absent
@@ -283,10 +273,12 @@ class Stager:
         return bad
 
     def stage(self, name: str, kind: str, path: Path, st: os.stat_result, tree: dict[str, os.stat_result],
-              files: list[str], size: int, sig: object) -> tuple[Path, str]:
-        """Copy the drop ``name`` (at ``path``, with signature ``sig``) to staging while hashing it, then check the
-        copy; return ``(staged, sha256)``. ``files`` are its checkpoint files (``[""]`` for a file drop), ``size`` their
-        bytes. The sha256 of a folder is over sorted "relative name\\0file sha256\\n" lines.
+              files: list[str], size: int, sig: object) -> tuple[Path, str, Path | None]:
+        """Stage the drop ``name`` (at ``path``, with signature ``sig``) and check it; return ``(staged, sha256,
+        taken)``. A file drop nobody else can write is moved, not copied (:func:`skillhub.taking.take`): ``taken``
+        is then its place in ``staging/.taken/`` until it is consumed; else ``taken`` is ``None`` and the drop is
+        copied while hashed. ``files`` are its checkpoint files (``[""]`` for a file drop), ``size`` their bytes. The
+        sha256 of a folder is over sorted "relative name\\0file sha256\\n" lines.
 
         :raises Transient: not enough free space, the copy failed, or stopping.
         :raises Changed: the drop changed while it was read (FAULTS A6).
@@ -294,6 +286,13 @@ class Stager:
         :raises CheckpointError: a copied file is not a valid safetensors file (FAULTS B10).
         """
         self.staging.mkdir(parents=True, exist_ok=True)
+        if kind == "file" and (taken := take(path, st, self.staging, lambda fd: self._check(name, "", path, fd),
+                                             opener=_open_source, fsync=self.fsync)) is not None:
+            try:
+                return (*self._name_by_content(taken, kind, hash_file(taken, self._stop), link=True), taken)
+            except BaseException:
+                give_back(taken, path)
+                raise
         usage = shutil.disk_usage(self.staging)
         margin = min(GIB, usage.total // 10)
         if usage.free < size + margin:
@@ -315,28 +314,38 @@ class Stager:
             if drop_signature(self.inbox, path, os.lstat(path), kind)[0] != sig:
                 raise Changed()  # FAULTS A6: rewritten while we copied
             for r in files:
-                if r.endswith(".index.json") or r.startswith(EXAMPLES_DIR + "/"):
-                    continue  # an index is JSON, example images are images: the family reads those
-                staged = tmp / r if r else tmp
-                try:
-                    read_header(staged)
-                except CheckpointError as x:
-                    if (why := _truncation(staged)) is not None:
-                        raise Truncated(f"{r}: {why}" if r else why) from None
-                    raise CheckpointError(x.message, path=f"{name}/{r}" if r else name, hint=x.hint) from None
-            final = self.staging / (sha if kind == "dir" else f"{sha}.safetensors")
-            if os.path.lexists(final):
-                remove_path(tmp)  # same content already staged (FAULTS A4); never ours to delete unless we made it
-                if final in self._owned:
-                    self._owned[final] += 1
-            else:
-                os.rename(tmp, final)
-                if self.fsync:
-                    fsync_dir(self.staging)
-                self._owned[final] = 1
+                self._check(name, r, tmp / r if r else tmp)
+            return (*self._name_by_content(tmp, kind, sha, link=False), None)
         except BaseException:
             remove_path(tmp)
             raise
+
+    @staticmethod
+    def _check(name: str, r: str, staged: Path, fd: int | None = None) -> None:
+        """Check the header of the checkpoint file ``r`` of drop ``name``, at ``staged`` (or open as ``fd``)."""
+        if r.endswith(".index.json") or r.startswith(EXAMPLES_DIR + "/"):
+            return  # an index is JSON, example images are images: the family reads those
+        try:
+            read_header(staged, fd=fd)
+        except CheckpointError as x:
+            if (why := _truncation(staged, fd)) is not None:
+                raise Truncated(f"{r}: {why}" if r else why) from None
+            raise CheckpointError(x.message, path=f"{name}/{r}" if r else name, hint=x.hint) from None
+
+    def _name_by_content(self, src: Path, kind: str, sha: str, *, link: bool) -> tuple[Path, str]:
+        """Give the checked staged file or folder ``src`` its content name (hard-linked when ``link``, else moved);
+        a copy already there under that name is kept instead (FAULTS A4)."""
+        final = self.staging / (sha if kind == "dir" else f"{sha}.safetensors")
+        if os.path.lexists(final):
+            if not link:
+                remove_path(src)  # same content already staged; never ours to delete unless we made it
+            if final in self._owned:
+                self._owned[final] += 1
+        else:
+            (os.link if link else os.rename)(src, final)
+            if self.fsync:
+                fsync_dir(self.staging)
+            self._owned[final] = 1
         return final, sha
 
     def _copy_one(self, src: Path, expect: os.stat_result, dst: Path) -> str:

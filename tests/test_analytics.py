@@ -174,6 +174,12 @@ def test_inbox_view(tmp_path: Path) -> None:
     assert view["rejected"] == [{"name": "bad.safetensors", "reason": "not a safetensors file (header too short)",
                                  "rejected": pytest.approx(time.time(), abs=60)}]
     assert inbox_view(tmp_path / "missing") == {"pending": [], "rejected": []}
+    taken = tmp_path / "staging" / ".taken"  # drops moved out of the inbox while they are localized still wait
+    taken.mkdir(parents=True)
+    (taken / "busy.safetensors").write_bytes(b"w" * 3)
+    view = inbox_view(inbox, taken=taken)
+    assert sorted((p["name"], p["bytes"], p["taken"]) for p in view["pending"]) == [
+        ("busy.safetensors", 3, True), ("folder", 7, False), ("good.safetensors", 10, False)]
 
 
 # --- end to end: planted overlaps through the real daemon ----------------------------------------------------------

@@ -101,6 +101,15 @@ class Env:
         os.rename(tmp, self.inbox / name)
         return self.inbox / name
 
+    def drop_open(self, name: str, data: bytes) -> int:
+        """Like :meth:`drop`, but the dropper keeps the file open for writing (the returned fd, the caller closes it):
+        then intake must copy it, never move it (skillhub.taking)."""
+        tmp = self.inbox / ".incoming.tmp"
+        tmp.write_bytes(data)
+        fd = os.open(tmp, os.O_WRONLY)
+        os.rename(tmp, self.inbox / name)
+        return fd
+
     def reason(self, name: str) -> str:
         return (self.inbox / ".rejected" / f"{name}.reason.txt").read_text()
 
@@ -324,8 +333,9 @@ def test_a6_rewritten_during_copy(env: Env, monkeypatch: pytest.MonkeyPatch) -> 
 
     monkeypatch.setattr(staging_mod, "_copy_stream", racing)
     it = env.start()
-    env.drop("race.safetensors", first)
+    fd = env.drop_open("race.safetensors", first)  # the writer still holds it: copied, and rewritten meanwhile
     wait_for(lambda: env.rec.arrivals)
+    os.close(fd)
     env.settle(it)
     assert len(calls) >= 2
     assert [a.sha256 for a in env.rec.arrivals] == [sha(second)] and env.rejected() == []
@@ -571,11 +581,12 @@ def test_disk_full_keeps_pending_until_space_returns(env: Env, monkeypatch: pyte
 
     monkeypatch.setattr(staging_mod.shutil, "disk_usage", usage)
     it = env.start()
-    env.drop("wait.safetensors", st_bytes(65))
+    fd = env.drop_open("wait.safetensors", st_bytes(65))  # held open, so it must be copied: that needs space
     time.sleep(4 * STABLE)
     assert env.rec.arrivals == [] and env.rejected() == [] and not it.wait_idle(0.1)
     full.clear()
     wait_for(lambda: env.rec.arrivals)
+    os.close(fd)
     env.settle(it)
 
 
@@ -621,8 +632,9 @@ def test_stop_during_copy_leaves_no_temp(env: Env, monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setattr(staging_mod, "_copy_stream", slow)
     it = env.start()
-    env.drop("big.safetensors", st_bytes(69))
+    fd = env.drop_open("big.safetensors", st_bytes(69))  # seen open, so copied
     assert copying.wait(10)
+    os.close(fd)
     it.stop()
     assert env.staged() == [] and it.health == (False, "stopped")
     assert (env.inbox / "big.safetensors").exists() and env.rec.arrivals == []
