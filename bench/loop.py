@@ -132,11 +132,12 @@ def main() -> None:
               f"{median(lat - g for lat, g in zip(latencies, goals)):+.3f} s from its goal)")
         print("where the time goes, per drop (from the daemon's log), s:")
         widths = (13, 19, 10, 10, 16, 7)
-        print(f"{'drop':>6}" + "".join(f"{h:>{w}}" for h, w in zip(
+        print(f"{'drop':>6}{'staged':>8}" + "".join(f"{h:>{w}}" for h, w in zip(
             ("watch+stage", "open+validate+reg", "localize*", "consume", "stitch+publish", "seen"), widths)))
-        for i, row in enumerate(phases):
-            print(f"{i:>6}" + "".join(f"{v:>{w}.3f}" for v, w in zip(row, widths)))
-        print("watch+stage: rename -> staged copy checked (copied out of the inbox while hashed, FAULTS A6); "
+        for i, (how, row) in enumerate(phases):
+            print(f"{i:>6}{how:>8}" + "".join(f"{v:>{w}.3f}" for v, w in zip(row, widths)))
+        print("staged: moved out of the inbox (nobody held it open: skillhub/taking.py) or copied while hashed; "
+              "watch+stage: rename -> staged file checked and hashed (FAULTS A6); "
               "open+validate+reg: staged -> mask durable, less localize*; localize*: as the daemon logs it "
               "(ops.localize_checkpoint: the localizer, whose pass over tau also gives the relative-norm check its "
               "norms); "
@@ -250,10 +251,11 @@ def _localize_alone(base: Any, path: Path) -> float:
     return time.perf_counter() - t0
 
 
-def _phases(log_path: Path, renamed_at: list[float], seen_at: list[float]) -> list[tuple[float, ...]]:
-    """Per drop, from the daemon's JSON log lines (wall-clock timestamps): rename -> staged, staged -> registered
-    less the localization, the localization (as logged), registered -> consumed, consumed -> published, published
-    -> seen by the client."""
+def _phases(log_path: Path, renamed_at: list[float],
+            seen_at: list[float]) -> list[tuple[str, tuple[float, ...]]]:
+    """Per drop, from the daemon's JSON log lines (wall-clock timestamps): how it was staged ("moved" out of the
+    inbox or "copied"), and rename -> staged, staged -> registered less the localization, the localization (as
+    logged), registered -> consumed, consumed -> published, published -> seen by the client."""
     names = ("drop_staged", "skill_registered", "drop_consumed", "version_published")
     events: dict[str, list[tuple[float, dict]]] = {n: [] for n in names}
     for line in log_path.read_text(errors="replace").splitlines():
@@ -266,11 +268,12 @@ def _phases(log_path: Path, renamed_at: list[float], seen_at: list[float]) -> li
             events[rec["event"]].append((t, rec))
     published = events["version_published"][1:]  # the first one is the empty base at start-up
     out = []
-    for r, (st, _), (g, reg), (c, _), (p, _), seen in zip(renamed_at, events["drop_staged"],
+    for r, (st, staged), (g, reg), (c, _), (p, _), seen in zip(renamed_at, events["drop_staged"],
                                                           events["skill_registered"], events["drop_consumed"],
                                                           published, seen_at):
         loc = float(reg.get("seconds") or 0.0)
-        out.append((st - r, g - st - loc, loc, max(0.0, c - g), p - max(c, g), seen - p))
+        out.append(("moved" if staged.get("moved") else "copied",
+                    (st - r, g - st - loc, loc, max(0.0, c - g), p - max(c, g), seen - p)))
     return out
 
 
