@@ -60,6 +60,19 @@ def _open_source(path: Path) -> int:
     return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
 
 
+def _open_drop(path: Path) -> int:
+    """:func:`_open_source` for a drop's checkpoint file, which was a regular file when looked at.
+
+    :raises Changed: it became a symlink or a FIFO since.
+    """
+    try:
+        return _open_source(path)
+    except OSError as x:
+        if x.errno in (errno.ELOOP, errno.ENXIO):
+            raise Changed() from None
+        raise
+
+
 def _read_small(path: Path, limit: int) -> bytes:
     fd = _open_source(path)
     try:
@@ -287,7 +300,7 @@ class Stager:
         """
         self.staging.mkdir(parents=True, exist_ok=True)
         if kind == "file" and (taken := take(path, st, self.staging, lambda fd: self._check(name, "", path, fd),
-                                             opener=_open_source, fsync=self.fsync)) is not None:
+                                             opener=_open_drop, fsync=self.fsync)) is not None:
             try:
                 return (*self._name_by_content(taken, kind, hash_file(taken, self._stop), link=True), taken)
             except BaseException:
@@ -349,12 +362,7 @@ class Stager:
         return final, sha
 
     def _copy_one(self, src: Path, expect: os.stat_result, dst: Path) -> str:
-        try:
-            fd = _open_source(src)
-        except OSError as x:
-            if x.errno in (errno.ELOOP, errno.ENXIO):
-                raise Changed() from None  # it became a symlink or a FIFO since we looked
-            raise
+        fd = _open_drop(src)
         try:
             got = os.fstat(fd)
             if not stat.S_ISREG(got.st_mode) or (got.st_ino, got.st_dev) != (expect.st_ino, expect.st_dev):

@@ -49,16 +49,11 @@ def take(path: Path, expect: os.stat_result, staging: Path, check: Callable[[int
     ``staging/.taken/<name>`` and return that path, or ``None`` with nothing changed when it cannot be proved that
     nobody else can write it (then copy it). ``check(fd)`` runs while nobody can write the file; what it raises
     leaves the drop where it was. ``opener`` opens a file in the inbox for reading (never following a link or
-    blocking on a FIFO).
+    blocking on a FIFO; raising :class:`Changed` if it is one now).
 
     :raises Changed: the file is not the one judged stable, or someone opened it while it was being taken.
     """
-    try:
-        fd = opener(path)
-    except OSError as x:
-        if x.errno in (errno.ELOOP, errno.ENXIO):
-            raise Changed() from None  # it became a symlink or a FIFO since we looked
-        raise
+    fd = opener(path)
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or stat_sig(st) != stat_sig(expect):

@@ -11,7 +11,6 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,19 +19,11 @@ import skillhub.staging as staging_mod
 from skillhub.copying import Changed
 from skillhub.drops import Arrival, RetryLater
 from skillhub.errors import CheckpointError
-from skillhub.staging import _open_source
+from skillhub.staging import _open_drop
 from skillhub.taking import TAKEN, give_back_all, take
-from test_intake import Env, sha, st_bytes, wait_for
+from test_intake import Env, env, sha, st_bytes, wait_for  # noqa: F401 (env: the fixture)
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="write leases are Linux's")
-
-
-@pytest.fixture
-def env(tmp_path: Path) -> Iterator[Env]:
-    e = Env(tmp_path)
-    yield e
-    for it in e.intakes:
-        it.stop()
 
 
 def _no_copy(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -48,7 +39,10 @@ def test_a_drop_nobody_holds_open_is_moved_not_copied(env: Env, monkeypatch: pyt
     env.rec.behaviour = lambda a: seen.append((os.stat(a.staged).st_ino, (env.inbox / a.name).exists()))
     it = env.start()
     data = st_bytes(101)
-    ino = os.stat(env.drop("moved.safetensors", data)).st_ino
+    tmp = env.inbox / ".moved.part"
+    tmp.write_bytes(data)
+    ino = os.stat(tmp).st_ino  # before the rename: the intake may take it at once
+    os.rename(tmp, env.inbox / "moved.safetensors")
     wait_for(lambda: env.rec.arrivals)
     env.settle(it)
     (a,) = env.rec.arrivals
@@ -109,16 +103,16 @@ def test_someone_opening_it_while_it_is_taken_gets_it_back(tmp_path: Path) -> No
         time.sleep(0.5)  # let it reach open(2) and wait on our lease
 
     with pytest.raises(Changed):
-        take(path, os.lstat(path), staging, check, opener=_open_source)
+        take(path, os.lstat(path), staging, check, opener=_open_drop)
     p = child[0]
     try:
         assert p.stdout is not None and p.stdout.readline() == "opened\n"
         assert path.read_bytes() == st_bytes(104) and os.listdir(staging / TAKEN) == []
         # The other process holds it open (for writing): no lease, so no take; the caller copies instead.
-        assert take(path, os.lstat(path), staging, lambda fd: None, opener=_open_source) is None
+        assert take(path, os.lstat(path), staging, lambda fd: None, opener=_open_drop) is None
     finally:
         p.communicate("")
-    taken = take(path, os.lstat(path), staging, lambda fd: None, opener=_open_source)
+    taken = take(path, os.lstat(path), staging, lambda fd: None, opener=_open_drop)
     assert taken == staging / TAKEN / "x.safetensors" and not path.exists()
     assert signal.getsignal(signal.SIGURG) == signal.SIG_DFL  # we never needed a handler
 
@@ -134,7 +128,7 @@ def test_a_failed_check_leaves_the_drop_in_the_inbox(tmp_path: Path) -> None:
         raise CheckpointError("bad header", path=path.name)
 
     with pytest.raises(CheckpointError):
-        take(path, os.lstat(path), staging, check, opener=_open_source)
+        take(path, os.lstat(path), staging, check, opener=_open_drop)
     assert path.read_bytes() == b"not safetensors at all"
     assert not (staging / TAKEN).exists() or os.listdir(staging / TAKEN) == []
 
@@ -150,7 +144,7 @@ def test_a_drop_written_after_it_was_judged_stable_is_not_taken(tmp_path: Path) 
     with open(path, "ab") as f:
         f.write(b"more")
     with pytest.raises(Changed):
-        take(path, judged, staging, lambda fd: None, opener=_open_source)
+        take(path, judged, staging, lambda fd: None, opener=_open_drop)
     assert path.exists()
 
 
