@@ -393,8 +393,11 @@ class Intake:
         if arrival is not None:
             self._stager.release(arrival.staged)
             if give_back and arrival.taken is not None and os.path.lexists(arrival.taken):
-                if not give_back_taken(arrival.taken, self.inbox / e.name):
-                    self.log.info("taken_drop_superseded", name=show_name(e.name))
+                try:
+                    if not give_back_taken(arrival.taken, self.inbox / e.name):
+                        self.log.info("taken_drop_superseded", name=show_name(e.name))
+                except OSError as x:  # the inbox went away (A9): it stays taken, given back at the next start
+                    self.log.error("taken_drop_kept", name=show_name(e.name), error=x.strerror or str(x))
                 e.sig = None
 
     def _forget(self, e: Pending) -> None:

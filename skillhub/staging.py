@@ -19,6 +19,7 @@ Staged copies are not fsynced (see :meth:`Stager.check_after_reboot` for why tha
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -304,7 +305,8 @@ class Stager:
             try:
                 return (*self._name_by_content(taken, kind, hash_file(taken, self._stop), link=True), taken)
             except BaseException:
-                give_back(taken, path)
+                with contextlib.suppress(OSError):  # else it stays taken and goes back at the next start
+                    give_back(taken, path)
                 raise
         usage = shutil.disk_usage(self.staging)
         margin = min(GIB, usage.total // 10)

@@ -114,17 +114,27 @@ def give_back(taken: Path, path: Path) -> bool:
 
 
 def give_back_all(staging: Path, inbox: Path, log: Callable[..., None] | None = None) -> list[str]:
-    """At start-up: move every drop left in ``staging/.taken/`` by a crash back into the inbox; return their names."""
+    """At start-up: move every drop left in ``staging/.taken/`` by a crash back into the inbox; return the names
+    given back. One that cannot go back (the inbox is missing or not writable, FAULTS A9, A12) stays for the next
+    start; nothing here raises for it."""
     folder = staging / TAKEN
     try:
         names = sorted(os.listdir(folder))
     except FileNotFoundError:
         return []
+    done = []
     for name in names:
-        back = give_back(folder / name, inbox / name)
+        try:
+            event = "taken_drop_given_back" if give_back(folder / name, inbox / name) else "taken_drop_superseded"
+            done.append(name)
+        except OSError as x:
+            event = "taken_drop_kept"
+            if log is not None:
+                log(event, name=printable(name), error=x.strerror or str(x), why="given back at the next start")
+            continue
         if log is not None:
-            log("taken_drop_given_back" if back else "taken_drop_superseded", name=printable(name))
-    return names
+            log(event, name=printable(name))
+    return done
 
 
 def consume_taken(taken: Path, path: Path, sidecar: object) -> None:

@@ -194,6 +194,18 @@ def test_a_drop_given_back_after_a_newer_one_took_its_name_is_superseded(tmp_pat
     assert events == [("taken_drop_superseded", "s.safetensors"), ("taken_drop_given_back", "t.safetensors")]
 
 
+def test_a_drop_that_cannot_go_back_stays_taken_for_the_next_start(tmp_path: Path) -> None:
+    """The inbox is gone at start-up (FAULTS A9): nothing raises, nothing is lost; it goes back once the inbox is."""
+    staging, inbox = tmp_path / "staging", tmp_path / "inbox"
+    (staging / TAKEN).mkdir(parents=True)
+    (staging / TAKEN / "k.safetensors").write_bytes(b"kept")
+    events: list[str] = []
+    assert give_back_all(staging, inbox, lambda ev, **kw: events.append(ev)) == []
+    assert events == ["taken_drop_kept"] and (staging / TAKEN / "k.safetensors").read_bytes() == b"kept"
+    inbox.mkdir()
+    assert give_back_all(staging, inbox) == ["k.safetensors"] and (inbox / "k.safetensors").read_bytes() == b"kept"
+
+
 def test_a_taken_drop_the_caller_rejects_goes_to_rejected_whole(env: Env) -> None:
     def refuse(a: Arrival) -> None:
         raise CheckpointError("not a finetune of the base", path=a.staged, hint="drop a finetune of the base")
