@@ -47,8 +47,7 @@ from skillhub.staging import (
     read_sidecar,
     show_name,
 )
-from skillhub.taking import consume_taken, give_back_all
-from skillhub.taking import give_back as give_back_taken
+from skillhub.taking import consume_taken, give_back_all, return_taken
 from skillhub.watcher import Change, InboxWatch
 
 HEALTH_SECONDS = 1.0  # how often the worker checks that the inbox is still there
@@ -92,7 +91,7 @@ class Intake:
         restart of the machine, first verify the staged copies (:meth:`Stager.check_after_reboot`)."""
         self._stager.check_writable()
         self._stager.check_after_reboot(self.log.warning)
-        give_back_all(self.staging, self.inbox, self.log.warning)  # drops taken before a crash: pending again
+        give_back_all(self.staging, self.inbox, self.log)  # drops taken before a crash: pending again
         self._check_inbox()
         self._worker = threading.Thread(target=self._run, name="skillhub-intake", daemon=True)
         self._worker.start()
@@ -393,11 +392,7 @@ class Intake:
         if arrival is not None:
             self._stager.release(arrival.staged)
             if give_back and arrival.taken is not None and os.path.lexists(arrival.taken):
-                try:
-                    if not give_back_taken(arrival.taken, self.inbox / e.name):
-                        self.log.info("taken_drop_superseded", name=show_name(e.name))
-                except OSError as x:  # the inbox went away (A9): it stays taken, given back at the next start
-                    self.log.error("taken_drop_kept", name=show_name(e.name), error=x.strerror or str(x))
+                return_taken(arrival.taken, self.inbox / e.name, self.log)
                 e.sig = None
 
     def _forget(self, e: Pending) -> None:

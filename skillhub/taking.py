@@ -28,6 +28,7 @@ import signal
 import stat
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from skillhub.atomic import fsync_dir
 from skillhub.copying import Changed, stat_sig
@@ -56,7 +57,7 @@ def take(path: Path, expect: os.stat_result, staging: Path, check: Callable[[int
     fd = opener(path)
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or stat_sig(st) != stat_sig(expect):
+        if not stat.S_ISREG(st.st_mode):
             raise Changed()
         if st.st_nlink != 1:
             return None  # another name reaches the same bytes: whoever holds it could still write them
@@ -70,7 +71,7 @@ def take(path: Path, expect: os.stat_result, staging: Path, check: Callable[[int
         try:
             check(fd)
             if stat_sig(os.fstat(fd)) != stat_sig(expect):
-                raise Changed()  # written between our open and the lease
+                raise Changed()  # not the file judged stable (nothing can write it from here on)
             folder = staging / TAKEN
             folder.mkdir(exist_ok=True)
             taken = folder / path.name
@@ -90,8 +91,9 @@ def take(path: Path, expect: os.stat_result, staging: Path, check: Callable[[int
             except BaseException:
                 os.unlink(taken)
                 raise
-            if fcntl.fcntl(fd, F_GETLEASE) != fcntl.F_WRLCK:
-                # Someone opened it meanwhile (they wait for us to let go): they may write it, so it is theirs.
+            if fcntl.fcntl(fd, F_GETLEASE) != fcntl.F_WRLCK or os.fstat(fd).st_nlink != 1:
+                # Someone opened it meanwhile (they wait for us to let go), or linked it (a link breaks no lease):
+                # they may write it, so it is theirs.
                 give_back(taken, path)
                 raise Changed()
             return taken
@@ -113,28 +115,27 @@ def give_back(taken: Path, path: Path) -> bool:
     return True
 
 
-def give_back_all(staging: Path, inbox: Path, log: Callable[..., None] | None = None) -> list[str]:
-    """At start-up: move every drop left in ``staging/.taken/`` by a crash back into the inbox; return the names
-    given back. One that cannot go back (the inbox is missing or not writable, FAULTS A9, A12) stays for the next
-    start; nothing here raises for it."""
-    folder = staging / TAKEN
+def return_taken(taken: Path, path: Path, log: Any) -> bool:
+    """:func:`give_back`, logged on ``log`` (a structlog-style logger); ``False``, logged, when it cannot go back now
+    (the inbox is missing or not writable, FAULTS A9, A12): it stays taken, for the next start."""
     try:
-        names = sorted(os.listdir(folder))
+        back = give_back(taken, path)
+    except OSError as x:
+        log.warning("taken_drop_kept", name=printable(path.name), error=x.strerror or str(x),
+                    why="given back at the next start")
+        return False
+    log.info("taken_drop_given_back" if back else "taken_drop_superseded", name=printable(path.name))
+    return True
+
+
+def give_back_all(staging: Path, inbox: Path, log: Any) -> list[str]:
+    """At start-up: move every drop left in ``staging/.taken/`` by a crash back into the inbox (:func:`return_taken`);
+    return the names gone from there."""
+    try:
+        names = sorted(os.listdir(staging / TAKEN))
     except FileNotFoundError:
         return []
-    done = []
-    for name in names:
-        try:
-            event = "taken_drop_given_back" if give_back(folder / name, inbox / name) else "taken_drop_superseded"
-            done.append(name)
-        except OSError as x:
-            event = "taken_drop_kept"
-            if log is not None:
-                log(event, name=printable(name), error=x.strerror or str(x), why="given back at the next start")
-            continue
-        if log is not None:
-            log(event, name=printable(name))
-    return done
+    return [name for name in names if return_taken(staging / TAKEN / name, inbox / name, log)]
 
 
 def consume_taken(taken: Path, path: Path, sidecar: object) -> None:

@@ -12,6 +12,7 @@ import textwrap
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,7 +22,7 @@ from skillhub.drops import Arrival, RetryLater
 from skillhub.errors import CheckpointError
 from skillhub.staging import _open_drop
 from skillhub.taking import TAKEN, give_back_all, take
-from test_intake import Env, env, sha, st_bytes, wait_for  # noqa: F401 (env: the fixture)
+from test_intake import Env, ListLogger, env, sha, st_bytes, wait_for  # noqa: F401 (env: the fixture)
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="write leases are Linux's")
 
@@ -117,6 +118,29 @@ def test_someone_opening_it_while_it_is_taken_gets_it_back(tmp_path: Path) -> No
     assert signal.getsignal(signal.SIGURG) == signal.SIG_DFL  # we never needed a handler
 
 
+def test_a_drop_linked_elsewhere_while_it_is_taken_gets_it_back(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A link made while the lease is held breaks no lease, but the other name could still write the bytes."""
+    inbox, staging = tmp_path / "inbox", tmp_path / "staging"
+    inbox.mkdir()
+    staging.mkdir()
+    path = inbox / "l.safetensors"
+    path.write_bytes(st_bytes(112))
+    real_link = os.link
+
+    def link_and_race(src: Any, dst: Any) -> None:
+        real_link(src, dst)
+        if Path(dst).parent.name == TAKEN:  # someone else links it just as we take it
+            real_link(src, tmp_path / "other-name")
+
+    monkeypatch.setattr(os, "link", link_and_race)
+    with pytest.raises(Changed):
+        take(path, os.lstat(path), staging, lambda fd: None, opener=_open_drop)
+    monkeypatch.undo()
+    assert path.read_bytes() == st_bytes(112) and os.listdir(staging / TAKEN) == []
+    assert take(path, os.lstat(path), staging, lambda fd: None, opener=_open_drop) is None  # two names: copy it
+
+
 def test_a_failed_check_leaves_the_drop_in_the_inbox(tmp_path: Path) -> None:
     inbox, staging = tmp_path / "inbox", tmp_path / "staging"
     inbox.mkdir()
@@ -186,9 +210,9 @@ def test_a_drop_given_back_after_a_newer_one_took_its_name_is_superseded(tmp_pat
     (staging / TAKEN / "s.safetensors").write_bytes(b"old")
     (staging / TAKEN / "t.safetensors").write_bytes(b"only")
     (inbox / "s.safetensors").write_bytes(b"newer")
-    events: list[tuple[str, str]] = []
-    assert give_back_all(staging, inbox, lambda ev, name: events.append((ev, name))) == ["s.safetensors",
-                                                                                           "t.safetensors"]
+    log = ListLogger()
+    assert give_back_all(staging, inbox, log) == ["s.safetensors", "t.safetensors"]
+    events = [(ev, kw["name"]) for _, ev, kw in log.records]
     assert (inbox / "s.safetensors").read_bytes() == b"newer" and (inbox / "t.safetensors").read_bytes() == b"only"
     assert os.listdir(staging / TAKEN) == []
     assert events == [("taken_drop_superseded", "s.safetensors"), ("taken_drop_given_back", "t.safetensors")]
@@ -199,11 +223,12 @@ def test_a_drop_that_cannot_go_back_stays_taken_for_the_next_start(tmp_path: Pat
     staging, inbox = tmp_path / "staging", tmp_path / "inbox"
     (staging / TAKEN).mkdir(parents=True)
     (staging / TAKEN / "k.safetensors").write_bytes(b"kept")
-    events: list[str] = []
-    assert give_back_all(staging, inbox, lambda ev, **kw: events.append(ev)) == []
+    log = ListLogger()
+    assert give_back_all(staging, inbox, log) == []
+    events = [ev for _, ev, _ in log.records]
     assert events == ["taken_drop_kept"] and (staging / TAKEN / "k.safetensors").read_bytes() == b"kept"
     inbox.mkdir()
-    assert give_back_all(staging, inbox) == ["k.safetensors"] and (inbox / "k.safetensors").read_bytes() == b"kept"
+    assert give_back_all(staging, inbox, log) == ["k.safetensors"] and (inbox / "k.safetensors").read_bytes() == b"kept"
 
 
 def test_a_taken_drop_the_caller_rejects_goes_to_rejected_whole(env: Env) -> None:
