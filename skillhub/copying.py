@@ -173,17 +173,9 @@ def hash_file(path: Path, stop: threading.Event | None = None) -> str:
 def staged_sha256(path: Path) -> str:
     """The content address of a staged copy, computed again from its bytes (a file, or a folder as :class:`Stager`
     names it: sha256 over sorted "relative name\\0file sha256\\n" lines of the files under it)."""
-    def one(p: Path) -> str:
-        digest, fd = hashlib.sha256(), os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            _hash_range(fd, 0, os.fstat(fd).st_size, digest, bytearray(CHUNK))
-        finally:
-            os.close(fd)
-        return digest.hexdigest()
-
     if not path.is_dir():
-        return one(path)
-    lines = sorted(f"{r}\0{one(path / r)}\n" for r, st in _walk(path).items() if stat.S_ISREG(st.st_mode))
+        return hash_file(path)
+    lines = sorted(f"{r}\0{hash_file(path / r)}\n" for r, st in _walk(path).items() if stat.S_ISREG(st.st_mode))
     return hashlib.sha256("".join(lines).encode("utf-8", "surrogateescape")).hexdigest()
 
 

@@ -29,7 +29,6 @@ from skillhub.gate import Gate
 from skillhub.head import Head, HeadStore
 from skillhub.heap import MMAP_THRESHOLD, fix_mmap_threshold
 from skillhub.inboxview import inbox_view
-from skillhub.taking import TAKEN
 from skillhub.inference import InferenceEngine
 from skillhub.ingest import Ingestor
 from skillhub.job import Workspace
@@ -46,6 +45,7 @@ from skillhub.reload import check_reload
 from skillhub.routing import PatchedTensors, split_route_key, with_statistics
 from skillhub.statedir import take_lock
 from skillhub.stitch import Stitcher, resolve_device, service_layout
+from skillhub.taking import TAKEN
 
 if TYPE_CHECKING:
     from skillhub.delta import SparseDelta

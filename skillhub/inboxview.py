@@ -33,15 +33,15 @@ def inbox_view(inbox: Path, *, taken: Path | None = None, limit: int = 100) -> d
     only, never a path."""
     pending: list[dict[str, Any]] = []
     rejected: list[dict[str, Any]] = []
-    for folder, moved in ((inbox, False), (taken, True)):
+    for folder, moved in [(inbox, False)] + ([(taken, True)] if taken is not None else []):
         try:
-            names = os.listdir(folder) if folder is not None else []
+            names = os.listdir(folder)
         except OSError:
             names = []
         for name in names:
             if ignored(name):
                 continue
-            path = folder / name  # type: ignore[operator]
+            path = folder / name
             try:
                 mtime = path.lstat().st_mtime
             except OSError:
