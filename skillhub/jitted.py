@@ -129,17 +129,36 @@ def squares_f32(t: Any, acc: Any) -> None:
     acc[:] = sq
 
 
+# The threshold's sample: m positions of a tensor, one in each of m equal strata (a uniform offset in each, from a
+# counter-based hash of the seed: splitmix64), so the positions come in order (the reads walk both files forward)
+# and need no array. Stratified, the count of sampled entries above a value spreads no more than a binomial's.
 @jit
-def gather_f32(f: Any, b: Any, pos: Any, out: Any) -> None:
-    for i in range(pos.size):
-        out[i] = abs(f[pos[i]] - b[pos[i]])
+def stratum(seed: int, j: int, step: float, n: int) -> int:
+    z = np.uint64(seed) + np.uint64(j) * np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+    u = np.float64(z >> np.uint64(11)) * (1.0 / 9007199254740992.0)  # [0, 1), 53 bits
+    return min(int((j + u) * step), n - 1)
 
 
 @jit
-def gather_bf16(f: Any, b: Any, pos: Any, out: Any) -> None:
+def sample_f32(f: Any, b: Any, seed: int, out: Any) -> None:
+    n, m = f.size, out.size
+    step = n / m
+    for j in range(m):
+        p = stratum(seed, j, step, n)
+        out[j] = abs(f[p] - b[p])
+
+
+@jit
+def sample_bf16(f: Any, b: Any, seed: int, out: Any) -> None:
+    n, m = f.size, out.size
+    step = n / m
     bits = np.empty(2, np.uint32)
     wide = bits.view(np.float32)
-    for i in range(pos.size):
-        bits[0] = np.uint32(f[pos[i]]) << np.uint32(16)
-        bits[1] = np.uint32(b[pos[i]]) << np.uint32(16)
-        out[i] = abs(wide[0] - wide[1])
+    for j in range(m):
+        p = stratum(seed, j, step, n)
+        bits[0] = np.uint32(f[p]) << np.uint32(16)
+        bits[1] = np.uint32(b[p]) << np.uint32(16)
+        out[j] = abs(wide[0] - wide[1])

@@ -128,19 +128,18 @@ def _arrays(f: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> tuple[Any, 
     return jitted, fa.numpy(), ba.numpy()
 
 
-def sample_abs(f: torch.Tensor, b: torch.Tensor, pos: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
-    """|τ| (float32) at the flat positions ``pos`` (int64), the sample of a sampled threshold, without torch's
-    indexing machinery; ``None`` where :func:`scan_pair` would be."""
+def sample_abs(f: torch.Tensor, b: torch.Tensor, seed: int, out: np.ndarray, dtype: torch.dtype) -> bool:
+    """Write |τ| (float32) at ``out.size`` positions of τ = f − b into ``out``, one position drawn in each of as many
+    equal strata of the flat tensor (from ``seed``, 0 ≤ seed < 2⁶³): the sample of a sampled threshold. ``False``
+    (``out`` untouched) where :func:`scan_pair` would return ``None``."""
     import numpy as np
-    import torch
 
     got = _arrays(f, b, dtype)
     if got is None:
-        return None
+        return False
     jitted, fa, ba = got
-    out = np.empty(pos.numel(), np.float32)
-    (jitted.gather_bf16 if fa.dtype == np.uint16 else jitted.gather_f32)(fa, ba, pos.numpy(), out)
-    return torch.from_numpy(out)
+    (jitted.sample_bf16 if fa.dtype == np.uint16 else jitted.sample_f32)(fa, ba, seed, out)
+    return True
 
 
 def scan_pair(f: torch.Tensor, b: torch.Tensor, threshold: float, bufs: Buffers, dtype: torch.dtype
@@ -178,6 +177,7 @@ def warm() -> bool:
     on a machine) by running each on a few entries, so that the first real pass does not pay for it; ``False`` when
     the compiled path is off or failed to load (it is then off for this process: callers take their numpy path)."""
     global _kernels
+    import numpy as np
     import torch
 
     try:
@@ -187,7 +187,7 @@ def warm() -> bool:
         for dt in (torch.float32, torch.bfloat16):
             x = torch.arange(2 * LANES + 3, dtype=torch.float32).to(dt)
             scan_pair(x, torch.zeros_like(x), 1.0, bufs, torch.float32)
-            sample_abs(x, torch.zeros_like(x), torch.tensor([0, 1]), torch.float32)
+            sample_abs(x, torch.zeros_like(x), 1, np.empty(2, np.float32), torch.float32)
         one = torch.ones(LANES + 1)
         add_squares(one, lanes(one))
         return True

@@ -127,9 +127,14 @@ def run_localizer(localizer_cls: type[Localizer], task: TaskVector, raw_params: 
         params=params.model_dump(mode="json")))
 
 
+#: Value dtypes :func:`check_delta` checks through numpy (others, bfloat16 first, through torch).
+NUMPY_FLOATS = frozenset(("torch.float32", "torch.float64", "torch.float16"))
+
+
 def check_delta(delta: SparseDelta, task: TaskVector, strategy: str) -> None:
     """A strategy's result must fit the task: known keys, sorted in-range indices (or, for a dense tensor, one value
     per entry of the task's tensor), finite values (FAULTS B8)."""
+    import numpy as np
     import torch
 
     for key, values in delta.values.items():
@@ -141,13 +146,16 @@ def check_delta(delta: SparseDelta, task: TaskVector, strategy: str) -> None:
             if values.numel() != numel:
                 raise LocalizeError(f"strategy {strategy!r} returned {values.numel()} dense values for {key!r}, "
                                     f"which has {numel} entries", key=key)
-        else:
-            n = idx.numel()
-            if n and (int(idx[0]) < 0 or int(idx[-1]) >= numel):
+        elif idx.numel():
+            # numpy where it can: a torch call costs ~5 µs, a numpy one ~1 µs, and a model has hundreds of tensors
+            a = idx.detach().cpu().numpy()
+            if int(a[0]) < 0 or int(a[-1]) >= numel:
                 raise LocalizeError(f"strategy {strategy!r} returned out-of-range indices for {key!r}", key=key)
-            if n > 1 and bool((idx[1:] <= idx[:-1]).any()):
+            if a.size > 1 and bool((a[1:] <= a[:-1]).any()):
                 raise LocalizeError(f"strategy {strategy!r} returned unsorted or repeated indices for {key!r}",
                                     key=key)
-        if not bool(torch.isfinite(values).all()):
+        finite = bool(np.isfinite(values.detach().cpu().numpy()).all()) if str(values.dtype) in NUMPY_FLOATS else \
+            bool(torch.isfinite(values).all())
+        if not finite:
             raise LocalizeError(f"strategy {strategy!r} produced NaN or Inf values for {key!r}", key=key,
                                 hint="the mask is rejected; the served model is unchanged")

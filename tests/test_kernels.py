@@ -87,9 +87,26 @@ def test_pairs_it_does_not_take_fall_back() -> None:
     f32, b32 = pair(100, torch.float32)
     assert kernels.scan_pair(f32, b32, 0.0, kernels.Buffers(), torch.float64) is None  # τ wanted in float64
     assert kernels.scan_pair(f32, b32.to(torch.bfloat16), 0.0, kernels.Buffers(), torch.float32) is None
-    pos = torch.tensor([0, 5, 99])
-    assert kernels.sample_abs(f, b, pos, torch.float32) is None
-    assert torch.equal(kernels.sample_abs(f32, b32, pos, torch.float32), (f32[pos] - b32[pos]).abs())
+    out = np.full(3, -1.0, np.float32)
+    assert kernels.sample_abs(f, b, 1, out, torch.float32) is False and (out == -1).all()  # untouched
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_sample_takes_one_entry_in_each_stratum_uniformly(dtype: torch.dtype) -> None:
+    # τ = its own flat index (exact in bfloat16 below 256), so each sampled |τ| says where it was read
+    f, b = torch.arange(200, dtype=torch.float32).to(dtype), torch.zeros(200).to(dtype)
+    seen = set()
+    for seed in range(200):
+        out = np.empty(20, np.float32)
+        assert kernels.sample_abs(f, b, seed, out, torch.float32) is True
+        pos = out.astype(np.int64)
+        assert (pos // 10 == np.arange(20)).all()  # entry j from stratum j: [10 j, 10 j + 10)
+        seen.update((pos % 10).tolist())
+    assert seen == set(range(10))  # every offset in a stratum is drawn
+    one, again = np.empty(20, np.float32), np.empty(20, np.float32)
+    kernels.sample_abs(f, b, 7, one, torch.float32)
+    kernels.sample_abs(f, b, 7, again, torch.float32)
+    assert (one == again).all()  # a seed is one sample
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

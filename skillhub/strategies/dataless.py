@@ -27,12 +27,13 @@ entry of a non-empty tensor). The default, ``"global"``, is the papers' rule (TI
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -52,6 +53,8 @@ from skillhub.taskvector import TaskVector
 if TYPE_CHECKING:
     import numpy as np
     import torch
+
+T = TypeVar("T")
 
 SAMPLE_SIZE = 1 << 18
 #: Scratch per worker thread is sized to at most this many entries (16 MiB of float32 τ): a larger tensor (a
@@ -141,8 +144,6 @@ def per_tensor_topk(task: TaskVector, sparsity: float, *,
     import numpy as np
     import torch
 
-    order = sorted(task.keys, key=lambda k: -math.prod(task.shapes[k]))
-    workers = max(1, min(2, os.cpu_count() or 1, len(order)))
     done = [0]
     lock = threading.Lock()
 
@@ -164,7 +165,7 @@ def per_tensor_topk(task: TaskVector, sparsity: float, *,
                 if progress is not None:
                     with lock:
                         done[0] += 1
-                        progress(done[0], len(order))
+                        progress(done[0], len(task.keys))
                 continue
             flat = task.tensor(key, out=work).reshape(-1)
             n = flat.numel()
@@ -184,14 +185,10 @@ def per_tensor_topk(task: TaskVector, sparsity: float, *,
             if progress is not None:
                 with lock:
                     done[0] += 1
-                    progress(done[0], len(order))
+                    progress(done[0], len(task.keys))
         return out
 
-    found: Entries = {}
-    with ThreadPoolExecutor(workers) as pool:
-        for part in pool.map(run, [order[i::workers] for i in range(workers)]):
-            found.update(part)
-    return {k: found[k] for k in task.keys if k in found}  # canonical order
+    return _in_workers(task, run)
 
 
 def global_topk(task: TaskVector, k: int, *, seed: int = 0,
@@ -216,43 +213,65 @@ def global_topk(task: TaskVector, k: int, *, seed: int = 0,
 
 
 def _sample_threshold(task: TaskVector, k: int, n: int, gen: torch.Generator, margin: float) -> float:
-    """A value of |τ| that at least k entries reach, with overwhelming probability: a low sample quantile."""
+    """A value of |τ| that at least k entries reach, with overwhelming probability: a low sample quantile. Every
+    tensor gives entries in proportion to its size, gathered in the two workers (the reads are cache misses)."""
+    import numpy as np
     import torch
 
-    samples = []
-    for key in task.keys:
-        numel = math.prod(task.shapes[key])
-        m = max(1, round(SAMPLE_SIZE * numel / n))
-        pos = torch.randint(0, numel, (m,), generator=gen)
-        bt, ft = task.base.tensor(key), task.finetuned.tensor(key)
-        got = kernels.sample_abs(ft, bt, pos, task.dtype)  # the same values, without torch's indexing per tensor
-        if got is None:
-            got = (ft.reshape(-1)[pos].to(task.dtype) - bt.reshape(-1)[pos].to(task.dtype)).abs()
-        samples.append(got)
-    sample = torch.cat(samples)
-    s = sample.numel()
+    sizes = {key: max(1, round(SAMPLE_SIZE * math.prod(task.shapes[key]) / n)) for key in task.keys}
+    starts = dict(zip(task.keys, itertools.accumulate([0, *sizes.values()])))
+    sample = np.empty(sum(sizes.values()), np.float64 if task.dtype == torch.float64 else np.float32)
+    seed = int(torch.randint(0, 1 << 62, (1,), generator=gen))
+
+    def run(keys: list[str]) -> dict[str, None]:
+        for key in keys:
+            out = sample[starts[key]:starts[key] + sizes[key]]
+            key_seed = (seed + (starts[key] + 1) * 0xD1B54A32D192ED03) % (1 << 63)  # its own stream per tensor
+            ft, bt = task.finetuned.tensor(key), task.base.tensor(key)
+            if not kernels.sample_abs(ft, bt, key_seed, out, task.dtype):  # the numpy path: a generator per tensor
+                pos = torch.randint(0, math.prod(task.shapes[key]), (out.size,),
+                                    generator=torch.Generator().manual_seed(key_seed))
+                tau = ft.reshape(-1)[pos].to(task.dtype) - bt.reshape(-1)[pos].to(task.dtype)
+                out[:] = tau.abs().to(torch.from_numpy(out).dtype).numpy()
+        return {}
+
+    _in_workers(task, run)
+    s = sample.size
     expected = k / n * s
     # Binomial spread of the sample count above the true k-th value: sqrt(expected); 6 sigma and a floor.
     rank = math.ceil(expected + margin * (6 * math.sqrt(expected) + 0.002 * expected + 32))
     if rank >= s:
         return 0.0
-    value = float(torch.topk(sample, rank, sorted=False).values.min())
+    value = float(np.partition(sample, s - rank)[s - rank])  # the rank-th largest (NaN sorts above everything)
     return value if math.isfinite(value) else 0.0
+
+
+def _in_workers(task: TaskVector, run: Callable[[list[str]], dict[str, T]]) -> dict[str, T]:
+    """``run`` over the task's tensors split between two worker threads (the work is memory-bound compiled or numpy
+    code that releases the GIL), its results in canonical order. Largest first, dealt alternately: the two workers
+    get about the same number of bytes."""
+    order = sorted(task.keys, key=lambda k: -math.prod(task.shapes[k]))
+    workers = max(1, min(2, os.cpu_count() or 1, len(order)))
+    if workers == 1:
+        found = run(order)
+    else:
+        found = {}
+        with ThreadPoolExecutor(workers) as pool:
+            for part in pool.map(run, [order[i::workers] for i in range(workers)]):
+                found.update(part)
+    return {k: found[k] for k in task.keys if k in found}
 
 
 def _candidates(task: TaskVector, threshold: float,
                 progress: Callable[[int, int], None] | None) -> dict[str, tuple[torch.Tensor, ...]]:
     """One streaming pass: per tensor, flat indices, τ and |τ| of the entries with |τ| ≥ threshold and τ ≠ 0.
 
-    Tensors are split over two worker threads (the work is memory-bound numpy/torch code that releases the GIL),
-    each with its own reused workspaces, so no full-size temporary is ever allocated per tensor.
+    Tensors are split over two worker threads (:func:`_in_workers`), each with its own reused workspaces, so no
+    full-size temporary is ever allocated per tensor.
     """
     import numpy as np
     import torch
 
-    # Largest first, dealt alternately: the two workers get about the same number of bytes.
-    order = sorted(task.keys, key=lambda k: -math.prod(task.shapes[k]))
-    workers = max(1, min(2, os.cpu_count() or 1, len(order)))
     done = [0]
     lock = threading.Lock()
 
@@ -289,17 +308,10 @@ def _candidates(task: TaskVector, threshold: float,
             if progress is not None:
                 with lock:
                     done[0] += 1
-                    progress(done[0], len(order))
+                    progress(done[0], len(task.keys))
         return out
 
-    if workers == 1:
-        found = run(order)
-    else:
-        found = {}
-        with ThreadPoolExecutor(workers) as pool:
-            for part in pool.map(run, [order[i::workers] for i in range(workers)]):
-                found.update(part)
-    return {k: found[k] for k in task.keys}  # back to canonical order
+    return _in_workers(task, run)
 
 
 def _select_exact(cands: dict[str, tuple[torch.Tensor, ...]], k: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -319,24 +331,33 @@ def _select_exact(cands: dict[str, tuple[torch.Tensor, ...]], k: int) -> dict[st
     if surplus > 0:  # more ties at v than places left: drop the last ones in canonical order
         tie_pos = np.flatnonzero(values == v)
         keep[tie_pos[len(tie_pos) - surplus:]] = False
+    # One compaction of all candidates, then a view per tensor: a boolean index per tensor costs ~10 µs a call.
+    dtype = cands[keys[0]][1].dtype
+    idx = np.concatenate([cands[key][0].numpy() for key in keys])[keep]
+    val = np.concatenate([_raw(cands[key][1]) for key in keys])[keep]
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    start = 0
-    for key, size in zip(keys, sizes):  # numpy's boolean indexing: torch's costs ~30 µs a call, 2 calls a tensor
-        part = keep[start:start + size]
+    start = taken = 0
+    for key, size in zip(keys, sizes):
+        n = int(np.count_nonzero(keep[start:start + size]))
         start += size
-        idx = cands[key][0].numpy()[part]
-        if idx.size:
-            out[key] = (torch.from_numpy(idx), _take(cands[key][1], part))
+        if n:
+            out[key] = (torch.from_numpy(idx[taken:taken + n]), _cooked(val[taken:taken + n], dtype))
+            taken += n
     return out
 
 
-def _take(values: torch.Tensor, part: np.ndarray) -> torch.Tensor:
-    """``values[part]`` through numpy where it has the dtype (bfloat16 values through their raw bits)."""
+def _raw(values: torch.Tensor) -> np.ndarray:
+    """A numpy view of ``values`` (bfloat16 as its raw bits: numpy has no bfloat16)."""
     import torch
 
-    if values.dtype == torch.bfloat16:
-        return torch.from_numpy(values.view(torch.int16).numpy()[part]).view(torch.bfloat16)
-    return torch.from_numpy(values.numpy()[part])
+    return values.view(torch.int16).numpy() if values.dtype == torch.bfloat16 else values.numpy()
+
+
+def _cooked(raw: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """The tensor of ``dtype`` that :func:`_raw` made ``raw`` from."""
+    import torch
+
+    return torch.from_numpy(raw).view(torch.bfloat16) if dtype == torch.bfloat16 else torch.from_numpy(raw)
 
 
 @hookimpl
