@@ -36,9 +36,10 @@ def emit(blk: Any, pos: int, t: float, c: int, m: int, idx: Any, val: Any, ab: A
 # Blocks are walked by range loops from 0 over views that start at ``pos`` (a block boundary): numba then knows
 # every index is non-negative, drops its wraparound checks and LLVM vectorizes the block (2× faster than a
 # range from ``pos``). A block's hits are a bit mask built in the vectorized loop; only its set bits are visited
-# (τ recomputed from L1), which costs a few ns a candidate where testing every entry of a hit block cost ~1 ns an
-# entry (a third of the blocks hold a candidate at 1%). A call stops before a block the output might not hold (a
-# block adds at most LANES).
+# (τ recomputed from L1). At 1% about a third of the blocks hold a candidate, at random, so what costs is the
+# branches' mispredictions: ~11 ns a candidate when every block branched on its hits, ~1 ns with the first hit taken
+# branch-free (the scan at 1% went from 1.6× to 1.1× the same scan finding nothing). A call stops before a block the
+# output might not hold (a block adds at most LANES).
 @jit
 def scan_f32(f: Any, b: Any, pos: int, t: float, acc: Any, idx: Any, val: Any, ab: Any) -> tuple[int, int]:
     fv, bv = f[pos:], b[pos:]
@@ -57,6 +58,15 @@ def scan_f32(f: Any, b: Any, pos: int, t: float, acc: Any, idx: Any, val: Any, a
             sq[i] += np.float64(d) * np.float64(d)
             a = abs(d)
             hits |= np.uint32((a >= tt) & (a > 0)) << np.uint32(i)
+        # The first hit without a branch (written even when there is none, and not counted): a block holds at most
+        # one candidate nine times in ten, and a branch on "any hit" mispredicts on a third of the blocks.
+        i = trailing_zeros(np.uint64(hits) | np.uint64(1 << 32)) & 31
+        d = fv[s + i] - bv[s + i]
+        idx[c] = pos + s + i
+        val[c] = d
+        ab[c] = abs(d)
+        c += hits != 0
+        hits &= hits - np.uint32(1)
         while hits:
             i = trailing_zeros(hits)
             d = fv[s + i] - bv[s + i]
@@ -104,6 +114,12 @@ def scan_bf16(f: Any, b: Any, pos: int, t: float, acc: Any, idx: Any, val: Any, 
             sq[i] += np.float64(d) * np.float64(d)
             a = abs(d)
             hits |= np.uint32((a >= tt) & (a > 0)) << np.uint32(i)
+        i = trailing_zeros(np.uint64(hits) | np.uint64(1 << 32)) & 31  # the first hit without a branch, as above
+        idx[c] = pos + s + i
+        val[c] = blk[i]
+        ab[c] = abs(blk[i])
+        c += hits != 0
+        hits &= hits - np.uint32(1)
         while hits:
             i = trailing_zeros(hits)
             idx[c] = pos + s + i
@@ -162,3 +178,28 @@ def sample_bf16(f: Any, b: Any, seed: int, out: Any) -> None:
         bits[0] = np.uint32(f[p]) << np.uint32(16)
         bits[1] = np.uint32(b[p]) << np.uint32(16)
         out[j] = abs(wide[0] - wide[1])
+
+
+@jit
+def compact(ab: Any, idx: Any, val: Any, v: float, k: int, starts: Any, out_idx: Any, out_val: Any,
+            counts: Any) -> None:
+    # Keep the entries with |τ| > v, then the first of those = v in order up to k in all; segment s (one tensor)
+    # is [starts[s], starts[s + 1]). Every entry is written at c and c advances when kept: no branch to mispredict
+    # (about 9 in 10 candidates are kept). out_* hold k + 1.
+    vv = ab.dtype.type(v)
+    gt = 0
+    for i in range(ab.size):
+        gt += ab[i] > vv
+    ties = k - gt
+    c, t = 0, 0
+    for s in range(starts.size - 1):
+        c0 = c
+        for i in range(starts[s], starts[s + 1]):
+            a = ab[i]
+            tie = (a == vv) & (t < ties)
+            take = (a > vv) | tie
+            t += tie
+            out_idx[c] = idx[i]
+            out_val[c] = val[i]
+            c += take
+        counts[s] = c - c0

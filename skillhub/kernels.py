@@ -172,6 +172,25 @@ def scan_pair(f: torch.Tensor, b: torch.Tensor, threshold: float, bufs: Buffers,
     return torch.from_numpy(idx), torch.from_numpy(val), torch.from_numpy(ab), sq
 
 
+def compact(ab: np.ndarray, idx: np.ndarray, val: np.ndarray, v: float, k: int, sizes: list[int]
+            ) -> tuple[np.ndarray, np.ndarray, list[int]] | None:
+    """The exact selection's compaction of candidates concatenated over tensors (``sizes`` entries each, in
+    canonical order): the k entries with |τ| ``ab`` > v, then those = v earliest first; their ``idx`` and ``val``
+    and how many each tensor keeps. ``None`` where the compiled path is off or the arrays are not float32 |τ|
+    and τ with int64 indices (the caller compacts with numpy)."""
+    import numpy as np
+
+    jitted = _kernels
+    if not jitted or ab.dtype != np.float32 or val.dtype != np.float32 or idx.dtype != np.int64:
+        return None
+    starts = np.zeros(len(sizes) + 1, np.int64)
+    np.cumsum(sizes, out=starts[1:])
+    out_idx, out_val = np.empty(k + 1, np.int64), np.empty(k + 1, np.float32)
+    counts = np.empty(len(sizes), np.int64)
+    jitted.compact(ab, idx, val, v, k, starts, out_idx, out_val, counts)
+    return out_idx[:k], out_val[:k], counts.tolist()
+
+
 def warm() -> bool:
     """Load both scans and the other compiled functions (from numba's disk cache, or compiling them the first time
     on a machine) by running each on a few entries, so that the first real pass does not pay for it; ``False`` when
@@ -190,6 +209,8 @@ def warm() -> bool:
             sample_abs(x, torch.zeros_like(x), 1, np.empty(2, np.float32), torch.float32)
         one = torch.ones(LANES + 1)
         add_squares(one, lanes(one))
+        ab = np.ones(4, np.float32)
+        compact(ab, np.arange(4), ab, 1.0, 2, [1, 3])
         return True
     except Exception as e:  # noqa: BLE001 - a broken numba install must not stop the service: numpy serves
         from skillhub.log import get_logger

@@ -326,20 +326,25 @@ def _select_exact(cands: dict[str, tuple[torch.Tensor, ...]], k: int) -> dict[st
     values = np.concatenate([cands[key][2].numpy() for key in keys])
     # The k-th largest value v (an O(n) selection): everything above v is in; ties at v go in canonical order.
     v = np.partition(values, total - k)[total - k]
-    keep = values >= v
-    surplus = int(keep.sum()) - k
-    if surplus > 0:  # more ties at v than places left: drop the last ones in canonical order
-        tie_pos = np.flatnonzero(values == v)
-        keep[tie_pos[len(tie_pos) - surplus:]] = False
-    # One compaction of all candidates, then a view per tensor: a boolean index per tensor costs ~10 µs a call.
     dtype = cands[keys[0]][1].dtype
-    idx = np.concatenate([cands[key][0].numpy() for key in keys])[keep]
-    val = np.concatenate([_raw(cands[key][1]) for key in keys])[keep]
+    idx = np.concatenate([cands[key][0].numpy() for key in keys])
+    val = np.concatenate([_raw(cands[key][1]) for key in keys])
+    # One compaction of all candidates, then a view per tensor: a boolean index per tensor costs ~10 µs a call.
+    done = kernels.compact(values, idx, val, float(v), k, sizes)
+    if done is not None:
+        idx, val, counts = done
+    else:
+        keep = values >= v
+        surplus = int(keep.sum()) - k
+        if surplus > 0:  # more ties at v than places left: drop the last ones in canonical order
+            tie_pos = np.flatnonzero(values == v)
+            keep[tie_pos[len(tie_pos) - surplus:]] = False
+        idx, val = idx[keep], val[keep]
+        bounds = np.cumsum([0, *sizes])
+        counts = [int(np.count_nonzero(keep[bounds[i]:bounds[i + 1]])) for i in range(len(keys))]
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    start = taken = 0
-    for key, size in zip(keys, sizes):
-        n = int(np.count_nonzero(keep[start:start + size]))
-        start += size
+    taken = 0
+    for key, n in zip(keys, counts):
         if n:
             out[key] = (torch.from_numpy(idx[taken:taken + n]), _cooked(val[taken:taken + n], dtype))
             taken += n
