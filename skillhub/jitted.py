@@ -145,9 +145,10 @@ def squares_f32(t: Any, acc: Any) -> None:
     acc[:] = sq
 
 
-# The threshold's sample: m positions of a tensor, one in each of m equal strata (a uniform offset in each, from a
-# counter-based hash of the seed: splitmix64), so the positions come in order (the reads walk both files forward)
-# and need no array. Stratified, the count of sampled entries above a value spreads no more than a binomial's.
+# The threshold's sample: m lines of w consecutive entries of a tensor, one line in each of m equal strata (at a
+# uniform offset in it, from a counter-based hash of the seed: splitmix64). A line costs one or two cache misses
+# for w entries where w random entries cost w (the sample's cost was its misses, and the TLB's); the lines come in
+# order and need no position array. A tensor shorter than a line fills the rest with -1 (below every |τ|).
 @jit
 def stratum(seed: int, j: int, step: float, n: int) -> int:
     z = np.uint64(seed) + np.uint64(j) * np.uint64(0x9E3779B97F4A7C15)
@@ -160,24 +161,31 @@ def stratum(seed: int, j: int, step: float, n: int) -> int:
 
 @jit
 def sample_f32(f: Any, b: Any, seed: int, out: Any) -> None:
-    n, m = f.size, out.size
+    n = f.size
+    m, w = out.shape
     step = n / m
     for j in range(m):
-        p = stratum(seed, j, step, n)
-        out[j] = abs(f[p] - b[p])
+        p = max(0, min(stratum(seed, j, step, n), n - w))
+        for i in range(w):
+            out[j, i] = abs(f[p + i] - b[p + i]) if p + i < n else np.float32(-1)
 
 
 @jit
 def sample_bf16(f: Any, b: Any, seed: int, out: Any) -> None:
-    n, m = f.size, out.size
+    n = f.size
+    m, w = out.shape
     step = n / m
     bits = np.empty(2, np.uint32)
     wide = bits.view(np.float32)
     for j in range(m):
-        p = stratum(seed, j, step, n)
-        bits[0] = np.uint32(f[p]) << np.uint32(16)
-        bits[1] = np.uint32(b[p]) << np.uint32(16)
-        out[j] = abs(wide[0] - wide[1])
+        p = max(0, min(stratum(seed, j, step, n), n - w))
+        for i in range(w):
+            if p + i < n:
+                bits[0] = np.uint32(f[p + i]) << np.uint32(16)
+                bits[1] = np.uint32(b[p + i]) << np.uint32(16)
+                out[j, i] = abs(wide[0] - wide[1])
+            else:
+                out[j, i] = np.float32(-1)
 
 
 @jit

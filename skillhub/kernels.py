@@ -129,9 +129,10 @@ def _arrays(f: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> tuple[Any, 
 
 
 def sample_abs(f: torch.Tensor, b: torch.Tensor, seed: int, out: np.ndarray, dtype: torch.dtype) -> bool:
-    """Write |τ| (float32) at ``out.size`` positions of τ = f − b into ``out``, one position drawn in each of as many
-    equal strata of the flat tensor (from ``seed``, 0 ≤ seed < 2⁶³): the sample of a sampled threshold. ``False``
-    (``out`` untouched) where :func:`scan_pair` would return ``None``."""
+    """Fill ``out`` (float32, m × w) with |τ| of τ = f − b on m lines of w consecutive flat entries, one line drawn in
+    each of m equal strata of the tensor (from ``seed``, 0 ≤ seed < 2⁶³; -1 past the end of a tensor shorter than a
+    line): the sample of a sampled threshold. ``False`` (``out`` untouched) where :func:`scan_pair` would return
+    ``None``."""
     import numpy as np
 
     got = _arrays(f, b, dtype)
@@ -206,7 +207,7 @@ def warm() -> bool:
         for dt in (torch.float32, torch.bfloat16):
             x = torch.arange(2 * LANES + 3, dtype=torch.float32).to(dt)
             scan_pair(x, torch.zeros_like(x), 1.0, bufs, torch.float32)
-            sample_abs(x, torch.zeros_like(x), 1, np.empty(2, np.float32), torch.float32)
+            sample_abs(x, torch.zeros_like(x), 1, np.empty((2, 4), np.float32), torch.float32)
         one = torch.ones(LANES + 1)
         add_squares(one, lanes(one))
         ab = np.ones(4, np.float32)

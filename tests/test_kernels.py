@@ -92,21 +92,35 @@ def test_pairs_it_does_not_take_fall_back() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_sample_takes_one_entry_in_each_stratum_uniformly(dtype: torch.dtype) -> None:
+def test_the_sample_takes_one_line_in_each_stratum_uniformly(dtype: torch.dtype) -> None:
     # τ = its own flat index (exact in bfloat16 below 256), so each sampled |τ| says where it was read
     f, b = torch.arange(200, dtype=torch.float32).to(dtype), torch.zeros(200).to(dtype)
     seen = set()
     for seed in range(200):
-        out = np.empty(20, np.float32)
+        out = np.empty((20, 4), np.float32)
         assert kernels.sample_abs(f, b, seed, out, torch.float32) is True
         pos = out.astype(np.int64)
-        assert (pos // 10 == np.arange(20)).all()  # entry j from stratum j: [10 j, 10 j + 10)
-        seen.update((pos % 10).tolist())
+        assert (np.diff(pos, axis=1) == 1).all()  # a line is consecutive entries
+        start = pos[:, 0]
+        assert ((start // 10 == np.arange(20)) | (start == 196)).all()  # line j starts in stratum j (or ends the tensor)
+        seen.update((start[:-1] % 10).tolist())
     assert seen == set(range(10))  # every offset in a stratum is drawn
-    one, again = np.empty(20, np.float32), np.empty(20, np.float32)
+    one, again = np.empty((20, 4), np.float32), np.empty((20, 4), np.float32)
     kernels.sample_abs(f, b, 7, one, torch.float32)
     kernels.sample_abs(f, b, 7, again, torch.float32)
     assert (one == again).all()  # a seed is one sample
+    short = np.empty((2, 4), np.float32)
+    kernels.sample_abs(f[:3], b[:3], 1, short, torch.float32)
+    assert (short == [[0, 1, 2, -1]] * 2).all()  # a tensor shorter than a line: -1 past its end
+
+
+def test_the_numpy_sample_is_the_same_shape_of_sample() -> None:
+    f, b = torch.arange(200, dtype=torch.float32), torch.zeros(200)
+    got = dataless._lines_abs(f, b, 20, torch.Generator().manual_seed(0), torch.float32).numpy().astype(np.int64)
+    assert got.shape == (20, dataless.LINE) and (np.diff(got, axis=1) == 1).all()
+    assert (got[:, 0] // 10 == np.arange(20)).sum() >= 18  # in its stratum, but where clamped to the end
+    short = dataless._lines_abs(f[:3], b[:3], 1, torch.Generator().manual_seed(0), torch.float32)
+    assert short.tolist() == [[0, 1, 2] + [-1] * (dataless.LINE - 3)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
