@@ -38,6 +38,8 @@ LANES = 32
 #: Candidates a worker's output buffers hold before a flush (16 bytes each): 1 MiB per worker, so that they stay in
 #: the CPU cache and a fresh worker does not fault in pages it barely uses.
 OUT = 1 << 16
+#: The largest arena :class:`Buffers` grows to (64 MiB): a bigger pass takes several.
+ARENA_MAX = 1 << 22
 
 #: A process that has not loaded the compiled code yet loads it for a pass over at least this many entries: loading
 #: costs about 0.7 s (importing numba, its registries, the cached machine code) and saves about 0.8 ns an entry, so a
@@ -98,16 +100,23 @@ def total(acc: np.ndarray) -> float:
 
 
 class Buffers:
-    """One worker's output buffers (reused across tensors): flat indices, τ and |τ| of up to :data:`OUT`
-    candidates."""
+    """One worker's output (flat indices, τ and |τ| of candidates), an arena: each tensor's candidates are views of
+    it, never copied out. A full arena is followed by one twice its size (up to :data:`ARENA_MAX`), so a worker's
+    first arena stays in the CPU cache and a big pass takes a few."""
 
     def __init__(self, size: int = OUT) -> None:
+        self.size = max(size, 2 * LANES) // 2
+        self.grow()
+
+    def grow(self) -> None:
+        """Start a fresh arena (views of the last one stay valid)."""
         import numpy as np
 
-        size = max(size, LANES)
-        self.idx = np.empty(size, np.int64)
-        self.val = np.empty(size, np.float32)
-        self.ab = np.empty(size, np.float32)
+        self.size = min(2 * self.size, max(ARENA_MAX, self.size))
+        self.idx = np.empty(self.size, np.int64)
+        self.val = np.empty(self.size, np.float32)
+        self.ab = np.empty(self.size, np.float32)
+        self.used = 0
 
 
 def _arrays(f: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> tuple[Any, Any, Any] | None:
@@ -161,10 +170,15 @@ def scan_pair(f: torch.Tensor, b: torch.Tensor, threshold: float, bufs: Buffers,
     n, pos = fa.size, 0
     parts: list[tuple[np.ndarray, ...]] = []
     while True:
-        c, pos = kernel(fa, ba, pos, threshold, acc, bufs.idx, bufs.val, bufs.ab)
-        parts.append((bufs.idx[:c].copy(), bufs.val[:c].copy(), bufs.ab[:c].copy()))
+        if bufs.size - bufs.used < 2 * LANES:
+            bufs.grow()
+        s0 = bufs.used
+        c, pos = kernel(fa, ba, pos, threshold, acc, bufs.idx[s0:], bufs.val[s0:], bufs.ab[s0:])
+        bufs.used += c
+        parts.append((bufs.idx[s0:s0 + c], bufs.val[s0:s0 + c], bufs.ab[s0:s0 + c]))
         if pos >= n:
             break
+        bufs.grow()  # full before the tensor's end
     sq = total(acc)
     if len(parts) == 1:
         idx, val, ab = parts[0]

@@ -328,7 +328,7 @@ def _candidates(task: TaskVector, threshold: float,
             return idx + offset if offset else idx, flat[idx], torch.from_numpy(a[idx.numpy()])
 
         out: dict[str, tuple[torch.Tensor, ...]] = {}
-        bufs = kernels.Buffers(min(kernels.OUT, size))  # the compiled pass's output (pages touched only if used)
+        bufs = kernels.Buffers(min(kernels.OUT, size))  # the compiled pass writes its candidates here, not copied
         for key in keys:
             fused = kernels.scan_pair(task.finetuned.tensor(key), task.base.tensor(key), threshold, bufs,
                                       task.dtype)
