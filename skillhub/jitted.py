@@ -189,25 +189,18 @@ def sample_bf16(f: Any, b: Any, seed: int, out: Any) -> None:
 
 
 @jit
-def compact(ab: Any, idx: Any, val: Any, v: float, k: int, starts: Any, out_idx: Any, out_val: Any,
-            counts: Any) -> None:
-    # Keep the entries with |τ| > v, then the first of those = v in order up to k in all; segment s (one tensor)
-    # is [starts[s], starts[s + 1]). Every entry is written at c and c advances when kept: no branch to mispredict
-    # (about 9 in 10 candidates are kept). out_* hold k + 1.
+def compact(ab: Any, idx: Any, val: Any, v: float, ties: int, out_idx: Any, out_val: Any, at: int) -> int:
+    # One tensor's candidates: keep |τ| > v and the first ``ties`` of those = v, written from ``at`` on. Every
+    # entry is written at c and c advances when it is kept: no branch to mispredict (about 9 in 10 candidates are
+    # kept), so the outputs hold one more than they keep.
     vv = ab.dtype.type(v)
-    gt = 0
+    c, t = at, 0
     for i in range(ab.size):
-        gt += ab[i] > vv
-    ties = k - gt
-    c, t = 0, 0
-    for s in range(starts.size - 1):
-        c0 = c
-        for i in range(starts[s], starts[s + 1]):
-            a = ab[i]
-            tie = (a == vv) & (t < ties)
-            take = (a > vv) | tie
-            t += tie
-            out_idx[c] = idx[i]
-            out_val[c] = val[i]
-            c += take
-        counts[s] = c - c0
+        a = ab[i]
+        tie = (a == vv) & (t < ties)
+        take = (a > vv) | tie
+        t += tie
+        out_idx[c] = idx[i]
+        out_val[c] = val[i]
+        c += take
+    return c - at

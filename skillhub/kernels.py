@@ -187,23 +187,18 @@ def scan_pair(f: torch.Tensor, b: torch.Tensor, threshold: float, bufs: Buffers,
     return torch.from_numpy(idx), torch.from_numpy(val), torch.from_numpy(ab), sq
 
 
-def compact(ab: np.ndarray, idx: np.ndarray, val: np.ndarray, v: float, k: int, sizes: list[int]
-            ) -> tuple[np.ndarray, np.ndarray, list[int]] | None:
-    """The exact selection's compaction of candidates concatenated over tensors (``sizes`` entries each, in
-    canonical order): the k entries with |τ| ``ab`` > v, then those = v earliest first; their ``idx`` and ``val``
-    and how many each tensor keeps. ``None`` where the compiled path is off or the arrays are not float32 |τ|
-    and τ with int64 indices (the caller compacts with numpy)."""
+def compact(ab: np.ndarray, idx: np.ndarray, val: np.ndarray, v: float, ties: int, out_idx: np.ndarray,
+            out_val: np.ndarray, at: int) -> int | None:
+    """Copy one tensor's kept candidates (|τ| ``ab`` > v, and the first ``ties`` of those = v) to ``out_*[at:]``
+    and return how many: the exact selection's compaction. The outputs must hold one entry more than all that is
+    kept. ``None`` where the compiled path is off or the arrays are not float32 |τ| and τ with int64 indices (the
+    caller compacts with numpy)."""
     import numpy as np
 
     jitted = _kernels
     if not jitted or ab.dtype != np.float32 or val.dtype != np.float32 or idx.dtype != np.int64:
         return None
-    starts = np.zeros(len(sizes) + 1, np.int64)
-    np.cumsum(sizes, out=starts[1:])
-    out_idx, out_val = np.empty(k + 1, np.int64), np.empty(k + 1, np.float32)
-    counts = np.empty(len(sizes), np.int64)
-    jitted.compact(ab, idx, val, v, k, starts, out_idx, out_val, counts)
-    return out_idx[:k], out_val[:k], counts.tolist()
+    return int(jitted.compact(ab, idx, val, v, ties, out_idx, out_val, at))
 
 
 def warm() -> bool:
@@ -225,7 +220,7 @@ def warm() -> bool:
         one = torch.ones(LANES + 1)
         add_squares(one, lanes(one))
         ab = np.ones(4, np.float32)
-        compact(ab, np.arange(4), ab, 1.0, 2, [1, 3])
+        compact(ab, np.arange(4), ab, 1.0, 2, np.empty(5, np.int64), np.empty(5, np.float32), 0)
         return True
     except Exception as e:  # noqa: BLE001 - a broken numba install must not stop the service: numpy serves
         from skillhub.log import get_logger

@@ -102,7 +102,7 @@ def test_the_sample_takes_one_line_in_each_stratum_uniformly(dtype: torch.dtype)
         pos = out.astype(np.int64)
         assert (np.diff(pos, axis=1) == 1).all()  # a line is consecutive entries
         start = pos[:, 0]
-        assert ((start // 10 == np.arange(20)) | (start == 196)).all()  # line j starts in stratum j (or ends the tensor)
+        assert ((start // 10 == np.arange(20)) | (start == 196)).all()  # in stratum j (or at the tensor's end)
         seen.update((start[:-1] % 10).tolist())
     assert seen == set(range(10))  # every offset in a stratum is drawn
     one, again = np.empty((20, 4), np.float32), np.empty((20, 4), np.float32)
@@ -167,3 +167,15 @@ def test_the_workspaces_warm_up_is_waited_for_at_exit_not_cut_off() -> None:
         assert not t.daemon
         t.join(60)
     assert started or kernels.warm()  # (already finished: it ran, and the compiled path is loaded)
+
+
+@pytest.mark.parametrize("k", [3, 4, 5, 6])
+def test_the_compiled_selection_takes_ties_in_canonical_order(k: int) -> None:
+    # |τ| = 1 ties across two tensors, more of them than places for k < 6: the first in key, then flat order
+    base = {"b": torch.zeros(6), "a": torch.zeros(4)}
+    ft = {"a": torch.tensor([1.0, 1.0, 0.5, 1.0]), "b": torch.tensor([1.0, -1.0, 2.0, 0.0, 1.0, 1.0])}
+    tv = TaskVector(StateDict(base), StateDict(ft), ["a", "b"])
+    got = {key: idx.tolist() for key, (idx, _) in dataless.global_topk(tv, k).items()}
+    ranked = [("b", 2), ("a", 0), ("a", 1), ("a", 3), ("b", 0), ("b", 1), ("b", 4), ("b", 5)][:k]
+    want = {key: sorted(i for kk, i in ranked if kk == key) for key in ("a", "b")}
+    assert got == {key: idx for key, idx in want.items() if idx}
