@@ -207,7 +207,7 @@ def global_topk(task: TaskVector, k: int, *, seed: int = 0,
     margin = 1.0
     while True:
         threshold = _sample_threshold(task, k, n, gen, margin) if n > 4 * SAMPLE_SIZE else 0.0
-        cands = _candidates(task, threshold, progress)
+        cands = _candidates(task, threshold, progress, expect=math.ceil(1.25 * k) if threshold > 0 else 0)
         total = sum(int(c[0].numel()) for c in cands.values())
         if total >= k or threshold == 0.0:
             break
@@ -298,8 +298,8 @@ def _in_workers(task: TaskVector, run: Callable[[list[str]], dict[str, T]]) -> d
     return {k: found[k] for k in task.keys if k in found}
 
 
-def _candidates(task: TaskVector, threshold: float,
-                progress: Callable[[int, int], None] | None) -> dict[str, tuple[torch.Tensor, ...]]:
+def _candidates(task: TaskVector, threshold: float, progress: Callable[[int, int], None] | None,
+                expect: int = 0) -> dict[str, tuple[torch.Tensor, ...]]:
     """One streaming pass: per tensor, flat indices, τ and |τ| of the entries with |τ| ≥ threshold and τ ≠ 0.
 
     Tensors are split over two worker threads (:func:`_in_workers`), each with its own reused workspaces, so no
@@ -328,7 +328,10 @@ def _candidates(task: TaskVector, threshold: float,
             return idx + offset if offset else idx, flat[idx], torch.from_numpy(a[idx.numpy()])
 
         out: dict[str, tuple[torch.Tensor, ...]] = {}
-        bufs = kernels.Buffers(min(kernels.OUT, size))  # the compiled pass writes its candidates here, not copied
+        # The compiled pass's candidates stay in this arena, sized to the share of them expected (one fresh block:
+        # numpy asks big ones for huge pages, a few page faults where growing from small ones took thousands).
+        share = math.ceil(expect * sum(math.prod(task.shapes[k]) for k in keys) / task.numel) if expect else 0
+        bufs = kernels.Buffers(max(min(kernels.OUT, size), share))
         for key in keys:
             fused = kernels.scan_pair(task.finetuned.tensor(key), task.base.tensor(key), threshold, bufs,
                                       task.dtype)
