@@ -212,7 +212,7 @@ def global_topk(task: TaskVector, k: int, *, seed: int = 0,
         if total >= k or threshold == 0.0:
             break
         margin *= 8  # unlucky sample: lower the threshold and pass again
-    return _select_exact(cands, k)
+    return _select_exact(task, cands, k)
 
 
 def _sample_threshold(task: TaskVector, k: int, n: int, gen: torch.Generator, margin: float) -> float:
@@ -282,11 +282,12 @@ def _lines_abs(ft: torch.Tensor, bt: torch.Tensor, m: int, gen: torch.Generator,
     return tau.masked_fill(~inside, -1).to(torch.float64 if dtype == torch.float64 else torch.float32)
 
 
-def _in_workers(task: TaskVector, run: Callable[[list[str]], dict[str, T]]) -> dict[str, T]:
+def _in_workers(task: TaskVector, run: Callable[[list[str]], dict[str, T]],
+                size: Callable[[str], int] | None = None) -> dict[str, T]:
     """``run`` over the task's tensors split between two worker threads (the work is memory-bound compiled or numpy
-    code that releases the GIL), its results in canonical order. Largest first, dealt alternately: the two workers
-    get about the same number of bytes."""
-    order = sorted(task.keys, key=lambda k: -math.prod(task.shapes[k]))
+    code that releases the GIL), its results in canonical order. Largest first (by ``size``, default the number of
+    entries), dealt alternately: the two workers get about the same amount of work."""
+    order = sorted(task.keys, key=lambda k: -(size(k) if size else math.prod(task.shapes[k])))
     workers = max(1, min(2, os.cpu_count() or 1, len(order)))
     if workers == 1:
         found = run(order)
@@ -353,7 +354,8 @@ def _candidates(task: TaskVector, threshold: float, progress: Callable[[int, int
     return _in_workers(task, run)
 
 
-def _select_exact(cands: dict[str, tuple[torch.Tensor, ...]], k: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def _select_exact(task: TaskVector, cands: dict[str, tuple[torch.Tensor, ...]], k: int
+                  ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     import numpy as np
     import torch
 
@@ -372,26 +374,31 @@ def _select_exact(cands: dict[str, tuple[torch.Tensor, ...]], k: int) -> dict[st
         for key in keys:
             quota[key] = min(left, int(np.count_nonzero(ab[key] == v)))
             left -= quota[key]
-    # Each tensor's kept candidates copied once into the result (a view per tensor): no concatenation of indices
-    # and values, whose fresh pages cost more than the copy (about 4000 page faults on the benchmark's model).
+    # Each tensor's kept candidates copied once into the result (a view per tensor) by the two workers, each into
+    # its own block: no concatenation of indices and values, whose fresh pages cost more than the copy (about 4000
+    # page faults on the benchmark's model). The quotas make every tensor's share independent of the others'.
     dtype = cands[keys[0]][1].dtype
-    out_idx = np.empty(k + 1, np.int64)
-    out_val = np.empty(k + 1, _raw(cands[keys[0]][1]).dtype)
-    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    at = 0
-    for key in keys:
-        idx, val, a = cands[key][0].numpy(), _raw(cands[key][1]), ab[key]
-        n = kernels.compact(a, idx, val, float(v), quota[key], out_idx, out_val, at)
-        if n is None:  # numpy's boolean indexing
-            keep = a > v
-            if quota[key]:
-                keep[np.flatnonzero(a == v)[:quota[key]]] = True
-            n = int(np.count_nonzero(keep))
-            out_idx[at:at + n], out_val[at:at + n] = idx[keep], val[keep]
-        if n:
-            out[key] = (torch.from_numpy(out_idx[at:at + n]), _cooked(out_val[at:at + n], dtype))
-            at += n
-    return out
+
+    def run(part: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        room = min(k, sum(int(cands[key][0].numel()) for key in part)) + 1
+        out_idx, out_val = np.empty(room, np.int64), np.empty(room, _raw(cands[keys[0]][1]).dtype)
+        out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        at = 0
+        for key in part:
+            idx, val, a = cands[key][0].numpy(), _raw(cands[key][1]), ab[key]
+            n = kernels.compact(a, idx, val, float(v), quota[key], out_idx, out_val, at)
+            if n is None:  # numpy's boolean indexing
+                keep = a > v
+                if quota[key]:
+                    keep[np.flatnonzero(a == v)[:quota[key]]] = True
+                n = int(np.count_nonzero(keep))
+                out_idx[at:at + n], out_val[at:at + n] = idx[keep], val[keep]
+            if n:
+                out[key] = (torch.from_numpy(out_idx[at:at + n]), _cooked(out_val[at:at + n], dtype))
+                at += n
+        return out
+
+    return _in_workers(task, run, size=lambda key: int(cands[key][0].numel()))
 
 
 def _raw(values: torch.Tensor) -> np.ndarray:

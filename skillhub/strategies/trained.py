@@ -221,7 +221,7 @@ def _mask(task: TaskVector, p: Trained.Params, state: _State) -> Entries:
         k = math.floor(p.target_sparsity * task.numel)
         if total > k:
             # the k largest logits, ties at the cut in canonical order (the dataless selection, on S instead of |τ|)
-            return _select_exact(cands, k) if k > 0 else {}
+            return _select_exact(task, cands, k) if k > 0 else {}
     return {key: (c[0], c[1]) for key, c in cands.items() if c[0].numel()}
 
 
