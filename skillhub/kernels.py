@@ -192,13 +192,14 @@ def scan_pair(f: torch.Tensor, b: torch.Tensor, threshold: float, bufs: Buffers,
 def compact(ab: np.ndarray, idx: np.ndarray, val: np.ndarray, v: float, ties: int, out_idx: np.ndarray,
             out_val: np.ndarray, at: int) -> int | None:
     """Copy one tensor's kept candidates (|τ| ``ab`` > v, and the first ``ties`` of those = v) to ``out_*[at:]``
-    and return how many: the exact selection's compaction. The outputs must hold one entry more than all that is
+    (int32 or int64) and return how many: the exact selection's compaction. The outputs must hold one entry more than all that is
     kept. ``None`` where the compiled path is off or the arrays are not float32 |τ| and τ with int64 indices (the
     caller compacts with numpy)."""
     import numpy as np
 
     jitted = _kernels
-    if not jitted or ab.dtype != np.float32 or val.dtype != np.float32 or idx.dtype != np.int64:
+    if not jitted or ab.dtype != np.float32 or val.dtype != np.float32 or idx.dtype != np.int64 \
+            or out_idx.dtype not in (np.int32, np.int64):
         return None
     return int(jitted.compact(ab, idx, val, v, ties, out_idx, out_val, at))
 
@@ -222,7 +223,8 @@ def warm() -> bool:
         one = torch.ones(LANES + 1)
         add_squares(one, lanes(one))
         ab = np.ones(4, np.float32)
-        compact(ab, np.arange(4), ab, 1.0, 2, np.empty(5, np.int64), np.empty(5, np.float32), 0)
+        for out in (np.empty(5, np.int64), np.empty(5, np.int32)):  # indices as the mask stores them
+            compact(ab, np.arange(4), ab, 1.0, 2, out, np.empty(5, np.float32), 0)
         return True
     except Exception as e:  # noqa: BLE001 - a broken numba install must not stop the service: numpy serves
         from skillhub.log import get_logger

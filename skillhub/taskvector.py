@@ -231,10 +231,9 @@ class TaskVector:
                 continue
             if idx.numel() == 0:
                 continue
-            idx = idx.to(torch.int64)
             if vals is None:
-                vals = self.tensor(key).reshape(-1)[idx]
-            idx_out[key] = idx.to(index_dtype(math.prod(self.shapes[key])))
+                vals = self.tensor(key).reshape(-1)[idx.to(torch.int64)]
+            idx_out[key] = idx.to(index_dtype(math.prod(self.shapes[key])))  # no copy when it is that already
             val_out[key] = vals.to(self.dtypes[key])
         return SparseDelta(idx_out, val_out, dict(self.shapes), dict(self.dtypes), provenance or Provenance())
 

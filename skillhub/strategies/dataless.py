@@ -44,7 +44,7 @@ from pydantic import (
 )
 
 from skillhub import kernels
-from skillhub.delta import SparseDelta, index_dtype
+from skillhub.delta import INT32_LIMIT, SparseDelta, index_dtype
 from skillhub.errors import LocalizeError
 from skillhub.hookspecs import hookimpl
 from skillhub.localize import LocalizeContext, Localizer
@@ -196,7 +196,8 @@ def per_tensor_topk(task: TaskVector, sparsity: float, *,
 
 def global_topk(task: TaskVector, k: int, *, seed: int = 0,
                 progress: Callable[[int, int], None] | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per tensor, sorted flat indices and τ values of the k largest non-zero |τ| over the whole task vector."""
+    """Per tensor, sorted flat indices (int64, or int32 where the tensor allows it) and τ values of the k largest
+    non-zero |τ| over the whole task vector."""
     import torch
 
     if k <= 0:
@@ -381,7 +382,10 @@ def _select_exact(task: TaskVector, cands: dict[str, tuple[torch.Tensor, ...]], 
 
     def run(part: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         room = min(k, sum(int(cands[key][0].numel()) for key in part)) + 1
-        out_idx, out_val = np.empty(room, np.int64), np.empty(room, _raw(cands[keys[0]][1]).dtype)
+        # the indices in the dtype the mask stores them in (int32 for a tensor that allows it): no second copy
+        wide = any(math.prod(task.shapes[key]) > INT32_LIMIT for key in part)
+        out_idx = np.empty(room, np.int64 if wide else np.int32)
+        out_val = np.empty(room, _raw(cands[keys[0]][1]).dtype)
         out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         at = 0
         for key in part:
