@@ -204,3 +204,21 @@ def compact(ab: Any, idx: Any, val: Any, v: float, ties: int, out_idx: Any, out_
         out_val[c] = val[i]
         c += take
     return c - at
+
+
+@jit
+def check_entries(idx: Any, val: Any, numel: int) -> int:
+    # 0: fine; 1: an index out of [0, numel); 2: indices not strictly increasing; 3: a value NaN or ±Inf.
+    # Flags are or-ed over the whole array rather than returned at the first bad entry: LLVM vectorizes that.
+    n = idx.size
+    if n and (idx[0] < 0 or idx[n - 1] >= numel):
+        return 1
+    unsorted = False
+    for i in range(1, n):
+        unsorted |= idx[i] <= idx[i - 1]
+    if unsorted:
+        return 2
+    bad = False
+    for i in range(val.size):
+        bad |= (val[i] - val[i]) != 0  # NaN - NaN and Inf - Inf are NaN, which is != 0
+    return 3 if bad else 0

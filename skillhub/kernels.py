@@ -204,6 +204,18 @@ def compact(ab: np.ndarray, idx: np.ndarray, val: np.ndarray, v: float, ties: in
     return int(jitted.compact(ab, idx, val, v, ties, out_idx, out_val, at))
 
 
+def check_entries(idx: np.ndarray, val: np.ndarray, numel: int) -> int | None:
+    """A mask's entries for one tensor checked in one compiled pass: 0 when the flat indices are strictly increasing
+    in [0, numel) and every value finite, else 1 (out of range), 2 (unsorted or repeated) or 3 (NaN or ±Inf).
+    ``None`` where the compiled path is off or the arrays are not int32/int64 indices and float32 values."""
+    import numpy as np
+
+    jitted = _kernels
+    if not jitted or val.dtype != np.float32 or idx.dtype not in (np.int32, np.int64):
+        return None
+    return int(jitted.check_entries(idx, val, numel))
+
+
 def warm() -> bool:
     """Load both scans and the other compiled functions (from numba's disk cache, or compiling them the first time
     on a machine) by running each on a few entries, so that the first real pass does not pay for it; ``False`` when
@@ -225,6 +237,7 @@ def warm() -> bool:
         ab = np.ones(4, np.float32)
         for out in (np.empty(5, np.int64), np.empty(5, np.int32)):  # indices as the mask stores them
             compact(ab, np.arange(4), ab, 1.0, 2, out, np.empty(5, np.float32), 0)
+            check_entries(out[:2], ab, 4)
         return True
     except Exception as e:  # noqa: BLE001 - a broken numba install must not stop the service: numpy serves
         from skillhub.log import get_logger

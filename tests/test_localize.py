@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from skillhub import kernels
 from skillhub.delta import SparseDelta
 from skillhub.errors import LocalizeError
 from skillhub.localize import check_delta
@@ -25,8 +26,20 @@ def delta(indices: dict[str, torch.Tensor], values: dict[str, torch.Tensor],
     return SparseDelta(indices, values, shapes, {k: torch.float32 for k in shapes})
 
 
-def test_a_good_sparse_and_dense_result_passes() -> None:
+@pytest.fixture(params=["numpy", "compiled"])
+def checking(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways check_delta checks: the compiled pass (the service, which has it loaded) and numpy (a one-off CLI
+    run)."""
+    if request.param == "compiled" and not kernels.warm():
+        pytest.skip("numba is not importable here (or SKILLHUB_NO_JIT)")
+    if request.param == "numpy":
+        monkeypatch.setattr(kernels, "_kernels", False)
+    return str(request.param)
+
+
+def test_a_good_sparse_and_dense_result_passes(checking: str) -> None:
     check_delta(delta({"b": torch.tensor([0, 3])}, {"a": torch.ones(6), "b": torch.ones(2)}), task(), "s")
+    check_delta(delta({"b": torch.tensor([0, 3], dtype=torch.int32)}, {"b": torch.ones(2)}), task(), "s")
 
 
 @pytest.mark.parametrize(("indices", "values", "message"), [
@@ -37,7 +50,7 @@ def test_a_good_sparse_and_dense_result_passes() -> None:
     # the dense form (values alone) is checked too: it was skipped when only indices were walked
     ({}, {"a": torch.tensor([0.0, 1.0, float("inf"), 0.0, 0.0, 0.0])}, "NaN or Inf values for 'a'"),
 ])
-def test_a_bad_result_is_refused_naming_the_tensor(indices: dict, values: dict, message: str) -> None:
+def test_a_bad_result_is_refused_naming_the_tensor(checking: str, indices: dict, values: dict, message: str) -> None:
     with pytest.raises(LocalizeError, match=message) as e:
         check_delta(delta(indices, values), task(), "s")
     assert e.value.key in {"a", "b"}
