@@ -4,9 +4,11 @@ Dataless localization's candidate pass (:func:`skillhub.strategies.dataless._can
 entries with |τ| ≥ t, their τ and |τ|, and ‖τ‖² for the distance check. In numpy that is a subtraction into a
 workspace, ``abs``, a comparison, ``flatnonzero``, two gathers and a float64 sum of squares: each a pass through memory,
 about 5× the floor of reading both tensors once (``bench/localize.py``). The kernel here does it in one pass, blocks of
-:data:`LANES` entries at a time: τ into a small local block, each square into its lane's float64 accumulator, and the
-block compacted only when some |τ| in it reaches t (at 1% sparsity about a third of the blocks of 32 hold a
-candidate; the others are never written out).
+:data:`LANES` entries at a time: τ, each square into its lane's float64 accumulator, and a bit mask of the entries
+that reach t, whose set bits alone are written out (at 1% sparsity about a third of the blocks of 32 hold a
+candidate, at random: the first is taken without a branch). The candidates stay in a per-worker arena
+(:class:`Buffers`). The rest of the localization is compiled too: the threshold's sample (:func:`sample_abs`), the
+exact selection's compaction (:func:`compact`) and the check of the result (:func:`check_entries`).
 
 **Exactly numpy's answer.** τ is the same float32 subtraction; a candidate is kept on the same rule (|τ| ≥ t and
 τ ≠ 0, so t = 0 keeps the non-zeros); NaN is never a candidate and makes ‖τ‖² NaN, which the caller turns into the

@@ -10,10 +10,11 @@ exception: entries with τ = 0 carry nothing and are never selected, so a task v
 gets all its non-zeros.
 
 **Streaming, in bounded memory.** The model is never concatenated, and no scratch buffer is sized to the largest
-tensor: tensors over :data:`PIECE` entries are read in pieces of that size. A random sample of |τ| (about 2¹⁸ entries, drawn from every tensor
-in proportion to its size) gives a threshold t that, with a wide statistical margin, lies just below the k-th largest
-value. One pass over the tensors keeps the candidates |τ| ≥ t (about 1.05 k of them); an exact selection among
-the candidates finishes the job. If the sample was unlucky and fewer than k candidates pass, the threshold is
+tensor: tensors over :data:`PIECE` entries are read in pieces of that size. A random sample of |τ| (about 2¹⁸ entries
+in lines of :data:`LINE` neighbours, one line per stratum of the whole model, so every tensor in proportion to its
+size) gives a threshold t that, with a wide statistical margin (6σ of the count above it, σ estimated from the
+lines), lies just below the k-th largest value. One pass over the tensors keeps the candidates |τ| ≥ t (about
+1.14 k of them on the benchmark's model); an exact selection among the candidates finishes the job. If the sample was unlucky and fewer than k candidates pass, the threshold is
 lowered and the pass repeated, so the result is always exact; only the time depends on the sample.
 
 **Sparsity 1** keeps every non-zero entry, so there is nothing to select: one pass computes τ per tensor and keeps
