@@ -10,7 +10,7 @@ exception: entries with τ = 0 carry nothing and are never selected, so a task v
 gets all its non-zeros.
 
 **Streaming, in bounded memory.** The model is never concatenated, and no scratch buffer is sized to the largest
-tensor: tensors over :data:`PIECE` entries are read in pieces of that size. A random sample of |τ| (about 2¹⁸ entries
+tensor: tensors over :data:`PIECE` entries are read in pieces of that size. A random sample of |τ| (about 2¹⁷ entries
 in lines of :data:`LINE` neighbours, one line per stratum of the whole model, so every tensor in proportion to its
 size) gives a threshold t that, with a wide statistical margin (6σ of the count above it, σ estimated from the
 lines), lies just below the k-th largest value. One pass over the tensors keeps the candidates |τ| ≥ t (about
@@ -58,7 +58,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 #: Entries in the threshold's sample (about: it is taken in whole lines of :data:`LINE`).
-SAMPLE_SIZE = 1 << 18
+SAMPLE_SIZE = 1 << 17
 #: Consecutive entries in one line of the sample: 64 bytes of float32, about one cache miss in each file.
 LINE = 16
 #: Scratch per worker thread is sized to at most this many entries (16 MiB of float32 τ): a larger tensor (a
