@@ -163,10 +163,15 @@ def cli_path(folder: Path, base_path: Path, ft_path: Path, sparsity: float, repe
     run(cmd, env_store)  # the store now knows the finetune too: the same finetune localized again (another sparsity)
     t_again = min(run(cmd, env_store) for _ in range(repeats))
     t_floor_cold = min(floor_process() for _ in range(repeats))
+    from skillhub.atomic import sha256_file  # what a fingerprint hashes (skillhub.fingerprints)
+
+    t_sha, _ = best_of(lambda: sha256_file(ft_path), repeats)
+    print(f"\nsha256 of the finetune's file (its fingerprint, as skillhub.fingerprints takes it): {t_sha:.3f} s = "
+          f"{t_sha / t_floor:.1f}x the floor")
     t_load = min(float(subprocess.run([sys.executable, "-c", LOAD_PROCESS], check=True, capture_output=True,
                                       text=True, cwd=folder).stdout.split()[-1]) for _ in range(repeats))
     verdict = "a one-off run is faster on numpy" if t_load > t_np_saved else "a one-off run would gain by loading it"
-    print(f"\nloading the compiled path in a fresh process (numba and its disk cache, torch already imported): "
+    print(f"loading the compiled path in a fresh process (numba and its disk cache, torch already imported): "
           f"{t_load:.2f} s; the compiled pass saves {t_np_saved:.3f} s on this model: {verdict}")
     print(f"\n`skillhub localize` as users run it (whole process, best of {repeats}; start-up {t_start:.3f} s "
           f"subtracted: a process importing what it imports)")

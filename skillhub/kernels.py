@@ -16,7 +16,7 @@ FAULTS B8 error. ‖τ‖² is summed in a fixed order of its own (entry i into 
 end), so it is the same float whatever pieces a tensor is read in, but not bit for bit :func:`~skillhub.taskvector.
 sum_of_squares`'s order: both are float64 sums of exact float32 squares.
 
-**When it runs.** numba is a dependency, but loading it costs about 0.7 s a process (:data:`JIT_FROM`): the
+**When it runs.** numba is a dependency, but loading it costs about 0.4 s a process (:data:`JIT_FROM`): the
 service loads it at start-up in the background (:func:`warm`), so every drop takes the compiled pass; a one-off
 ``skillhub localize`` takes it only for a model big enough to gain. Without numba, with ``SKILLHUB_NO_JIT=1``, or
 for a pair that is not float32 or bfloat16 on the CPU, callers take their numpy path. Machine code is cached on disk
@@ -44,7 +44,7 @@ OUT = 1 << 16
 ARENA_MAX = 1 << 22
 
 #: A process that has not loaded the compiled code yet loads it for a pass over at least this many entries: loading
-#: costs about 0.7 s (importing numba, its registries, the cached machine code) and saves about 0.8 ns an entry, so a
+#: costs about 0.4 s (importing numba, its registries, the cached machine code) and saves about 0.8 ns an entry, so a
 #: one-off `skillhub localize` of an 85M model is faster without it. The service loads it at start-up (:func:`warm`,
 #: in the background), after which every pass takes it.
 JIT_FROM = 1 << 30
