@@ -11,8 +11,9 @@ from hypothesis import strategies as st
 
 from skillhub.delta import Provenance
 from skillhub.localize import LocalizeContext, run_localizer
-from skillhub.strategies import dataless
-from skillhub.strategies.dataless import Dataless, global_topk
+from skillhub.strategies import topk
+from skillhub.strategies.dataless import Dataless
+from skillhub.strategies.topk import global_topk
 from skillhub.taskvector import StateDict, TaskVector
 
 
@@ -90,14 +91,14 @@ def test_matches_brute_force(seed: int, sparsity: float, quantize: bool) -> None
 @pytest.mark.parametrize("sample_size", [64, 1 << 18])
 def test_sampled_threshold_path_is_exact(monkeypatch: pytest.MonkeyPatch, sample_size: int) -> None:
     # Force the sampling path on a small model (and, with a tiny sample, the retry after an unlucky threshold).
-    monkeypatch.setattr(dataless, "SAMPLE_SIZE", sample_size)
+    monkeypatch.setattr(topk, "SAMPLE_SIZE", sample_size)
     g = torch.Generator().manual_seed(3)
     shapes = {"a": (300, 200), "b": (1000,), "c": (50, 50, 4)}
     base = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
     ft = {k: v + torch.randn(v.shape, generator=g) * (0.01 + (torch.rand(v.shape, generator=g) < 0.02))
           for k, v in base.items()}
     tv = TaskVector.from_state_dicts(base, ft)
-    monkeypatch.setattr(dataless, "SAMPLE_SIZE", min(sample_size, tv.numel // 5))
+    monkeypatch.setattr(topk, "SAMPLE_SIZE", min(sample_size, tv.numel // 5))
     k = tv.numel // 100
     got = global_topk(tv, k)
     flat = torch.cat([tv.tensor(key).reshape(-1).abs() for key in tv.keys])
@@ -110,14 +111,14 @@ def test_sampled_threshold_path_is_exact(monkeypatch: pytest.MonkeyPatch, sample
 
 def test_unlucky_sample_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    real = dataless._sample_threshold
+    real = topk._sample_threshold
 
     def too_high(*args: object) -> float:
         calls.append(args[-1])
         return 1e9 if len(calls) == 1 else real(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(dataless, "_sample_threshold", too_high)
-    monkeypatch.setattr(dataless, "SAMPLE_SIZE", 100)
+    monkeypatch.setattr(topk, "_sample_threshold", too_high)
+    monkeypatch.setattr(topk, "SAMPLE_SIZE", 100)
     base = {"w": torch.zeros(5000)}
     ft = {"w": torch.randn(5000, generator=torch.Generator().manual_seed(1))}
     tv = TaskVector.from_state_dicts(base, ft)
@@ -278,8 +279,8 @@ def test_tensors_read_in_pieces_give_the_same_mask_byte_for_byte(monkeypatch: py
         return delta, dict(tv.squares)
 
     whole, whole_sq = localize()
-    monkeypatch.setattr(dataless, "PIECE", SQUARES_DOT)  # every tensor but "small" in pieces
-    monkeypatch.setattr(dataless, "SAMPLE_SIZE", 256)  # and the sampled-threshold path taken
+    monkeypatch.setattr(topk, "PIECE", SQUARES_DOT)  # every tensor but "small" in pieces
+    monkeypatch.setattr(topk, "SAMPLE_SIZE", 256)  # and the sampled-threshold path taken
     pieces, pieces_sq = localize()
     assert whole.nnz == pieces.nnz > 0
     assert set(whole.values) == set(pieces.values)

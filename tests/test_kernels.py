@@ -13,7 +13,7 @@ from skillhub import kernels
 from skillhub.delta import Provenance
 from skillhub.errors import CheckpointError
 from skillhub.localize import LocalizeContext, run_localizer
-from skillhub.strategies import dataless
+from skillhub.strategies import topk
 from skillhub.strategies.dataless import Dataless
 from skillhub.taskvector import StateDict, TaskVector
 
@@ -116,11 +116,11 @@ def test_the_sample_takes_one_line_in_each_stratum_uniformly(dtype: torch.dtype)
 
 def test_the_numpy_sample_is_the_same_shape_of_sample() -> None:
     f, b = torch.arange(200, dtype=torch.float32), torch.zeros(200)
-    got = dataless._lines_abs(f, b, 20, torch.Generator().manual_seed(0), torch.float32).numpy().astype(np.int64)
-    assert got.shape == (20, dataless.LINE) and (np.diff(got, axis=1) == 1).all()
+    got = topk._lines_abs(f, b, 20, torch.Generator().manual_seed(0), torch.float32).numpy().astype(np.int64)
+    assert got.shape == (20, topk.LINE) and (np.diff(got, axis=1) == 1).all()
     assert (got[:, 0] // 10 == np.arange(20)).sum() >= 18  # in its stratum, but where clamped to the end
-    short = dataless._lines_abs(f[:3], b[:3], 1, torch.Generator().manual_seed(0), torch.float32)
-    assert short.tolist() == [[0, 1, 2] + [-1] * (dataless.LINE - 3)]
+    short = topk._lines_abs(f[:3], b[:3], 1, torch.Generator().manual_seed(0), torch.float32)
+    assert short.tolist() == [[0, 1, 2] + [-1] * (topk.LINE - 3)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -132,7 +132,7 @@ def test_masks_are_bit_for_bit_the_numpy_paths(monkeypatch: pytest.MonkeyPatch, 
     base = {k: torch.randn(s, generator=g).to(dtype) for k, s in shapes.items()}
     ft = {k: (v.float() + torch.round(torch.randn(v.shape, generator=g) * 3) / 256).to(dtype)
           for k, v in base.items()}
-    monkeypatch.setattr(dataless, "SAMPLE_SIZE", 512)  # the sampled threshold taken, on a small model
+    monkeypatch.setattr(topk, "SAMPLE_SIZE", 512)  # the sampled threshold taken, on a small model
 
     def localize() -> tuple[object, dict[str, float]]:
         tv = TaskVector(StateDict(base), StateDict(ft), list(shapes), norms=True)
@@ -175,7 +175,7 @@ def test_the_compiled_selection_takes_ties_in_canonical_order(k: int) -> None:
     base = {"b": torch.zeros(6), "a": torch.zeros(4)}
     ft = {"a": torch.tensor([1.0, 1.0, 0.5, 1.0]), "b": torch.tensor([1.0, -1.0, 2.0, 0.0, 1.0, 1.0])}
     tv = TaskVector(StateDict(base), StateDict(ft), ["a", "b"])
-    got = {key: idx.tolist() for key, (idx, _) in dataless.global_topk(tv, k).items()}
+    got = {key: idx.tolist() for key, (idx, _) in topk.global_topk(tv, k).items()}
     ranked = [("b", 2), ("a", 0), ("a", 1), ("a", 3), ("b", 0), ("b", 1), ("b", 4), ("b", 5)][:k]
     want = {key: sorted(i for kk, i in ranked if kk == key) for key in ("a", "b")}
     assert got == {key: idx for key, idx in want.items() if idx}

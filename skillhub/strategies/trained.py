@@ -65,7 +65,7 @@ from skillhub.errors import LocalizeError
 from skillhub.hookspecs import hookimpl
 from skillhub.localize import LocalizeContext, Localizer
 from skillhub.log import get_logger
-from skillhub.strategies.dataless import _select_exact, global_topk
+from skillhub.strategies.topk import _select_exact, global_topk
 from skillhub.taskvector import TaskVector
 
 if TYPE_CHECKING:
