@@ -163,3 +163,18 @@ def test_fashion_mnist_is_read_from_idx_files_when_present(tmp_path: Path, monke
     (task,) = D.make_tasks(image_size=32, names=["fashion"], sizes=(20, 10, 10))
     assert task.classes[0] == "t-shirt" and task.train[0].shape == (20, 3, 32, 32)
     assert sorted(task.train[1].tolist()) == sorted(list(range(10)) * 2)  # class-balanced draws
+
+
+def test_registering_the_demo_clip_config_leaves_no_folder_behind() -> None:
+    # it left one folder in /tmp per process that built the demo model (52 of them after a day of test runs)
+    import tempfile
+
+    import open_clip
+    from open_clip import factory
+
+    before = set(Path(tempfile.gettempdir()).glob("skillhub-open-clip-*"))
+    V._register_clip_config.cache_clear()
+    V._register_clip_config()
+    assert set(Path(tempfile.gettempdir()).glob("skillhub-open-clip-*")) == before
+    factory._rescan_model_configs()  # what another add_model_config does: the config stays registered
+    assert V.MODEL_NAME in open_clip.list_models()

@@ -112,13 +112,15 @@ def clip_config(image_size: int = 64) -> dict[str, Any]:
 
 
 @functools.cache
-def _register_clip_config() -> Path:
+def _register_clip_config() -> None:
     import open_clip
 
-    folder = Path(tempfile.mkdtemp(prefix="skillhub-open-clip-"))
-    (folder / f"{MODEL_NAME}.json").write_text(json.dumps(clip_config(), indent=2))
-    open_clip.add_model_config(folder)
-    return folder
+    # open_clip reads the file into its registry at once and keeps it there, so the folder goes right after (it
+    # was left in /tmp, one per process that built the demo model)
+    with tempfile.TemporaryDirectory(prefix="skillhub-open-clip-") as tmp:
+        folder = Path(tmp)
+        (folder / f"{MODEL_NAME}.json").write_text(json.dumps(clip_config(), indent=2))
+        open_clip.add_model_config(folder)
 
 
 def build_clip(image_size: int = 64, seed: int = 0) -> nn.Module:
