@@ -37,8 +37,8 @@ if TYPE_CHECKING:
 #: the width at which the compiled loop measured fastest (16 and 64 were slower) on the benchmark's 85M pair.
 #: The same as :data:`skillhub.jitted.LANES` (written twice so that reading it needs no numba; a test holds them equal).
 LANES = 32
-#: Candidates a worker's output buffers hold before a flush (16 bytes each): 1 MiB per worker, so that they stay in
-#: the CPU cache and a fresh worker does not fault in pages it barely uses.
+#: The smallest first arena of a worker's :class:`Buffers` (16 bytes a candidate: 1 MiB), for a pass whose caller
+#: expects few candidates or does not say; one that expects more sizes it to them.
 OUT = 1 << 16
 #: The largest arena :class:`Buffers` grows to (64 MiB): a bigger pass takes several.
 ARENA_MAX = 1 << 22
@@ -103,8 +103,8 @@ def total(acc: np.ndarray) -> float:
 
 class Buffers:
     """One worker's output (flat indices, τ and |τ| of candidates), an arena: each tensor's candidates are views of
-    it, never copied out. A full arena is followed by one twice its size (up to :data:`ARENA_MAX`), so a worker's
-    first arena stays in the CPU cache and a big pass takes a few."""
+    it, never copied out. A full arena is followed by one twice its size (up to :data:`ARENA_MAX`), so a pass that
+    finds more candidates than its caller sized the first arena for takes a few more, not thousands."""
 
     def __init__(self, size: int = OUT) -> None:
         self.size = max(size, 2 * LANES) // 2
@@ -194,8 +194,8 @@ def scan_pair(f: torch.Tensor, b: torch.Tensor, threshold: float, bufs: Buffers,
 def compact(ab: np.ndarray, idx: np.ndarray, val: np.ndarray, v: float, ties: int, out_idx: np.ndarray,
             out_val: np.ndarray, at: int) -> int | None:
     """Copy one tensor's kept candidates (|τ| ``ab`` > v, and the first ``ties`` of those = v) to ``out_*[at:]``
-    (int32 or int64) and return how many: the exact selection's compaction. The outputs must hold one entry more than all that is
-    kept. ``None`` where the compiled path is off or the arrays are not float32 |τ| and τ with int64 indices (the
+    (indices int32 or int64) and return how many: the exact selection's compaction. The outputs must hold one entry
+    more than all that is kept. ``None`` where the compiled path is off or the arrays are not float32 |τ| and τ with int64 indices (the
     caller compacts with numpy)."""
     import numpy as np
 

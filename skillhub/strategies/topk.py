@@ -42,7 +42,6 @@ LINE = 16
 PIECE = 1 << 22
 
 
-
 def per_tensor_topk(task: TaskVector, sparsity: float, *,
                     progress: Callable[[int, int], None] | None = None) -> Entries:
     """Per tensor, the k_i = ⌊sparsity × numel_i⌋ largest non-zero |τ| of that tensor alone (ties at the k_i-th
@@ -51,8 +50,7 @@ def per_tensor_topk(task: TaskVector, sparsity: float, *,
     import numpy as np
     import torch
 
-    done = [0]
-    lock = threading.Lock()
+    tick = _ticker(progress, len(task.keys))
 
     def run(keys: list[str]) -> Entries:
         small = [k for k in keys if math.prod(task.shapes[k]) <= PIECE]
@@ -69,10 +67,7 @@ def per_tensor_topk(task: TaskVector, sparsity: float, *,
                 task.squares.update(one.squares)
                 if key in found_one:
                     out[key] = found_one[key]
-                if progress is not None:
-                    with lock:
-                        done[0] += 1
-                        progress(done[0], len(task.keys))
+                tick()
                 continue
             flat = task.tensor(key, out=work).reshape(-1)
             n = flat.numel()
@@ -89,10 +84,7 @@ def per_tensor_topk(task: TaskVector, sparsity: float, *,
                 idx = torch.from_numpy(np.flatnonzero(keep))
                 if idx.numel():
                     out[key] = (idx, flat[idx])
-            if progress is not None:
-                with lock:
-                    done[0] += 1
-                    progress(done[0], len(task.keys))
+            tick()
         return out
 
     return _in_workers(task, run)
@@ -162,7 +154,8 @@ def _sample_threshold(task: TaskVector, k: int, n: int, gen: torch.Generator, ma
         return 0.0
     # The spread of the sample's count above the true k-th value: binomial for single entries; lines of neighbours
     # may move together, so it is estimated from the count in each line above the estimate (never below binomial).
-    guess = np.partition(flat, flat.size - max(1, math.ceil(expected)))[flat.size - max(1, math.ceil(expected))]
+    first = flat.size - max(1, math.ceil(expected))
+    guess = np.partition(flat, first)[first]
     per_line = np.count_nonzero(sample >= guess, axis=1)
     sigma = max(math.sqrt(expected), math.sqrt(per_line.size * float(per_line.var())))
     rank = math.ceil(expected + margin * (6 * sigma + 0.002 * expected + 32))  # 6 sigma and a floor
@@ -204,6 +197,19 @@ def _in_workers(task: TaskVector, run: Callable[[list[str]], dict[str, T]],
     return {k: found[k] for k in task.keys if k in found}
 
 
+def _ticker(progress: Callable[[int, int], None] | None, total: int) -> Callable[[], None]:
+    """A tensor done, from either worker: ``progress(done, total)`` under a lock (nothing without ``progress``)."""
+    lock, done = threading.Lock(), [0]
+
+    def tick() -> None:
+        if progress is not None:
+            with lock:
+                done[0] += 1
+                progress(done[0], total)
+
+    return tick
+
+
 def _candidates(task: TaskVector, threshold: float, progress: Callable[[int, int], None] | None,
                 expect: int = 0) -> dict[str, tuple[torch.Tensor, ...]]:
     """One streaming pass: per tensor, flat indices, τ and |τ| of the entries with |τ| ≥ threshold and τ ≠ 0.
@@ -214,8 +220,7 @@ def _candidates(task: TaskVector, threshold: float, progress: Callable[[int, int
     import numpy as np
     import torch
 
-    done = [0]
-    lock = threading.Lock()
+    tick = _ticker(progress, len(task.keys))
 
     def run(keys: list[str]) -> dict[str, tuple[torch.Tensor, ...]]:
         # One reused workspace of at most PIECE entries: whole tensors up to that size, pieces beyond.
@@ -250,10 +255,7 @@ def _candidates(task: TaskVector, threshold: float, progress: Callable[[int, int
             else:
                 parts = [select(piece, start) for start, piece in task.pieces(key, work)]
                 out[key] = tuple(torch.cat([p[i] for p in parts]) for i in range(3))
-            if progress is not None:
-                with lock:
-                    done[0] += 1
-                    progress(done[0], len(task.keys))
+            tick()
         return out
 
     return _in_workers(task, run)
