@@ -289,3 +289,15 @@ def test_tensors_read_in_pieces_give_the_same_mask_byte_for_byte(monkeypatch: py
         assert torch.equal(whole.values[key].view(torch.int16), pieces.values[key].view(torch.int16))
     assert whole_sq == pieces_sq
 
+
+
+@pytest.mark.parametrize("scope", ["global", "tensor"])
+def test_progress_counts_every_tensor_once_from_both_workers(scope: str) -> None:
+    g = torch.Generator().manual_seed(4)
+    base = {k: torch.randn(60, generator=g) for k in "abcde"}
+    ft = {k: v + torch.randn(60, generator=g) for k, v in base.items()}
+    seen: list[tuple[int, int]] = []
+    ctx = LocalizeContext(progress=lambda done, total: seen.append((done, total)))
+    run_localizer(Dataless, TaskVector.from_state_dicts(base, ft), {"sparsity": 0.1, "scope": scope}, ctx,
+                  Provenance())
+    assert seen == [(i, 5) for i in range(1, 6)]
